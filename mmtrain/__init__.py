@@ -1,0 +1,1 @@
+"""The training plane: the multimodal model, DeepSpeed ZeRO under Ray Train, evaluation, export."""

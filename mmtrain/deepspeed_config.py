@@ -1,0 +1,68 @@
+"""The standard DeepSpeed JSON config, built from the run config.
+
+Everything DeepSpeed does (ZeRO stage, offload, precision, accumulation, clipping,
+optimizer, LR schedule) is expressed in its own config format, so the file written to
+RUN/deepspeed_config.json can be read, diffed and reused outside this project.
+"""
+from __future__ import annotations
+
+from .config import RunConfig
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int | None) -> int:
+    """Optimizer steps the schedule spans: --max-steps, else epochs x steps per epoch."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    if not steps_per_epoch:
+        raise ValueError("the number of steps per epoch is unknown; pass --max-steps")
+    return cfg.train.epochs * steps_per_epoch
+
+
+def build_deepspeed_config(cfg: RunConfig, world_size: int, steps: int, *, on_gpu: bool) -> dict:
+    t = cfg.train
+    zero: dict = {
+        "stage": t.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": on_gpu,  # overlapping needs CUDA streams; on CPU it only adds buffers
+        "reduce_bucket_size": 5e7,
+        "allgather_bucket_size": 5e7,
+    }
+    if t.zero_stage == 3:
+        zero.update({
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "stage3_param_persistence_threshold": 1e5,
+            "stage3_prefetch_bucket_size": 5e7,
+        })
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    warmup = max(1, min(t.warmup_steps, steps - 1)) if steps > 1 else 1
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
+                # FusedAdam needs CUDA; torch's AdamW runs everywhere (CPU offload uses DeepSpeed's CPUAdam)
+                **({} if on_gpu or t.offload_optimizer else {"torch_adam": True}),
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(steps, warmup + 1), "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear",
+            },
+        },
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own metrics do the reporting
+        "wall_clock_breakdown": False,
+    }

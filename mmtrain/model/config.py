@@ -1,0 +1,115 @@
+"""Typed settings of the model and its size presets.
+
+One frozen `ModelConfig` describes the whole network. It is plain data: it goes to JSON with
+`dataclasses.asdict`, comes back with `ModelConfig.from_dict` (which refuses unknown keys so a
+typo in a run config fails loudly instead of being silently ignored), and is saved next to
+every checkpoint so a model can be rebuilt without the code that trained it.
+
+All encoders, the fusion stack and the caption decoder share one `width`: no projection layers
+between stages, and one number to scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+PAD_ID = 0  # the batch contract pads text with 0 (ByteTokenizer and BPETokenizer agree)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "multimodal"        # registry key used by build_model
+    # --- size (defaults are the "tiny" preset) ---
+    width: int = 128                # model dimension of every transformer
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    image_depth: int = 2            # ViT blocks
+    text_depth: int = 1             # text encoder blocks
+    audio_depth: int = 1            # audio encoder blocks
+    fusion_depth: int = 1           # blocks over the concatenated image+audio tokens
+    decoder_depth: int = 1          # caption decoder blocks (self + cross attention)
+    embed_dim: int = 128            # contrastive embedding size
+    # --- inputs ---
+    patch_size: int = 32            # big patches keep the image token count small (224/32 -> 49)
+    image_size: int = 224           # largest image side; positions are sliced for smaller inputs
+    n_mels: int = 80
+    max_audio_frames: int = 1024    # longest mel accepted (10 s at 10 ms hop is 1001 frames)
+    audio_stride: int = 16          # time stride of the conv stem: frames per audio token
+    vocab_size: int = 259           # ByteTokenizer; set from the tokenizer when using BPE
+    max_text_len: int = 64          # longest token sequence (BOS ... EOS) accepted
+    # --- training ---
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
+    gather_across_ranks: bool = True      # contrastive negatives from all ranks (OpenCLIP style)
+    caption_weight: float = 1.0
+    contrastive_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Fail at construction, with one line, rather than deep inside a forward pass.
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.audio_stride < 1:
+            raise ValueError(f"audio_stride must be >= 1, got {self.audio_stride}")
+        for f in ("image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.max_text_len < 2:
+            raise ValueError(f"max_text_len must hold at least BOS and EOS, got {self.max_text_len}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def max_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # + CLS
+
+    @property
+    def max_audio_tokens(self) -> int:
+        return -(-self.max_audio_frames // self.audio_stride)  # the stem pads time up to a multiple of the stride
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModelConfig":
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
+# Sizes. Parameter counts are those of the default vocab (259); see tests/test_model.py and
+# `count_parameters`. Block params are ~12*width^2, so depth x width^2 sets the size.
+PRESETS: dict[str, ModelConfig] = {
+    # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 7 blocks in all, so
+    # forward+backward of a batch of 32 (224 px, 10 s, 64 tokens) is ~0.7 GFLOP/sample, ~0.3 s on one core.
+    "tiny": ModelConfig(),
+    # ~40M: a quick single-GPU run.
+    "small": ModelConfig(
+        width=384, heads=6, image_depth=6, text_depth=4, audio_depth=4, fusion_depth=2,
+        decoder_depth=4, embed_dim=256, patch_size=16, audio_stride=8,
+    ),
+    # ~180M: ViT-B width for the GPU MFU benchmark (197 image tokens, 256 audio tokens).
+    "base": ModelConfig(
+        width=768, heads=12, image_depth=8, text_depth=4, audio_depth=6, fusion_depth=2,
+        decoder_depth=4, embed_dim=512, patch_size=16, audio_stride=4,
+    ),
+    # ~1B: multi-GPU with ZeRO-2/3.
+    "large": ModelConfig(
+        width=1536, heads=24, image_depth=12, text_depth=6, audio_depth=8, fusion_depth=3,
+        decoder_depth=6, embed_dim=768, patch_size=16, audio_stride=4,
+    ),
+    # ~3B: does not fit optimizer states on one GPU; meant for ZeRO-3.
+    "xl": ModelConfig(
+        width=2560, heads=32, image_depth=14, text_depth=6, audio_depth=8, fusion_depth=4,
+        decoder_depth=5, embed_dim=1024, patch_size=16, audio_stride=4,
+    ),
+}

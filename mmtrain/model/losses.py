@@ -1,0 +1,87 @@
+"""Losses: symmetric InfoNCE between modality pairs, and next-token captioning CE.
+
+Both are written without data-dependent branches or boolean indexing: rows that do not take
+part get weight 0 instead of being dropped. That keeps shapes static, avoids host syncs, always
+returns a tensor attached to the graph, and makes every rank run the same collectives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import PAD_ID
+
+# Fill for logits that must not compete in a softmax. Finite, so a row with nothing valid gives a
+# finite (and zero-weighted) loss instead of NaN; far enough below the largest real logit (the
+# scale is clamped at 100) that exp() underflows to exactly 0 in float32.
+_MASKED = -1e4
+
+
+def contrastive_loss(a: Tensor, b: Tensor, valid: Tensor, scale: Tensor) -> Tensor:
+    """CLIP loss between L2-normalized rows of `a` and `b` [N, D], over rows where `valid` [N].
+
+    Logits are cosine similarities times `scale`; row i's positive is column i, and the other
+    valid rows are its negatives. The mean of the a->b and b->a cross-entropies over valid rows.
+
+    With fewer than 2 valid rows the loss is exactly 0 without a branch: 0 rows have weight 0,
+    and a single row has only itself in its softmax, so its cross-entropy is log(1) = 0.
+    """
+    logits = scale * (a.float() @ b.float().T)
+    both = valid[:, None] & valid[None, :]
+    logits = logits.masked_fill(~both, _MASKED)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    w = valid.float()
+    n = w.sum().clamp(min=1.0)
+    a_to_b = (F.cross_entropy(logits, target, reduction="none") * w).sum() / n
+    b_to_a = (F.cross_entropy(logits.T, target, reduction="none") * w).sum() / n
+    return (a_to_b + b_to_a) / 2
+
+
+def caption_targets(text_ids: Tensor, rows: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token targets text_ids[:, 1:], with PAD and rows outside `rows` set to ignore_index."""
+    target = text_ids[:, 1:]
+    keep = (target != PAD_ID) & rows[:, None]
+    return target.masked_fill(~keep, ignore_index)
+
+
+def caption_loss_from_logits(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over the kept targets; 0 (not NaN) when there are none."""
+    loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+    return loss / (target != -100).sum().clamp(min=1)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """All-gather embeddings (with gradient) and presence masks across ranks.
+
+    emb [B, K] float, present [B, K'] bool -> [sum of B over ranks, K], [.., K'].
+    Gradients flow back through `torch.distributed.nn.functional.all_gather`, as in OpenCLIP's
+    `gather_with_grad`: every rank computes the same global loss, the backward of all_gather sums
+    each rank's share into its own slice, and the usual gradient averaging over ranks then gives
+    exactly the gradient of the global loss.
+
+    Ranks may hold different batch sizes (an epoch's last batch) while all_gather needs equal
+    shapes, so rows are padded to the largest batch and the padding is marked absent.
+    Single-process runs return the inputs unchanged.
+    """
+    if not _distributed():
+        return emb, present
+    from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+    world = dist.get_world_size()
+    n = torch.tensor([emb.shape[0]], device=emb.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    pad = int(max(s.item() for s in sizes)) - emb.shape[0]
+    flags = present.to(torch.uint8)  # uint8: not every backend all-gathers (or pads) bool
+    if pad:
+        emb = F.pad(emb, (0, 0, 0, pad))
+        flags = F.pad(flags, (0, 0, 0, pad))  # padded rows: absent
+    masks = [torch.empty_like(flags) for _ in range(world)]
+    dist.all_gather(masks, flags)
+    return torch.cat(all_gather_with_grad(emb.contiguous())), torch.cat(masks).bool()

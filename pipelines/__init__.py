@@ -1,0 +1,1 @@
+"""The data plane: WebDataset shards -> Ray Data -> clean shards or training batches."""

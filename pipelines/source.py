@@ -1,0 +1,322 @@
+"""Read WebDataset tar shards as a stream of samples, keeping every error with its sample.
+
+Why not `webdataset.tar_file_iterator` or `ray.data.read_webdataset`: both stop silently
+at a truncated or corrupt tar (Python's `tarfile` ends iteration without an exception
+on a bad header or a missing end-of-archive block), both pass names like `../x` through
+as keys, and neither says which sample a failure belongs to. We keep webdataset's
+key/extension rule (`base_plus_ext`) so keys mean the same thing everywhere, and add:
+damage detection, name safety, duplicate keys, gzip members, per-sample error records.
+
+A shard is read as a stream (`tarfile` mode "r|*", gzip detected from the bytes): only
+one sample's members are held at a time.
+"""
+from __future__ import annotations
+
+import gzip
+import posixpath
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+from webdataset.tariterators import base_plus_ext
+
+from . import reasons
+from .reasons import SampleError
+
+
+@dataclass
+class RawSample:
+    """One sample as found in a shard: members keyed by lowercased extension.
+
+    `position` counts records in the shard (0, 1, ...) so that "which came first" has a
+    deterministic answer (duplicate handling, data position on resume).
+    """
+
+    key: str
+    source: str
+    position: int
+    members: dict[str, bytes] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # member names as stored, for the record
+    error: SampleError | None = None
+
+
+class _RecordingTarInfo(tarfile.TarInfo):
+    """Remembers why `tarfile` stopped: only an all-zero block (`EOFHeaderError`) is a
+    normal end.
+
+    `TarFile.next()` swallows a bad checksum, a short header and a missing end-of-archive
+    block (`EmptyHeaderError`: no bytes at all) and just ends the iteration; this subclass
+    keeps the reason on the TarFile.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as e:
+            tf._stop_reason = f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
+            raise
+
+
+def unsafe_reason(info: tarfile.TarInfo) -> str | None:
+    """Why a member must not be used, or None. Anything that could point outside the
+    sample (links, devices, absolute or parent paths) is refused, never resolved."""
+    name = info.name
+    if not info.isreg():
+        return f"{name!r} is not a regular file (type {info.type!r})"
+    if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        return f"{name!r} is an absolute or non-POSIX path"
+    parts = name.split("/")
+    if ".." in parts or any(p == "" for p in parts[:-1]):
+        return f"{name!r} climbs out of the shard or has an empty path part"
+    if posixpath.normpath(name) != name:
+        return f"{name!r} is not a normalized path"
+    return None
+
+
+def iter_tar_samples(
+    url: str,
+    *,
+    storage_options: dict | None = None,
+    max_member_bytes: int = 256 * 1024 * 1024,
+) -> Iterator[RawSample]:
+    """Every sample of one shard, in order; errors come as samples with `error` set.
+
+    A damaged shard yields every sample completed before the damage, then one record
+    with `TRUNCATED_SHARD` for the sample that was being read (or for the shard).
+    """
+    try:
+        f = fsspec.open(url, "rb", **(storage_options or {})).open()
+    except Exception as e:  # any open failure is this shard's problem, not the job's
+        yield RawSample("", url, 0, error=SampleError(reasons.SHARD_UNREADABLE, _one_line(e)))
+        return
+    with f:
+        yield from _iter_stream(f, url, max_member_bytes)
+
+
+def _iter_stream(fileobj, url: str, max_member_bytes: int) -> Iterator[RawSample]:
+    seen: set[str] = set()
+    current: RawSample | None = None
+    position = 0
+
+    def new_sample(key: str, error: SampleError | None = None) -> RawSample:
+        nonlocal position
+        sample = RawSample(key, url, position, error=error)
+        position += 1
+        return sample
+
+    try:
+        tf = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_RecordingTarInfo)
+        tf._stop_reason = None  # type: ignore[attr-defined]
+        for info in tf:
+            tf.members = []  # streaming mode would otherwise keep every header in memory
+            if info.isdir():
+                continue
+            problem = unsafe_reason(info)
+            if problem:
+                if current is not None:
+                    yield current
+                    current = None
+                refused = new_sample(info.name, SampleError(reasons.UNSAFE_MEMBER_NAME, problem))
+                refused.names.append(info.name)
+                yield refused
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None:
+                if current is not None:
+                    yield current
+                    current = None
+                bad = new_sample(info.name, SampleError(
+                    reasons.MEMBER_WITHOUT_EXTENSION, f"{info.name!r} has no extension"))
+                bad.names.append(info.name)
+                yield bad
+                continue
+            ext = ext.lower()
+            if current is None or key != current.key:
+                if current is not None:
+                    yield current
+                dup = None
+                if key in seen:
+                    dup = SampleError(reasons.DUPLICATE_KEY, f"key {key!r} appears again later in the shard")
+                seen.add(key)
+                current = new_sample(key, dup)
+            current.names.append(info.name)
+            if current.error is not None:
+                continue  # the sample is already rejected: don't spend time reading it
+            if info.size > max_member_bytes:
+                current.error = SampleError(
+                    reasons.MEMBER_TOO_LARGE, f"{info.name!r} is {info.size} bytes > {max_member_bytes}")
+                continue
+            data = tf.extractfile(info).read()
+            if ext == "gz" or ext.endswith(".gz"):
+                ext = ext[:-3].rstrip(".")
+                try:
+                    data = gzip.decompress(data)
+                except (OSError, EOFError, zlib.error) as e:
+                    current.error = SampleError(reasons.MEMBER_DECOMPRESS_ERROR, f"{info.name!r}: {_one_line(e)}")
+                    continue
+            if ext in current.members:
+                current.error = SampleError(reasons.DUPLICATE_KEY, f"{key}.{ext} appears twice")
+                continue
+            current.members[ext] = data
+        stop = getattr(tf, "_stop_reason", None)
+        if stop is not None:
+            raise tarfile.ReadError(f"tar stream ends without an end-of-archive block ({stop})")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        detail = f"damaged after {position} record(s): {_one_line(e)}"
+        if current is not None:
+            current.error = SampleError(reasons.TRUNCATED_SHARD, detail)
+            yield current
+        else:
+            yield new_sample("", SampleError(reasons.TRUNCATED_SHARD, detail))
+        return
+    if current is not None:
+        yield current
+
+
+def _one_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text[:300]
+
+
+# ---------------------------------------------------------------------------------------
+# Ray Data datasource
+# ---------------------------------------------------------------------------------------
+import pyarrow as pa  # noqa: E402
+from ray.data.block import BlockMetadata  # noqa: E402
+from ray.data.datasource import Datasource, ReadTask  # noqa: E402
+
+from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS  # noqa: E402
+
+# modality column -> member extensions, in order of preference
+RAW_MODALITIES: dict[str, tuple[str, ...]] = {"image": IMAGE_EXTS, "text": TEXT_EXTS, "audio": AUDIO_EXTS}
+
+
+def split_modalities(
+    members: dict[str, bytes], modalities: dict[str, tuple[str, ...]]
+) -> tuple[dict[str, tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """Pick each modality's member (first extension by preference); the rest are extras,
+    which are carried along, never dropped."""
+    chosen: dict[str, tuple[str, bytes]] = {}
+    used: set[str] = set()
+    for name, exts in modalities.items():
+        for ext in exts:
+            if ext in members:
+                chosen[name] = (ext, members[ext])
+                used.add(ext)
+                break
+    extras = [(ext, data) for ext, data in members.items() if ext not in used]
+    return chosen, extras
+
+
+def sample_schema(modalities: dict[str, tuple[str, ...]]) -> pa.Schema:
+    fields = [pa.field("key", pa.string()), pa.field("source", pa.string()), pa.field("position", pa.int64())]
+    for name in modalities:
+        fields += [pa.field(name, pa.binary()), pa.field(f"{name}_ext", pa.string())]
+    fields += [
+        pa.field("extras", pa.list_(pa.struct([("ext", pa.string()), ("data", pa.binary())]))),
+        pa.field("error", pa.string()),
+        pa.field("error_detail", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+def sample_row(raw: RawSample, modalities: dict[str, tuple[str, ...]]) -> dict:
+    chosen, extras = split_modalities(raw.members, modalities)
+    row = {"key": raw.key, "source": raw.source, "position": raw.position}
+    for name in modalities:
+        ext, data = chosen.get(name, (None, None))
+        row[name], row[f"{name}_ext"] = data, ext
+    row["extras"] = [{"ext": e, "data": d} for e, d in extras]
+    row["error"] = raw.error.reason if raw.error else None
+    row["error_detail"] = raw.error.detail if raw.error else None
+    return row
+
+
+class WebDatasetDatasource(Datasource):
+    """Rows of raw sample bytes, one column per modality, with the sample id (source, key).
+
+    One read task streams a contiguous group of shards and emits blocks of at most
+    `rows_per_block` rows, so memory per task is one block plus one sample. Error rows are
+    kept (column `error`) unless `include_errors=False`; callers that train on raw shards
+    drop them, the preprocess job records them.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        modalities: dict[str, tuple[str, ...]] | None = None,
+        storage_options: dict | None = None,
+        max_member_bytes: int = 256 * 1024 * 1024,
+        include_errors: bool = True,
+        rows_per_block: int = 128,
+        shard_sizes: dict[str, int | None] | None = None,
+    ):
+        super().__init__()
+        if not shards:
+            raise ValueError("WebDatasetDatasource needs at least one shard")
+        self.shards = list(shards)
+        self.modalities = dict(modalities or RAW_MODALITIES)
+        self.storage_options = storage_options or {}
+        self.max_member_bytes = max_member_bytes
+        self.include_errors = include_errors
+        self.rows_per_block = rows_per_block
+        self.shard_sizes = shard_sizes or {}
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        sizes = [self.shard_sizes.get(s) for s in self.shards]
+        return None if any(s is None for s in sizes) else int(sum(sizes))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        n = max(1, min(parallelism, len(self.shards)))
+        groups = [self.shards[i::n] for i in range(n)]  # strided: neighbouring shards go to different tasks
+        schema = sample_schema(self.modalities)
+        tasks = []
+        for group in groups:
+            size = sum(self.shard_sizes.get(s) or 0 for s in group) or None
+            meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=tuple(group))
+            tasks.append(ReadTask(self._reader(group, schema), meta, schema=schema,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def _reader(self, group: list[str], schema: pa.Schema):
+        modalities, opts, limit = self.modalities, self.storage_options, self.max_member_bytes
+        keep_errors, rows_per_block = self.include_errors, self.rows_per_block
+
+        def read() -> Iterator[pa.Table]:
+            rows: list[dict] = []
+            for url in group:
+                for raw in iter_tar_samples(url, storage_options=opts, max_member_bytes=limit):
+                    if raw.error is not None and not keep_errors:
+                        continue
+                    rows.append(sample_row(raw, modalities))
+                    if len(rows) >= rows_per_block:
+                        yield pa.Table.from_pylist(rows, schema=schema)
+                        rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=schema)
+
+        return read
+
+    def get_name(self) -> str:
+        return "WebDataset"
+
+
+def read_webdataset(
+    inputs: list[str], *, storage_options: dict | None = None, override_num_blocks: int | None = None, **kwargs
+):
+    """`ray.data.Dataset` of samples from shard patterns (see `shards.expand_shards`)."""
+    import ray
+
+    from .shards import expand_shards, shard_sizes
+
+    shards = expand_shards(inputs, storage_options)
+    source = WebDatasetDatasource(
+        shards, storage_options=storage_options, shard_sizes=shard_sizes(shards, storage_options), **kwargs
+    )
+    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks or len(shards))

@@ -1,0 +1,92 @@
+"""Shared test infrastructure: one real Ray head per test session (loopback only), a real
+S3-compatible server (moto in server mode) on loopback, and corpora made in code."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+REALDATA = SHARED / "realdata" / "webdataset-testdata"
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real local Ray head shared by the whole session; CLI subprocesses join it through
+    RAY_ADDRESS, so each of them skips Ray's start-up."""
+    import ray
+
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp}"],
+        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    from pipelines.runtime import init_ray
+
+    init_ray(address)
+    yield address
+    ray.shutdown()
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if old is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = old
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback; yields storage options for fsspec/s3fs."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint,
+                                                                       "region_name": "us-east-1"}}
+    yield {"endpoint": endpoint, "storage_options": opts}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    name = f"b{abs(hash(request.node.nodeid)) % 10**8}-{int(time.time() * 1000) % 10**6}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server["endpoint"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+    fs.invalidate_cache()
+    yield name, fs

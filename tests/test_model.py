@@ -1,0 +1,337 @@
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from mmtrain.model import (
+    PRESETS,
+    ModelConfig,
+    MultimodalModel,
+    available_models,
+    build_model,
+    count_parameters,
+    flops_per_sample,
+    register_model,
+    token_counts,
+)
+from mmtrain.model.losses import contrastive_loss, gather_rows
+from mmtrain.tokenizer import ByteTokenizer, pad_batch
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+ANIMALS = ["dog", "cat", "bird", "horse", "cow", "frog", "sheep", "goat"]
+PARTS = ("loss_image_text", "loss_image_audio", "loss_text_audio", "loss_caption")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are small: a second intra-op thread gains little, and on a busy 2-core machine
+    # its spin-waiting makes steps many times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_batch(B=4, seed=0, image_size=224, frames=1001, text_len=64, **present):
+    """A batch following the ingest contract; `present` overrides e.g. audio_present=[...]."""
+    g = torch.Generator().manual_seed(seed)
+    tok = ByteTokenizer()
+    captions = [f"a {COLORS[i % 8]} {ANIMALS[(i + seed) % 8]} number {i}" for i in range(B)]
+    batch = {
+        "image": torch.randn(B, 3, image_size, image_size, generator=g),
+        "text_ids": torch.from_numpy(pad_batch([tok.encode(c, text_len) for c in captions], 0, text_len)),
+        "mel": torch.randn(B, 80, frames, generator=g),
+        "mel_frames": torch.full((B,), frames, dtype=torch.long),
+    }
+    for name in ("image", "text", "audio"):
+        flags = present.get(f"{name}_present", [True] * B)
+        batch[f"{name}_present"] = torch.tensor(flags, dtype=torch.bool)
+    # The ingest zeroes the data of missing rows.
+    batch["image"][~batch["image_present"]] = 0
+    batch["text_ids"][~batch["text_present"]] = 0
+    batch["mel"][~batch["audio_present"]] = 0
+    batch["mel_frames"][~batch["audio_present"]] = 0
+    return batch
+
+
+def tiny(seed=0, **overrides) -> MultimodalModel:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig.preset("tiny", **overrides))
+
+
+def test_forward_all_modalities():
+    model = tiny()
+    out = model(make_batch(4))
+    assert set(out) == {"loss", *PARTS, "logit_scale"}
+    assert out["loss"].dim() == 0 and out["loss"].requires_grad and torch.isfinite(out["loss"])
+    for k in PARTS:
+        assert torch.isfinite(out[k]) and out[k] > 0, k
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    expected = sum(out[k] for k in PARTS)  # default weights are 1
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    emb = model.encode(make_batch(4))
+    for name in ("image", "text", "audio"):
+        assert emb[name].shape == (4, 128)
+        torch.testing.assert_close(emb[name].norm(dim=-1), torch.ones(4))
+
+
+def test_smaller_inputs_slice_positions():
+    model = tiny()
+    out = model(make_batch(3, image_size=96, frames=250, text_len=20))
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError):
+        model(make_batch(2, text_len=65))
+
+
+def test_missing_modalities():
+    model = tiny()
+    # No audio anywhere: every pair with audio is exactly 0; the rest still train.
+    out = model(make_batch(4, audio_present=[False] * 4))
+    assert out["loss_image_audio"] == 0 and out["loss_text_audio"] == 0
+    assert out["loss_image_text"] > 0 and out["loss_caption"] > 0
+
+    # Only one row has both image and text: a pair needs >= 2 rows for negatives.
+    out = model(make_batch(4, image_present=[True, False, False, False]))
+    assert out["loss_image_text"] == 0 and out["loss_image_audio"] == 0
+    assert out["loss_text_audio"] > 0 and out["loss"].requires_grad
+
+    # No image and no audio: nothing to caption from, and no pair at all.
+    out = model(make_batch(4, image_present=[False] * 4, audio_present=[False] * 4))
+    for k in PARTS:
+        assert out[k] == 0, k
+    assert out["loss"].requires_grad and torch.isfinite(out["loss"])
+    out["loss"].backward()  # the graph is valid even when everything is zero
+
+    # Mixed rows: encode returns zeros for absent rows, unit vectors for the others.
+    batch = make_batch(4, image_present=[True, False, True, True], text_present=[True, True, False, True],
+                       audio_present=[False, True, True, True])
+    out = model(batch)
+    assert all(torch.isfinite(out[k]) for k in out)
+    emb = model.encode(batch)
+    for name in ("image", "text", "audio"):
+        norms = emb[name].norm(dim=-1)
+        torch.testing.assert_close(norms, batch[f"{name}_present"].float())
+
+    # A modality missing from the batch entirely (no "mel" key).
+    batch = make_batch(4)
+    for k in ("mel", "mel_frames", "audio_present"):
+        del batch[k]
+    out = model(batch)
+    assert out["loss_image_audio"] == 0 and out["loss_image_text"] > 0
+    assert model.encode(batch)["audio"].abs().sum() == 0
+
+
+def test_absent_data_and_padding_do_not_matter():
+    model = tiny().eval()
+    batch = make_batch(4, text_present=[True, True, False, True])
+    batch["mel_frames"][0] = 500
+    ref_out, ref_emb = model(batch), model.encode(batch)
+    junk = {k: v.clone() for k, v in batch.items()}
+    junk["mel"][0, :, 500:] = 7.0                     # beyond the row's valid frames
+    junk["text_ids"][2] = torch.randint(3, 259, (64,))  # a row whose text is absent
+    out, emb = model(junk), model.encode(junk)
+    for k in ref_out:
+        torch.testing.assert_close(out[k], ref_out[k])
+    for k in ref_emb:
+        torch.testing.assert_close(emb[k], ref_emb[k])
+
+
+def test_caption_needs_image_or_audio():
+    model = tiny()
+    batch = make_batch(4, image_present=[False, False, True, True], audio_present=[False, False, False, True])
+    with_rows = model.caption_loss(batch)
+    assert with_rows > 0
+    batch = make_batch(4, image_present=[False] * 4, audio_present=[False] * 4)
+    assert model.caption_loss(batch) == 0
+
+
+def test_gradients_reach_all_encoders():
+    model = tiny()
+    model(make_batch(4))["loss"].backward()
+    for part in ("image", "text", "audio", "fusion", "decoder"):
+        grads = [p.grad for p in getattr(model, part).parameters()]
+        assert all(g is not None for g in grads), part
+        assert sum(g.abs().sum().item() for g in grads) > 0, part
+    assert model.logit_scale.grad is not None and model.logit_scale.grad != 0
+
+
+def test_gradient_checkpointing_matches():
+    plain, ckpt = tiny(seed=1), tiny(seed=2, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    batch = make_batch(2, image_size=64, frames=200, text_len=16)
+    a, b = plain(batch)["loss"], ckpt(batch)["loss"]
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_overfit_fixed_batch():
+    model = tiny()
+    batch = make_batch(8, image_size=224, frames=1001, text_len=48)  # 8 distinct subjects
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        loss = model(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_eval_is_deterministic():
+    model = tiny().eval()
+    batch = make_batch(4)
+    a, b = model(batch), model(batch)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ids = model.generate_caption(batch, max_len=10)
+    assert ids.shape[0] == 4 and ids.shape[1] <= 10 and (ids[:, 0] == 1).all()
+    assert torch.equal(ids, model.generate_caption(batch, max_len=10))
+
+
+def test_safetensors_round_trip(tmp_path):
+    cfg = ModelConfig.preset("tiny", embed_dim=64)
+    model = tiny(embed_dim=64).eval()
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+
+    torch.manual_seed(123)  # a different init, so equality proves the load
+    fresh = build_model(ModelConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))).eval()
+    batch = make_batch(4, audio_present=[True, False, True, True])
+    assert not torch.equal(fresh.encode(batch)["image"], model.encode(batch)["image"])
+    fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    a, b = model.encode(batch), fresh.encode(batch)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(model(batch)["loss"], fresh(batch)["loss"])
+
+
+def test_registry_custom_model():
+    assert "multimodal" in available_models()
+    assert isinstance(build_model(ModelConfig()), MultimodalModel)
+
+    @register_model("test_linear_probe")
+    class LinearProbe(nn.Module):
+        def __init__(self, cfg: ModelConfig):
+            super().__init__()
+            self.proj = nn.Linear(3, cfg.embed_dim)
+
+        def encode(self, batch):
+            e = nn.functional.normalize(self.proj(batch["image"].mean(dim=(2, 3))), dim=-1)
+            return {"image": e, "text": e, "audio": e}
+
+        def forward(self, batch):
+            return {"loss": self.encode(batch)["image"].sum()}
+
+    model = build_model(ModelConfig(name="test_linear_probe", embed_dim=16))
+    assert isinstance(model, LinearProbe) and "test_linear_probe" in available_models()
+    assert model.encode(make_batch(2, image_size=32))["image"].shape == (2, 16)
+    with pytest.raises(ValueError):
+        register_model("test_linear_probe")(lambda cfg: nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model(ModelConfig(name="nope"))
+
+
+def test_config_round_trip_and_validation():
+    cfg = ModelConfig.preset("base", dropout=0.1)
+    assert ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    assert ModelConfig() == PRESETS["tiny"]
+    with pytest.raises(ValueError, match="unknown model config key") as e:
+        ModelConfig.from_dict({"width": 64, "widht": 64})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError):
+        ModelConfig.preset("tiny", depth=3)
+    with pytest.raises(ValueError):
+        ModelConfig.preset("huge")
+    with pytest.raises(ValueError):
+        ModelConfig(width=100, heads=3)
+
+
+def test_preset_sizes():
+    counts = {}
+    for name in ("tiny", "small", "base", "large", "xl"):
+        with torch.device("meta"):  # shapes only: no memory for billions of parameters
+            counts[name] = count_parameters(build_model(ModelConfig.preset(name)))
+    assert counts["tiny"] < counts["small"] < counts["base"] < counts["large"] < counts["xl"]
+    assert 1e6 < counts["tiny"] < 5e6
+    assert 100e6 < counts["base"] < 200e6
+    assert 0.8e9 < counts["large"] < 1.3e9
+    assert 2.5e9 < counts["xl"] < 3.5e9
+
+    flops = [flops_per_sample(PRESETS[n], *token_counts(PRESETS[n], 224, 64, 1001)) for n in counts]
+    assert flops == sorted(flops) and flops[0] > 0
+    # Roughly 6 * params * tokens-per-param: the estimate is within a small factor of it.
+    cfg = PRESETS["base"]
+    it, tl, at = token_counts(cfg, 224, 64, 1001)
+    assert 6 * counts["base"] * 100 < flops[2] < 6 * counts["base"] * 2000
+
+
+def test_contrastive_loss_edge_cases():
+    torch.manual_seed(0)
+    a = nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    scale = torch.tensor(10.0, requires_grad=True)
+    one = contrastive_loss(a, a, torch.tensor([False, True, False, False, False]), scale)
+    none = contrastive_loss(a, a, torch.zeros(5, dtype=torch.bool), scale)
+    assert one.item() == 0 and none.item() == 0 and one.requires_grad
+    # Absent rows neither count as positives nor as negatives.
+    valid = torch.tensor([True, True, False, True, False])
+    full = contrastive_loss(a, a, valid, scale)
+    sub = contrastive_loss(a[valid], a[valid], torch.ones(3, dtype=torch.bool), scale)
+    torch.testing.assert_close(full, sub)
+    # Matching pairs at a large scale give a loss near 0, shuffled ones a large loss.
+    big = torch.tensor(100.0)
+    assert contrastive_loss(a, a, torch.ones(5, dtype=torch.bool), big) < 1e-3
+    assert contrastive_loss(a, a.roll(1, 0), torch.ones(5, dtype=torch.bool), big) > 1
+
+
+def _gather_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    emb = nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    present = torch.tensor([[True], [True], [False], [True], [True]])
+    rows = [slice(0, 3), slice(3, 5)][rank]  # unequal batch sizes: 3 and 2
+    local = emb[rows].clone().requires_grad_(True)
+    g_emb, g_present = gather_rows(local, present[rows])
+    loss = contrastive_loss(g_emb, g_emb.roll(1, 0), g_present[:, 0], torch.tensor(5.0))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": local.grad, "n": g_emb.shape[0]}, f"{result_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gather_across_ranks(tmp_path):
+    """Two gloo ranks with batches of 3 and 2 give the loss and gradient of the whole batch of 5."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert r0["n"] == r1["n"] == 6  # padded to 2 x 3; the padding row is marked absent
+
+    # Reference: the same loss in one process over the padded, gathered layout.
+    torch.manual_seed(0)
+    emb = nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    full = torch.cat([emb[:3], emb[3:], torch.zeros(1, 8)]).requires_grad_(True)
+    present = torch.tensor([True, True, False, True, True, False])
+    ref = contrastive_loss(full, full.roll(1, 0), present, torch.tensor(5.0))
+    ref.backward()
+    torch.testing.assert_close(r0["loss"], ref.detach())
+    torch.testing.assert_close(r1["loss"], ref.detach())
+    # Each rank's gradient is world x d(global loss)/d(own rows); averaging over ranks (DDP,
+    # DeepSpeed) then gives exactly the gradient of the global loss.
+    torch.testing.assert_close(r0["grad"], 2 * full.grad[:3])
+    torch.testing.assert_close(r1["grad"], 2 * full.grad[3:5])
+    assert math.isfinite(ref.item())
