@@ -128,7 +128,7 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress) -> Non
 
     items = [{"source": t.source, "name": t.name} for t in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(run_one, num_cpus=1, concurrency=workers, max_retries=3)
+    ds = ds.map(run_one, num_cpus=1, concurrency=workers)
     bar = _progress_bar(len(pending), progress)
     totals: Counter = Counter()
     for row in ds.iter_rows():

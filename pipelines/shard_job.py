@@ -9,6 +9,7 @@ a re-run after a kill produces byte-identical output.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import time
 from collections import Counter
@@ -44,10 +45,16 @@ def part_names(shard_name: str) -> dict[str, str]:
     }
 
 
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-f]+>")
+
+
 def quarantine_row(raw: RawSample, err: SampleError) -> dict:
+    # library messages embed object addresses ("<_io.BytesIO object at 0x7f..>"): drop them so
+    # the quarantine of a re-run is identical to the first run's
+    detail = _ADDRESS.sub("<bytes>", err.detail)
     return {
         "key": raw.key, "source": raw.source, "position": raw.position,
-        "reason": err.reason, "kind": err.kind, "detail": err.detail, "members": list(raw.names),
+        "reason": err.reason, "kind": err.kind, "detail": detail, "members": list(raw.names),
     }
 
 

@@ -3,6 +3,7 @@ S3-compatible server (moto in server mode) on loopback, and corpora made in code
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 REALDATA = SHARED / "realdata" / "webdataset-testdata"
 sys.path.insert(0, str(ROOT))
+
+# Ray 2.60 turns token authentication on by default. This session's cluster gets its own
+# token, inherited by every CLI subprocess, so no ~/.ray/auth_token of another run interferes.
+# Set before anything imports ray: Ray reads the mode once per process.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from mmtrain.model import (
     register_model,
     token_counts,
 )
-from mmtrain.model.losses import contrastive_loss, gather_rows
+from mmtrain.model.losses import contrastive_loss
 from mmtrain.tokenizer import ByteTokenizer, pad_batch
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
@@ -177,13 +178,22 @@ def test_overfit_fixed_batch():
     batch = make_batch(8, image_size=224, frames=1001, text_len=48)  # 8 distinct subjects
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         loss = model(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bf16_weights_take_float32_batch():
+    # DeepSpeed bf16 converts the weights but not the batch: the model casts its inputs.
+    model = tiny().to(torch.bfloat16)
+    out = model(make_batch(3, image_size=64, frames=160, text_len=16, audio_present=[True, False, True]))
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+    out["loss"].backward()
+    assert model.audio.stem[0].weight.grad.dtype == torch.bfloat16
 
 
 def test_eval_is_deterministic():
@@ -268,10 +278,8 @@ def test_preset_sizes():
 
     flops = [flops_per_sample(PRESETS[n], *token_counts(PRESETS[n], 224, 64, 1001)) for n in counts]
     assert flops == sorted(flops) and flops[0] > 0
-    # Roughly 6 * params * tokens-per-param: the estimate is within a small factor of it.
-    cfg = PRESETS["base"]
-    it, tl, at = token_counts(cfg, 224, 64, 1001)
-    assert 6 * counts["base"] * 100 < flops[2] < 6 * counts["base"] * 2000
+    # Sanity: 6 * params * tokens, where a parameter sees on the order of 100-1000 tokens.
+    assert 6 * counts["base"] * 100 < flops[2] < 6 * counts["base"] * 1000
 
 
 def test_contrastive_loss_edge_cases():
@@ -292,32 +300,49 @@ def test_contrastive_loss_edge_cases():
     assert contrastive_loss(a, a.roll(1, 0), torch.ones(5, dtype=torch.bool), big) > 1
 
 
-def _gather_worker(rank: int, world: int, port: int, result_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    emb = nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    present = torch.tensor([[True], [True], [False], [True], [True]])
-    rows = [slice(0, 3), slice(3, 5)][rank]  # unequal batch sizes: 3 and 2
-    local = emb[rows].clone().requires_grad_(True)
-    g_emb, g_present = gather_rows(local, present[rows])
-    loss = contrastive_loss(g_emb, g_emb.roll(1, 0), g_present[:, 0], torch.tensor(5.0))
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grad": local.grad, "n": g_emb.shape[0]}, f"{result_dir}/{rank}.pt")
-    dist.destroy_process_group()
+_GATHER_WORKER = """
+import sys, torch, torch.distributed as dist, torch.nn as nn
+from mmtrain.model.losses import contrastive_loss, gather_rows
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+torch.manual_seed(0)
+emb = nn.functional.normalize(torch.randn(5, 8), dim=-1)
+present = torch.tensor([[True], [True], [False], [True], [True]])
+rows = [slice(0, 3), slice(3, 5)][rank]  # unequal batch sizes: 3 and 2
+local = emb[rows].clone().requires_grad_(True)
+g_emb, g_present = gather_rows(local, present[rows])
+loss = contrastive_loss(g_emb, g_emb.roll(1, 0), g_present[:, 0], torch.tensor(5.0))
+loss.backward()
+torch.save({"loss": loss.detach(), "grad": local.grad, "n": g_emb.shape[0]}, f"{out}/{rank}.pt")
+dist.barrier()  # neither rank tears gloo down while the other still talks
+dist.destroy_process_group()
+"""
 
 
 def test_gather_across_ranks(tmp_path):
     """Two gloo ranks with batches of 3 and 2 give the loss and gradient of the whole batch of 5."""
     import socket
-
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _GATHER_WORKER, str(r), str(port), str(tmp_path)], env=env)
+        for r in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+        # Judged by the results, not the exit codes: gloo's teardown can rarely abort a rank after
+        # its work is done, which is not what this test is about.
+        assert (tmp_path / "0.pt").exists() and (tmp_path / "1.pt").exists(), f"ranks exited {codes}"
+    finally:
+        for p in procs:  # a rank stuck in a collective must not outlive the test
+            if p.poll() is None:
+                p.kill()
     r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert r0["n"] == r1["n"] == 6  # padded to 2 x 3; the padding row is marked absent
 

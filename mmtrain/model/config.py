@@ -89,25 +89,25 @@ class ModelConfig:
 # Sizes. Parameter counts are those of the default vocab (259); see tests/test_model.py and
 # `count_parameters`. Block params are ~12*width^2, so depth x width^2 sets the size.
 PRESETS: dict[str, ModelConfig] = {
-    # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 7 blocks in all, so
-    # forward+backward of a batch of 32 (224 px, 10 s, 64 tokens) is ~0.7 GFLOP/sample, ~0.3 s on one core.
+    # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 6 blocks in all, so
+    # a training step is ~0.8 GFLOP/sample: ~0.35 s for a batch of 32 (224 px, 10 s, 64 tokens) on one core.
     "tiny": ModelConfig(),
     # ~40M: a quick single-GPU run.
     "small": ModelConfig(
         width=384, heads=6, image_depth=6, text_depth=4, audio_depth=4, fusion_depth=2,
         decoder_depth=4, embed_dim=256, patch_size=16, audio_stride=8,
     ),
-    # ~180M: ViT-B width for the GPU MFU benchmark (197 image tokens, 256 audio tokens).
+    # ~184M: ViT-B width for the GPU MFU benchmark (197 image tokens, 251 audio tokens for 10 s).
     "base": ModelConfig(
         width=768, heads=12, image_depth=8, text_depth=4, audio_depth=6, fusion_depth=2,
         decoder_depth=4, embed_dim=512, patch_size=16, audio_stride=4,
     ),
-    # ~1B: multi-GPU with ZeRO-2/3.
+    # ~1.06B: multi-GPU with ZeRO-2/3.
     "large": ModelConfig(
         width=1536, heads=24, image_depth=12, text_depth=6, audio_depth=8, fusion_depth=3,
         decoder_depth=6, embed_dim=768, patch_size=16, audio_stride=4,
     ),
-    # ~3B: does not fit optimizer states on one GPU; meant for ZeRO-3.
+    # ~3.1B: Adam states alone (~37 GB in fp32) crowd one GPU; meant for ZeRO-3.
     "xl": ModelConfig(
         width=2560, heads=32, image_depth=14, text_depth=6, audio_depth=8, fusion_depth=4,
         decoder_depth=5, embed_dim=1024, patch_size=16, audio_stride=4,

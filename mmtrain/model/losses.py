@@ -1,10 +1,13 @@
 """Losses: symmetric InfoNCE between modality pairs, and next-token captioning CE.
 
-Both are written without data-dependent branches or boolean indexing: rows that do not take
-part get weight 0 instead of being dropped. That keeps shapes static, avoids host syncs, always
-returns a tensor attached to the graph, and makes every rank run the same collectives.
+Neither has a data-dependent branch: rows that do not take part get weight 0 (or the ignore
+index) instead of being skipped. The loss is then always a tensor attached to the graph, 0 rather
+than NaN when nothing takes part, and every rank runs the same collectives. The contrastive loss
+also keeps shapes static (no boolean indexing), so it needs no host sync.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -84,4 +87,9 @@ def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         flags = F.pad(flags, (0, 0, 0, pad))  # padded rows: absent
     masks = [torch.empty_like(flags) for _ in range(world)]
     dist.all_gather(masks, flags)
-    return torch.cat(all_gather_with_grad(emb.contiguous())), torch.cat(masks).bool()
+    with warnings.catch_warnings():
+        # Recent torch marks it deprecated in favour of a private module whose names still change
+        # between releases; this public function works across the supported versions (>= 2.4).
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = all_gather_with_grad(emb.contiguous())
+    return torch.cat(gathered), torch.cat(masks).bool()

@@ -107,8 +107,9 @@ class MultimodalModel(nn.Module):
         self.fusion = Fusion(cfg)
         self.decoder = CaptionDecoder(cfg)
         self.apply(init_weights)
-        # CLIP's temperature: logits = exp(logit_scale) * cosine, starting at 1/0.07.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # CLIP's temperature: logits = exp(logit_scale) * cosine, starting at 1/0.07. Shape [1], not
+        # a 0-dim scalar: DeepSpeed broadcasts parameters viewed as bytes, which a 0-dim bf16 tensor refuses.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
 
     # ---------------------------------------------------------------- encoding
     def _encode(self, batch: dict[str, Tensor], run: tuple[str, ...] = MODALITIES) -> Encoded:
@@ -137,7 +138,8 @@ class MultimodalModel(nn.Module):
                 mel = batch["mel"]
                 frames = batch.get("mel_frames", torch.full((B,), mel.shape[-1], device=device))
                 x, mask, e = self.audio(mel, frames)
-            p = present[name]
+            # A row flagged present but with no real token (all PAD, 0 frames) has nothing to embed.
+            p = present[name] = present[name] & mask.any(dim=1)
             emb[name] = e.float() * p[:, None]
             if name != "text":
                 tokens[name] = (x, mask & p[:, None])
@@ -150,7 +152,7 @@ class MultimodalModel(nn.Module):
     # ---------------------------------------------------------------- losses
     def _caption_loss(self, batch: dict[str, Tensor], enc: Encoded) -> Tensor:
         if "text_ids" not in batch:
-            return self.logit_scale * 0.0  # a zero that is still part of the graph
+            return self.logit_scale.sum() * 0.0  # a zero that is still part of the graph
         ids = batch["text_ids"]
         # Only rows with a caption and something to caption it from.
         rows = enc.present["text"] & (enc.present["image"] | enc.present["audio"])
@@ -168,7 +170,7 @@ class MultimodalModel(nn.Module):
         cfg = self.cfg
         enc = self._encode(batch)
         # Clamped at 100 as in CLIP, so the temperature cannot run away.
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0)
 
         # One all-gather for all three embeddings and one for the flags (when distributed). Every
         # modality is gathered even if absent, so every rank runs the same collectives.
