@@ -76,6 +76,65 @@ def _load_json_file(path: str) -> dict:
         raise CliError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}")
 
 
+def cmd_train(args) -> int:
+    from mmtrain.config import load_run_config
+    from mmtrain.trainer import train
+
+    _set_address(args)
+    if args.max_steps is not None and args.epochs is not None:
+        raise CliError("pass either --max-steps or --epochs, not both")
+    train_over = {k: v for k, v in {
+        "zero_stage": args.zero_stage, "max_steps": args.max_steps, "epochs": args.epochs,
+        "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
+        "deterministic": True if args.deterministic else None,
+        "audit_samples": True if args.audit_samples else None, "precision": args.precision,
+    }.items() if v is not None}
+    cfg = load_run_config(
+        args.config, data_paths=list(args.data), run_dir=args.run_dir, seed=args.seed,
+        storage_options=_storage_options(args) or None, preset=args.preset,
+        train=train_over or None, scale={"workers": args.workers} if args.workers is not None else None,
+    )
+    summary = train(cfg)
+    print(f"trained {summary['steps']} steps on {summary['samples'] or '?'} samples in {summary['seconds']} s; "
+          f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mmtrain.evaluate import evaluate
+
+    _set_address(args)
+    result = evaluate(args.run_dir, args.data, output=args.output, batch_size=args.batch_size,
+                      storage_options=_storage_options(args))
+    print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mmtrain.export import export
+
+    info = export(args.run_dir, args.output)
+    check = info["probe_max_abs_diff"]
+    verified = f"; matches the training engine (max |diff| {check:.2e})" if check is not None else ""
+    print(f"exported {info['parameters']:,} parameters from {info['checkpoint']} to {info['output']}{verified}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from mmtrain.metrics import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mmtrain.demo import run_demo
+
+    _set_address(args)
+    run_demo(args.workdir, samples=args.samples, quick=args.quick)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,11 +167,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     common(sp)
     sp.set_defaults(fn=cmd_preprocess)
+
+    sp = sub.add_parser("train", help="train the multimodal model with DeepSpeed on Ray Train")
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="preprocessed output or raw shards")
+    sp.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here; re-run to resume")
+    sp.add_argument("--config", help="run config JSON (see configs/)")
+    sp.add_argument("--preset", help="model size preset: tiny, small, base, large, xl")
+    sp.add_argument("--workers", type=int)
+    sp.add_argument("--zero-stage", type=int)
+    sp.add_argument("--max-steps", type=int)
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--checkpoint-every", type=int)
+    sp.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--deterministic", action="store_true", help="reproducible data order, RNG and kernels")
+    sp.add_argument("--audit-samples", action="store_true", help="write RUN/audit/*.jsonl: sample ids per step")
+    common(sp)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="retrieval recall@k and caption loss of a run's latest checkpoint")
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA")
+    sp.add_argument("--output", help="write the results JSON here")
+    sp.add_argument("--batch-size", type=int, default=64)
+    common(sp)
+    sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("export", help="consolidate the latest checkpoint into one safetensors file")
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--output", required=True)
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("plot", help="loss and throughput of a run as a PNG")
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--output", help="PNG path (default RUN/training.png)")
+    sp.set_defaults(fn=cmd_plot)
+
+    sp = sub.add_parser("demo", help="the whole flow on a synthetic corpus, on a local Ray")
+    sp.add_argument("--workdir", default="demo_out")
+    sp.add_argument("--samples", type=int, default=640)
+    sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
+    sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
+    sp.set_defaults(fn=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        from pipelines.runtime import local_mode_env
+
+        local_mode_env()
     try:
         return args.fn(args)
     except KeyboardInterrupt:

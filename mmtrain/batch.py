@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines.modalities import IMAGE_MEAN, IMAGE_STD
 
@@ -18,9 +19,10 @@ _MEAN = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
 
-class Collate:
+class Collate(NumpyBatchCollateFn):
     def __init__(self, tokenizer, batch_size: int, max_text_len: int, image_size: int, n_mels: int,
                  mel_frames: int):
+        super().__init__()
         self.tokenizer, self.batch_size, self.max_text_len = tokenizer, batch_size, max_text_len
         self.image_size, self.n_mels, self.mel_frames = image_size, n_mels, mel_frames
 
@@ -30,7 +32,7 @@ class Collate:
             raise ValueError(f"got {n} rows for a batch of {B}")
         image = torch.zeros(B, 3, self.image_size, self.image_size)
         if n:
-            pixels = torch.from_numpy(np.ascontiguousarray(b["image"])).permute(0, 3, 1, 2).float().div_(255)
+            pixels = torch.from_numpy(np.require(b["image"], np.uint8, ["C", "W"])).permute(0, 3, 1, 2).float().div_(255)
             image[:n] = (pixels - _MEAN) / _STD
         texts = [str(t) for t in b["text"]] + [""] * (B - n)
         ids = [self.tokenizer.encode(t, self.max_text_len) for t in texts]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pipelines.config import DataConfig
 
-from .model import ModelConfig
+from .model import PRESETS, ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("byte", "bpe")
@@ -142,7 +142,9 @@ class RunConfig:
         _reject_unknown(cls, d, "")
         try:
             preset = d.get("preset", cls.preset)
-            model = ModelConfig.preset(preset, **dict(d.pop("model", {}) or {}))
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
+            model = ModelConfig.from_dict({**PRESETS[preset].to_dict(), **dict(d.pop("model", {}) or {})})
             data = DataConfig.from_dict(d.pop("data", None))
             train_d = dict(d.pop("train", {}) or {})
             _reject_unknown(TrainConfig, train_d, "train.")

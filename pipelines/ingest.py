@@ -20,61 +20,78 @@ import numpy as np
 import pyarrow as pa
 
 from . import modalities as M
-from .config import AUDIO_EXTS, IMAGE_EXTS, DataConfig
+from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, DataConfig
 from .reasons import SampleError
 from .source import WebDatasetDatasource
 
 log = logging.getLogger(__name__)
 
-# a preprocessed sample has jpg + txt + mel.npy (+ json meta); a raw one image/text/audio
-INGEST_MODALITIES = {"image": IMAGE_EXTS, "text": ("txt", "json"), "mel": ("mel.npy",), "audio": AUDIO_EXTS}
+# a preprocessed sample is jpg + txt + mel.npy + json (our metadata, never a caption); a raw
+# one has image/text/audio in any of the accepted formats
+PREPROCESSED_MODALITIES = {"image": ("jpg",), "text": ("txt",), "mel": ("mel.npy",), "audio": (), "meta": ("json",)}
+RAW_MODALITIES = {"image": IMAGE_EXTS, "text": TEXT_EXTS, "mel": (), "audio": AUDIO_EXTS, "meta": ()}
 
 
 class EpochClock:
-    """Which epoch the data plane should serve (a Ray actor, one per run)."""
+    """What the data plane should serve next: the epoch, and the ids of that epoch already
+    trained on (from a checkpoint). A Ray actor, one per run, set by the training loop."""
 
-    def __init__(self, epoch: int = 0):
-        self.epoch = epoch
+    def __init__(self):
+        self.epoch, self.exclude = 0, {}
 
-    def set(self, epoch: int) -> int:
-        self.epoch = epoch
+    def set(self, epoch: int, exclude_ids: list | None = None) -> int:
+        self.epoch, self.exclude = epoch, {}
+        for source, key in exclude_ids or []:
+            self.exclude.setdefault(source, set()).add(key)
         return epoch
 
-    def get(self) -> int:
-        return self.epoch
+    def get(self) -> tuple[int, dict[str, set[str]]]:
+        return self.epoch, self.exclude
 
 
-def epoch_clock(name: str, epoch: int = 0):
-    """Create or find the run's clock actor (detached from no one: dies with the job)."""
+def epoch_clock(name: str):
+    """Create or find the run's clock actor."""
     import ray
 
-    return ray.remote(num_cpus=0)(EpochClock).options(name=name, get_if_exists=True).remote(epoch)
+    return ray.remote(num_cpus=0)(EpochClock).options(name=name, get_if_exists=True).remote()
 
 
 class EpochShuffledDatasource(WebDatasetDatasource):
-    """A WebDataset datasource whose shard order is a permutation seeded by (seed, epoch)."""
+    """A WebDataset datasource whose shard order is a permutation seeded by (seed, epoch),
+    serving only the ids of the epoch that are not yet consumed: a shard whose every sample
+    was consumed is not read at all, a partly consumed one is filtered by id."""
 
-    def __init__(self, shards: list[str], *, seed: int, clock_name: str | None = None, **kwargs):
-        super().__init__(shards, modalities=INGEST_MODALITIES, include_errors=False, **kwargs)
-        self.seed, self.clock_name = seed, clock_name
+    def __init__(self, shards: list[str], *, seed: int, preprocessed: bool, clock_name: str | None = None,
+                 shard_counts: dict[str, int] | None = None, **kwargs):
+        modalities = PREPROCESSED_MODALITIES if preprocessed else RAW_MODALITIES
+        super().__init__(shards, modalities=modalities, include_errors=False, **kwargs)
+        self.seed, self.clock_name, self.shard_counts = seed, clock_name, shard_counts or {}
+        self._exclude: dict[str, set[str]] = {}
 
-    def epoch(self) -> int:
+    def plan(self) -> tuple[int, dict[str, set[str]]]:
         if self.clock_name is None:
-            return 0
+            return 0, {}
         import ray
 
         return ray.get(ray.get_actor(self.clock_name).get.remote())
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-        order = list(self.shards)
-        random.Random(f"{self.seed}:{self.epoch()}").shuffle(order)
+        epoch, exclude = self.plan()
+        order = [s for s in self.shards if len(exclude.get(s, ())) < self.shard_counts.get(s, 1 << 62)]
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
         # one task per shard, in permuted order: Ray Data launches tasks in list order, so the
         # permutation is also (up to concurrency) the order in which shards are read
-        saved, self.shards = self.shards, order
+        saved, self.shards, self._exclude = self.shards, order, exclude
         try:
+            if not order:
+                return []
             return super().get_read_tasks(len(order), per_task_row_limit, data_context)
         finally:
             self.shards = saved
+
+    def _skip(self, group: list[str]):
+        exclude = {s: self._exclude[s] for s in group if s in self._exclude}
+        return (lambda source, key: key in exclude.get(source, ())) if exclude else None
 
 
 def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
@@ -138,26 +155,31 @@ def _decode_row(row: dict, cfg: DataConfig):
 
 
 def _valid_frames(row: dict, mel: np.ndarray) -> int:
-    for extra in row["extras"] or []:
-        if extra["ext"] == "json":
-            import json
+    if row["meta"] is not None:
+        import json
 
-            return int(json.loads(extra["data"]).get("mel_frames", mel.shape[1]))
+        return int(json.loads(row["meta"]).get("mel_frames", mel.shape[1]))
     return mel.shape[1]
 
 
-def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, clock_name: str | None = None,
-                  storage_options: dict | None = None, decode_cpus: float = 0.5):
+def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed: bool,
+                  clock_name: str | None = None,
+                  storage_options: dict | None = None, shard_counts: dict[str, int] | None = None,
+                  read_cpus: float = 0.25, decode_cpus: float = 0.5):
     """Lazy Ray Dataset of decoded training rows (nothing is materialized)."""
     import ray
 
     from .shards import shard_sizes
 
-    source = EpochShuffledDatasource(shards, seed=seed, clock_name=clock_name, storage_options=storage_options,
-                                     shard_sizes=shard_sizes(shards, storage_options), rows_per_block=64)
-    ds = ray.data.read_datasource(source, override_num_blocks=len(shards))
+    source = EpochShuffledDatasource(shards, seed=seed, preprocessed=preprocessed, clock_name=clock_name,
+                                     storage_options=storage_options,
+                                     shard_sizes=shard_sizes(shards, storage_options), rows_per_block=16,
+                                     shard_counts=shard_counts)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=read_cpus)
+    # small blocks (16 rows, ~5 MB decoded): the split hands blocks to whichever worker asks
+    # first, so block size is the granularity of load balance between training workers
     return ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                          batch_size=64, num_cpus=decode_cpus)
+                          batch_size=16, num_cpus=decode_cpus)
 
 
 def iter_shard_rows(batches: Iterator[dict]) -> Iterator[dict]:

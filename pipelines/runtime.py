@@ -4,7 +4,15 @@ from __future__ import annotations
 import logging
 import os
 
-import ray
+
+def local_mode_env() -> None:
+    """Keep an embedded Ray on loopback. Must run before `import ray` (read at import).
+
+    Ray otherwise binds a laptop run to the machine's network address; with this switch
+    (Ray's own single-machine mode, made for laptops) the node, GCS, dashboard and the
+    torch.distributed rendezvous all use 127.0.0.1.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -12,6 +20,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
 
     Idempotent: tests share one Ray instance per session by initializing it first.
     """
+    import ray
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -23,8 +33,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # a local run stays on loopback and opens no dashboard: nothing for the network to reach
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # address="local": start our own instance, never attach to another one found on the
+        # machine; the dashboard stays on loopback (Ray Train's state queries need it)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 **kwargs)
     ctx = ray.data.DataContext.get_current()
     # our jobs draw their own progress (in samples, not blocks); Ray Data's per-operator
     # bars would interleave with it
@@ -33,4 +45,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
 
 
 def cluster_cpus() -> int:
+    import ray
+
     return int(ray.cluster_resources().get("CPU", 1))

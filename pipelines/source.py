@@ -284,15 +284,22 @@ class WebDatasetDatasource(Datasource):
                                   per_task_row_limit=per_task_row_limit))
         return tasks
 
+    def _skip(self, group: list[str]):
+        """A predicate (source, key) -> bool for rows to leave out, or None (subclass hook)."""
+        return None
+
     def _reader(self, group: list[str], schema: pa.Schema):
         modalities, opts, limit = self.modalities, self.storage_options, self.max_member_bytes
         keep_errors, rows_per_block = self.include_errors, self.rows_per_block
+        skip = self._skip(group)
 
         def read() -> Iterator[pa.Table]:
             rows: list[dict] = []
             for url in group:
                 for raw in iter_tar_samples(url, storage_options=opts, max_member_bytes=limit):
                     if raw.error is not None and not keep_errors:
+                        continue
+                    if skip is not None and skip(raw.source, raw.key):
                         continue
                     rows.append(sample_row(raw, modalities))
                     if len(rows) >= rows_per_block:

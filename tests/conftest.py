@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Ray's single-machine mode: every node of the test cluster on 127.0.0.1
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def free_port() -> int:
@@ -37,16 +39,20 @@ def ray_cluster(tmp_path_factory):
     RAY_ADDRESS, so each of them skips Ray's start-up."""
     import ray
 
-    port = free_port()
+    port, dashboard = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    address = f"127.0.0.1:{port}"
+    # the cluster's own processes get RAY_ADDRESS too: Ray Train's state queries inside the
+    # cluster must not guess among other Ray instances on the machine.
+    # 4 logical CPUs on 2 cores: 2 training workers plus the data tasks that feed them.
+    env = {**os.environ, "RAY_ADDRESS": address}
     subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+         "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--disable-usage-stats", f"--temp-dir={temp}"],
         check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    address = f"127.0.0.1:{port}"
     old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
     from pipelines.runtime import init_ray

@@ -14,6 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 
 PAD_ID = 0  # the batch contract pads text with 0 (ByteTokenizer and BPETokenizer agree)
+MEL_NORMS = ("none", "whisper")
+IMAGE_POOLS = ("cls", "mean")
+TEXT_POOLS = ("mean", "eos")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ModelConfig:
     audio_stride: int = 16          # time stride of the conv stem: frames per audio token
     vocab_size: int = 259           # ByteTokenizer; set from the tokenizer when using BPE
     max_text_len: int = 64          # longest token sequence (BOS ... EOS) accepted
+    mel_norm: str = "none"          # "none" | "whisper": per-clip max-8 floor, then (x + 4) / 4
+    image_pool: str = "cls"         # "cls" | "mean": pooled image state for the contrastive embedding
+    text_pool: str = "mean"         # "mean" | "eos": pooled text state for the contrastive embedding
     # --- training ---
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
@@ -57,6 +63,9 @@ class ModelConfig:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.max_text_len < 2:
             raise ValueError(f"max_text_len must hold at least BOS and EOS, got {self.max_text_len}")
+        for f, choices in (("mel_norm", MEL_NORMS), ("image_pool", IMAGE_POOLS), ("text_pool", TEXT_POOLS)):
+            if getattr(self, f) not in choices:
+                raise ValueError(f"{f} must be one of {', '.join(choices)}, got {getattr(self, f)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

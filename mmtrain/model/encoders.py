@@ -32,12 +32,25 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def whisper_norm(mel: Tensor, valid_frames: Tensor) -> Tensor:
+    """Whisper's log-mel scaling: floor each clip at its loudest (valid) bin - 8, then (x + 4) / 4.
+
+    Log10 mels run from about -10 (silence) to 2; this maps a clip to about [-1, 1.5] with the
+    silence floor set relative to the clip's own level, so quiet and loud clips look alike.
+    Only valid frames set the maximum: padding must not change a clip's embedding.
+    """
+    peak = mel.masked_fill(~valid_frames[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # a clip with no frames
+    return (torch.maximum(mel, peak - 8.0) + 4.0) / 4.0
+
+
 class ImageEncoder(nn.Module):
     """ViT: non-overlapping conv patches, learned 2D positions, CLS token pooled."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.grid = cfg.image_size // cfg.patch_size
+        self.pool = cfg.image_pool
         self.patch = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.cls = learned(1, 1, cfg.width)
         # Kept as a 2D grid so a smaller image takes the top-left gh x gw positions: slicing a
@@ -55,7 +68,8 @@ class ImageEncoder(nn.Module):
         x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)
         x = self.transformer(x)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return x, mask, F.normalize(self.proj(x[:, 0]), dim=-1)
+        pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
+        return x, mask, F.normalize(self.proj(pooled), dim=-1)
 
 
 class TextEncoder(nn.Module):
@@ -68,6 +82,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.max_len = cfg.max_text_len
+        self.pool = cfg.text_pool
         self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos = learned(1, cfg.max_text_len, cfg.width)
         self.transformer = make_transformer(cfg, cfg.text_depth)
@@ -80,7 +95,12 @@ class TextEncoder(nn.Module):
         mask = ids != PAD_ID
         x = self.tok(ids) + self.pos[:, :L]
         x = self.transformer(x, key_mask=mask)
-        return x, mask, F.normalize(self.proj(masked_mean(x, mask)), dim=-1)
+        if self.pool == "eos":  # the last real token (EOS for both tokenizers); row 0 for an all-PAD row
+            last = (mask.sum(dim=1) - 1).clamp(min=0)
+            pooled = x[torch.arange(x.shape[0], device=x.device), last]
+        else:
+            pooled = masked_mean(x, mask)
+        return x, mask, F.normalize(self.proj(pooled), dim=-1)
 
 
 class AudioEncoder(nn.Module):
@@ -99,6 +119,7 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.stride = cfg.audio_stride
         self.max_frames = cfg.max_audio_frames
+        self.mel_norm = cfg.mel_norm
         self.stem = nn.Sequential(
             nn.Conv1d(cfg.n_mels, cfg.width, kernel_size=cfg.audio_stride, stride=cfg.audio_stride),
             nn.GELU(),
@@ -117,7 +138,10 @@ class AudioEncoder(nn.Module):
         valid_frames = torch.arange(T, device=mel.device) < frames[:, None]
         # Zero the padding so it cannot reach the last valid tokens through the conv receptive
         # field: a clip's embedding must not depend on how far its batch was padded.
-        x = mel.to(self.pos.dtype) * valid_frames[:, None, :]
+        x = mel.to(self.pos.dtype)
+        if self.mel_norm == "whisper":
+            x = whisper_norm(x, valid_frames)
+        x = x * valid_frames[:, None, :]
         x = F.pad(x, (0, -T % self.stride))                            # a partial last window still counts
         x = self.stem(x).transpose(1, 2)                               # [B, ceil(T/stride), C]
         n = x.shape[1]

@@ -1,0 +1,84 @@
+"""Consolidate a run's latest checkpoint (ZeRO shards of any stage) into one safetensors
+file that loads into the bare model class, without DeepSpeed or Ray:
+
+    from mmtrain.export import load_exported
+    model, model_cfg, tokenizer_info = load_exported("model.safetensors")
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .checkpoint import DS_TAG, latest_complete
+from .model import ModelConfig, build_model
+
+
+def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint of ZeRO stage 0, 1, 2 or 3."""
+    with open(os.path.join(checkpoint_dir, "train_state.json")) as f:
+        stage = json.load(f)["zero_stage"]
+    tag_dir = os.path.join(checkpoint_dir, DS_TAG)
+    if stage == 0:
+        states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    # DeepSpeed's own consolidation: it knows every stage's partitioning and padding
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export(run_dir: str, output: str, checkpoint: str | None = None) -> dict:
+    from safetensors.torch import save_file
+
+    from .trainer import storage_dir
+
+    checkpoint = checkpoint or latest_complete(storage_dir(run_dir))
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first")
+    with open(os.path.join(checkpoint, "run_config.json")) as f:
+        run = json.load(f)
+    state = consolidated_state_dict(checkpoint)
+    tok_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
+    metadata = {
+        "model_config": json.dumps(run["model"]),
+        "data_config": json.dumps(run["data"]),
+        "tokenizer": open(tok_file).read() if os.path.exists(tok_file) else "{}",
+        "checkpoint": os.path.basename(checkpoint),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_file(state, output, metadata=metadata)
+    model, _, _ = load_exported(output)
+    latest = latest_complete(storage_dir(run_dir))
+    diff = verify_probe(model, run_dir) if latest == checkpoint else None
+    return {"output": output, "checkpoint": checkpoint, "tensors": len(state),
+            "parameters": int(sum(v.numel() for v in state.values())), "probe_max_abs_diff": diff}
+
+
+def load_exported(path: str, device: str = "cpu"):
+    """(model in eval mode, ModelConfig, metadata dict) from an exported file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    cfg = ModelConfig.from_dict(json.loads(metadata["model_config"]))
+    model = build_model(cfg)
+    model.load_state_dict(load_file(path, device=device), strict=True)
+    model.eval()
+    return model, cfg, metadata
+
+
+def verify_probe(model, run_dir: str) -> float | None:
+    """Largest difference between the bare model's and the training engine's embeddings on
+    the probe batch the run saved at its end (None if the run has no probe)."""
+    path = os.path.join(run_dir, "probe.pt")
+    if not os.path.exists(path):
+        return None
+    probe = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        out = model.encode(probe["batch"])
+    return max(float((out[k].float() - v).abs().max()) for k, v in probe["encode"].items())

@@ -1,0 +1,225 @@
+"""train_loop_per_worker: what each Ray Train worker runs. Reads top to bottom:
+set up -> restore -> for each epoch: set the epoch clock, stream batches in lockstep,
+step, log, checkpoint -> final checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import deepspeed
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from .batch import Collate
+from .checkpoint import TrainState, checkpoint_name, restore, seed_everything, staged_checkpoint
+from .config import RunConfig
+from .data_position import DataPosition
+from .metrics import MetricsWriter
+from .model import build_model
+from .tokenizer import load_tokenizer
+
+LOSS_KEYS = ("loss", "loss_image_text", "loss_image_audio", "loss_text_audio", "loss_caption")
+
+
+def lockstep(batches, empty_batch):
+    """Yields (batch, is_real) until every rank has run out of data.
+
+    Ranks get unequal numbers of rows (a dynamic split, or ids filtered on resume). A rank
+    that runs out keeps stepping on an empty batch (loss 0, no samples) so collectives stay
+    matched, until all ranks are done: no rank hangs, and no rank drops its last rows.
+    """
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        yield (batch, True) if batch is not None else (empty_batch(), False)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = RunConfig.from_dict(config["run"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.seed + rank, t.deterministic)
+    if not cfg.scale.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.scale.use_gpu else torch.device("cpu")
+
+    tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
+    model = build_model(cfg.model)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad],
+                                           config=config["deepspeed"], dist_init_required=False)
+    state, position = TrainState(world_size=world, zero_stage=t.zero_stage), DataPosition()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, position = restore(engine, d, rank, world)
+
+    collate = Collate(tokenizer, t.batch_size, cfg.model.max_text_len, cfg.data.image.size,
+                      cfg.data.audio.n_mels, cfg.data.audio.num_frames)
+    shard = ray.train.get_dataset_shard("train")
+    clock = ray.get_actor(config["clock"])
+    writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
+    attempt = _attempt_number(cfg.run_dir, rank)
+    audit = _audit_file(cfg, rank, attempt) if t.audit_samples else None
+    total_steps = config["total_steps"]          # the LR schedule's length (an estimate with --epochs)
+    max_steps = t.max_steps or float("inf")      # with --epochs, the epochs alone end the run
+    window = _Window()
+    run_config_json = cfg.to_json()
+    last_saved = state.step if checkpoint is not None else -1
+
+    while state.step < max_steps and state.epoch < t.epochs:
+        if rank == 0:
+            ray.get(clock.set.remote(state.epoch, sorted(position.consumed)))
+        dist.barrier()
+        batches = shard.iter_torch_batches(
+            batch_size=t.batch_size, collate_fn=collate, prefetch_batches=t.prefetch_batches,
+            local_shuffle_buffer_size=t.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 1_000_003 + state.epoch * 1009 + rank) if t.shuffle_buffer else None,
+        )
+        waited_since = time.perf_counter()
+        for batch, real in lockstep(batches, collate.empty):
+            window.wait += time.perf_counter() - waited_since
+            ids = batch.pop("ids")
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            out = engine(inputs)
+            engine.backward(out["loss"])
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            position.add(ids)
+            window.add(out, ids, inputs)
+            if audit is not None and ids:
+                audit.write(json.dumps({"attempt": attempt, "step": state.step + 1, "rank": rank,
+                                        "epoch": state.epoch, "ids": [list(i) for i in ids]}) + "\n")
+            if boundary:
+                position.commit()
+                state.step += 1
+                if state.step % t.log_every == 0 or state.step == max_steps:
+                    _log(window, engine, world, state, writer)
+                if state.step % t.checkpoint_every == 0 and state.step < max_steps:
+                    _save(engine, state, position, run_config_json, rank, audit)
+                    last_saved = state.step
+                if state.step >= max_steps:
+                    break
+            waited_since = time.perf_counter()
+        if state.step < max_steps:
+            state.epoch += 1
+            position.next_epoch()
+    if window.micro:  # steps since the last log line (every rank has the same count)
+        _log(window, engine, world, state, writer)
+    if last_saved != state.step:
+        _save(engine, state, position, run_config_json, rank, audit)
+    _write_probe(engine, cfg, rank, device)
+    writer.close()
+    if audit is not None:
+        audit.close()
+
+
+def _log(window, engine, world, state, writer) -> None:
+    metrics = window.report(engine, world)
+    state.samples += metrics["samples"]
+    writer.log(state.step, {**metrics, "epoch": state.epoch})
+
+
+def probe_batch(cfg: RunConfig, n: int = 4) -> dict:
+    """A fixed synthetic batch: the engine's outputs on it are saved with the run, and the
+    exported weights must reproduce them (see export.verify_probe)."""
+    g = torch.Generator().manual_seed(1234)
+    size, mels, frames = cfg.data.image.size, cfg.data.audio.n_mels, cfg.data.audio.num_frames
+    ids = torch.randint(3, min(cfg.model.vocab_size, 200), (n, cfg.model.max_text_len), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 2
+    return {"image": torch.randn(n, 3, size, size, generator=g), "image_present": torch.ones(n, dtype=torch.bool),
+            "text_ids": ids, "text_present": torch.ones(n, dtype=torch.bool),
+            "mel": torch.randn(n, mels, frames, generator=g), "mel_frames": torch.full((n,), frames),
+            "audio_present": torch.ones(n, dtype=torch.bool)}
+
+
+def _write_probe(engine, cfg: RunConfig, rank: int, device) -> None:
+    """Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 writes it."""
+    batch = probe_batch(cfg)
+    engine.module.eval()
+    with torch.no_grad():
+        out = engine.module.encode({k: v.to(device) for k, v in batch.items()})
+    engine.module.train()
+    if rank == 0:
+        torch.save({"batch": batch, "encode": {k: v.float().cpu() for k, v in out.items()}},
+                   os.path.join(cfg.run_dir, "probe.pt"))
+
+
+def _save(engine, state, position, run_config_json, rank, audit) -> None:
+    if audit is not None:
+        audit.flush()
+    with staged_checkpoint(engine, state, position, run_config_json, rank) as d:
+        ray.train.report({"step": state.step, "epoch": state.epoch},
+                         checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint_name(state.step))
+
+
+def _attempt_number(run_dir: str, rank: int) -> int:
+    """How many times workers started on this run before (driver re-runs and automatic
+    restarts alike): rank 0 counts in RUN/attempts.json and tells the others."""
+    n = torch.zeros(1, dtype=torch.int64)
+    if rank == 0:
+        path = os.path.join(run_dir, "attempts.json")
+        before = json.load(open(path))["started"] if os.path.exists(path) else 0
+        with open(path + ".tmp", "w") as f:
+            json.dump({"started": before + 1}, f)
+        os.replace(path + ".tmp", path)
+        n[0] = before
+    dist.broadcast(n, src=0)
+    return int(n.item())
+
+
+def _audit_file(cfg: RunConfig, rank: int, attempt: int):
+    directory = os.path.join(cfg.run_dir, "audit")
+    os.makedirs(directory, exist_ok=True)
+    return open(os.path.join(directory, f"attempt_{attempt:03d}.rank_{rank:05d}.jsonl"), "a")
+
+
+class _Window:
+    """Sums over the steps since the last log line; reduced over ranks when reported."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = {k: 0.0 for k in LOSS_KEYS}
+        self.micro, self.samples, self.tokens, self.wait = 0, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, out: dict, ids: list, inputs: dict) -> None:
+        for k in LOSS_KEYS:
+            self.sums[k] += float(out[k].detach())
+        self.micro += 1
+        self.samples += len(ids)
+        present = inputs["text_present"].bool()
+        self.tokens += int((inputs["text_ids"][present] > 0).sum())
+
+    def report(self, engine, world: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        vec = torch.tensor([*self.sums.values(), self.micro, self.samples, self.tokens, self.wait, elapsed],
+                           dtype=torch.float64)
+        dist.all_reduce(vec)
+        n = max(vec[len(LOSS_KEYS)].item(), 1.0)
+        values = {k: vec[i].item() / n for i, k in enumerate(LOSS_KEYS)}
+        samples, tokens = vec[len(LOSS_KEYS) + 1].item(), vec[len(LOSS_KEYS) + 2].item()
+        wait, total = vec[-2].item() / world, vec[-1].item() / world
+        norm = engine.get_global_grad_norm()
+        values.update({
+            "samples": int(samples),
+            "samples_per_s": samples / max(total, 1e-9),
+            "tokens_per_s": tokens / max(total, 1e-9),
+            "data_wait_frac": wait / max(total, 1e-9),
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(norm) if norm is not None and np.isfinite(float(norm)) else None,
+        })
+        self.reset()
+        return values

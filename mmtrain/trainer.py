@@ -1,0 +1,179 @@
+"""The driver side of training: resolve data, tokenizer and DeepSpeed config, then run a
+Ray Train TorchTrainer (scaling, storage, failure and checkpoint configs) and resume from
+the run directory's latest complete checkpoint when there is one."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import fsspec
+import pyarrow.parquet as pq
+from ray.train import DataConfig
+
+from pipelines.shards import expand_shards
+
+from .checkpoint import latest_complete
+from .config import ConfigError, RunConfig
+from .deepspeed_config import build_deepspeed_config, total_steps
+from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+
+STORAGE_NAME = "train"  # Ray Train's run folder inside the run directory
+
+
+def storage_dir(run_dir: str) -> str:
+    return os.path.join(os.path.abspath(run_dir), STORAGE_NAME)
+
+
+def shard_counts(shards: list[str], storage_options: dict | None) -> dict[str, int] | None:
+    """Samples per shard from the preprocess manifests next to the shards, if every shard has
+    one (raw shards have none: their size is only known by reading them)."""
+    counts: dict[str, int] = {}
+    folders = sorted({s.rsplit("/", 1)[0] for s in shards})
+    for folder in folders:
+        fs, path = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+        manifest = f"{path}/_manifest.parquet"
+        if not fs.exists(manifest):
+            return None
+        with fs.open(manifest, "rb") as f:
+            table = pq.read_table(f, columns=["output_shard"])
+        for row in table.group_by("output_shard").aggregate([("output_shard", "count")]).to_pylist():
+            counts[f"{folder}/{row['output_shard']}"] = row["output_shard_count"]
+    return {s: counts.get(s, 0) for s in shards}
+
+
+def check_preprocessed(shards: list[str], cfg: RunConfig) -> bool:
+    """True if the shards are our preprocess output (all of them), False if raw (all of them).
+    Preprocessed shards carry their transform settings; they must match the run's."""
+    kinds = set()
+    for folder in sorted({s.rsplit("/", 1)[0] for s in shards}):
+        fs, path = fsspec.core.url_to_fs(folder, **cfg.storage_options)
+        has_stats = fs.exists(f"{path}/_stats.json")
+        kinds.add(has_stats)
+        if not has_stats:
+            continue
+        with fs.open(f"{path}/_stats.json") as f:
+            data = json.load(f).get("data", {})
+        theirs, ours = data.get("image", {}).get("size"), cfg.data.image.size
+        if theirs is not None and theirs != ours:
+            raise ConfigError(f"{folder} was preprocessed at image size {theirs}, the run uses {ours}; "
+                              f"set data.image.size to {theirs} or preprocess again")
+        audio = {k: data.get("audio", {}).get(k) for k in ("sample_rate", "seconds", "n_mels", "hop_ms", "win_ms")}
+        mine = {k: getattr(cfg.data.audio, k) for k in audio}
+        if any(v is not None and v != mine[k] for k, v in audio.items()):
+            raise ConfigError(f"{folder} was preprocessed with audio settings {audio}, the run uses {mine}")
+    if len(kinds) > 1:
+        raise ConfigError("--data mixes preprocessed output and raw shards; train on one kind at a time")
+    return kinds == {True}
+
+
+def prepare_tokenizer(cfg: RunConfig, shards: list[str]):
+    directory = os.path.join(cfg.run_dir, "tokenizer")
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+        return load_tokenizer(directory)
+    texts = None
+    if cfg.tokenizer == "bpe":
+        from pipelines.source import iter_tar_samples
+
+        texts = [raw.members["txt"].decode("utf-8", "replace")
+                 for s in shards[:64] for raw in iter_tar_samples(s, storage_options=cfg.storage_options)
+                 if raw.error is None and "txt" in raw.members]
+    tok = build_tokenizer(cfg.tokenizer, texts=texts, vocab_size=cfg.bpe_vocab_size)
+    save_tokenizer(tok, directory)
+    return tok
+
+
+class ExactSplit(DataConfig):
+    """Ray Train's default split (`streaming_split(equal=True)`) may drop rows to give every
+    worker the same count; exactly-once needs every row, and the training loop's lockstep
+    already copes with unequal splits."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[i][name] = split
+        return output
+
+
+def train(cfg: RunConfig, *, log=print) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ingest import build_dataset, epoch_clock
+    from pipelines.runtime import init_ray
+
+    from .loop import train_loop_per_worker
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
+    preprocessed = check_preprocessed(shards, cfg)
+    tokenizer = prepare_tokenizer(cfg, shards)
+    cfg = cfg.replace(model={"vocab_size": tokenizer.vocab_size,
+                             "gradient_checkpointing": cfg.train.activation_checkpointing})
+    counts = shard_counts(shards, cfg.storage_options)
+    init_ray(num_cpus=_local_cpus(cfg))
+    dataset_kwargs = dict(seed=cfg.seed, preprocessed=preprocessed, storage_options=cfg.storage_options,
+                          shard_counts=counts)
+    n_samples = sum(counts.values()) if counts else None
+    if n_samples is None and cfg.train.max_steps is None:
+        log("counting samples (raw shards carry no manifest; preprocess them to skip this)...")
+        n_samples = build_dataset(shards, cfg.data, **dataset_kwargs).count()
+    world = cfg.scale.workers
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    steps_per_epoch = math.ceil(math.ceil(n_samples / world) / per_step) if n_samples else None
+    steps = total_steps(cfg, steps_per_epoch)
+    ds_config = build_deepspeed_config(cfg, world, steps, on_gpu=cfg.scale.use_gpu)
+    with open(os.path.join(cfg.run_dir, "run_config.json"), "w") as f:
+        f.write(cfg.to_json())
+    with open(os.path.join(cfg.run_dir, "deepspeed_config.json"), "w") as f:
+        json.dump(ds_config, f, indent=1)
+
+    # Ray Train finds the run's checkpoints itself (its snapshot in RUN/train/); this only
+    # tells the user what will happen
+    latest = latest_complete(storage_dir(cfg.run_dir), log=log)
+    if latest:
+        log(f"resuming from {latest}")
+    # the controller polls workers every 2 s by default, which stalls each checkpoint report
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
+    clock = epoch_clock(clock_name)
+    dataset = build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "total_steps": steps,
+                           "clock": clock_name},
+        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=cfg.scale.use_gpu,
+            resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
+                                  **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
+                                  **cfg.scale.resources_per_worker}),
+        run_config=RayRunConfig(
+            name=STORAGE_NAME, storage_path=os.path.abspath(cfg.run_dir),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=ExactSplit(datasets_to_split=["train"]),
+    )
+    started = time.time()
+    result = trainer.fit()
+    ray.kill(clock)
+    if result.error:
+        raise result.error
+    return {"steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
+            "seconds": round(time.time() - started, 1), "checkpoint": result.checkpoint.path
+            if result.checkpoint else None}
+
+
+def _local_cpus(cfg: RunConfig) -> int | None:
+    """An embedded Ray gets enough logical CPUs for the train workers plus data tasks: on a
+    laptop the workers would otherwise take every CPU and starve the data pipeline."""
+    need = int(math.ceil(cfg.scale.workers * cfg.scale.cpus_per_worker)) + 2
+    return max(os.cpu_count() or 1, need)

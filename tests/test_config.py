@@ -1,0 +1,85 @@
+"""Run configs: every bad value is a one-line error before Ray starts."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from mmtrain.config import ConfigError, RunConfig, load_run_config
+from mmtrain.deepspeed_config import build_deepspeed_config
+
+
+def test_defaults_are_the_tiny_cpu_config():
+    cfg = load_run_config(None, data_paths=["x"], run_dir="r")
+    assert cfg.preset == "tiny" and cfg.model.width == 128 and cfg.scale.workers == 2
+    again = RunConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg  # round trip through the JSON saved with every run
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"train": {"zero_stage": 4}}, "zero_stage must be 0, 1, 2 or 3"),
+    ({"train": {"batch_size": 0}}, "batch_size must be at least 1"),
+    ({"train": {"bogus": 1}}, "unknown config key(s): train.bogus"),
+    ({"bogus": 1}, "unknown config key(s): bogus"),
+    ({"model": {"depth": 3}}, "unknown model config key(s): depth"),
+    ({"preset": "huge"}, "unknown model preset 'huge'"),
+    ({"train": {"precision": "fp8"}}, "precision must be one of"),
+    ({"train": {"offload_params": True, "zero_stage": 2}}, "offload_params needs zero_stage 3"),
+    ({"scale": {"workers": 0}}, "workers must be at least 1"),
+    ({"data": {"audio": {"n_mels": 64}}}, "n_mels"),
+])
+def test_bad_values(overrides, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_run_config(None, data_paths=["x"], run_dir="r", **overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(str(tmp_path / "none.json"), data_paths=["x"], run_dir="r")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_run_config(str(bad), data_paths=["x"], run_dir="r")
+
+
+@pytest.mark.parametrize("name", ["tiny.json", "base.json", "large.json"])
+def test_shipped_configs_load(name):
+    cfg = load_run_config(str(ROOT / "configs" / name), data_paths=["x"], run_dir="r")
+    assert cfg.model.width >= 128
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_is_standard(stage):
+    cfg = load_run_config(None, data_paths=["x"], run_dir="r", train={"zero_stage": stage, "grad_accum": 2,
+                                                                     "precision": "bf16"})
+    ds = build_deepspeed_config(cfg, world_size=4, steps=100, on_gpu=False)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 32 * 2 * 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == 100
+    json.dumps(ds)  # plain JSON, usable outside this project
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--zero-stage", "4"], "zero_stage must be 0, 1, 2 or 3"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--max-steps", "3", "--epochs", "2"], "either --max-steps or --epochs"),
+])
+def test_train_cli_bad_config_one_line(tmp_path, args, words):
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path),
+                        "--run-dir", str(tmp_path / "run"), *args], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_train_cli_missing_data_one_line(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"train": {"unknown_key": 1}}))
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path / "nothing"),
+                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such shard" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path),
+                        "--run-dir", str(tmp_path / "run"), "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.unknown_key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
