@@ -19,7 +19,7 @@ import pyarrow as pa
 from . import reasons
 from .config import DataConfig
 from .reasons import SampleError
-from .source import RawSample, iter_tar_samples
+from .source import RawSample, base_plus_ext, iter_tar_samples
 from .store import OutputStore
 from .transform import encode_members, manifest_fields, transform_sample
 
@@ -135,8 +135,6 @@ def process_shard(
 def rewrite_without(store: OutputStore, shard_name: str, drop_keys: set[str]) -> int:
     """Rewrite an output shard leaving out the samples in `drop_keys` (cross-shard duplicates
     found at commit). Idempotent: running it again on the result changes nothing."""
-    from webdataset.tariterators import base_plus_ext
-
     dropped = 0
     # streaming in and out; the new file only replaces the old one when complete, so
     # reading the old one meanwhile is safe on local disk and on object stores alike

@@ -34,6 +34,7 @@ class ModelConfig:
     embed_dim: int = 128            # contrastive embedding size
     # --- inputs ---
     patch_size: int = 32            # big patches keep the image token count small (224/32 -> 49)
+    patch_split: int = 1            # >1: embed (patch/split)^2 sub-patches, GELU, merge split x split per token
     image_size: int = 224           # largest image side; positions are sliced for smaller inputs
     n_mels: int = 80
     max_audio_frames: int = 1024    # longest mel accepted (10 s at 10 ms hop is 1001 frames)
@@ -56,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.patch_split < 1 or self.patch_size % self.patch_split:
+            raise ValueError(f"patch_split must be >= 1 and divide patch_size {self.patch_size}, got {self.patch_split}")
         if self.audio_stride < 1:
             raise ValueError(f"audio_stride must be >= 1, got {self.audio_stride}")
         for f in ("image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth"):

@@ -51,7 +51,14 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.grid = cfg.image_size // cfg.patch_size
         self.pool = cfg.image_pool
-        self.patch = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.patch_split == 1:
+            self.patch = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        else:
+            # Same FLOPs as the plain patch conv for the first layer, plus a cheap nonlinear merge:
+            # per-sub-patch features ("is this corner red") instead of one linear view of the patch.
+            sub, k = cfg.patch_size // cfg.patch_split, cfg.patch_split
+            self.patch = nn.Sequential(
+                nn.Conv2d(3, cfg.width, sub, stride=sub), nn.GELU(), nn.Conv2d(cfg.width, cfg.width, k, stride=k))
         self.cls = learned(1, 1, cfg.width)
         # Kept as a 2D grid so a smaller image takes the top-left gh x gw positions: slicing a
         # flattened table would give patches the positions of other rows.
