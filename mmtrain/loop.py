@@ -26,7 +26,7 @@ LOSS_KEYS = ("loss", "loss_image_text", "loss_image_audio", "loss_text_audio", "
 
 
 def lockstep(batches, empty_batch):
-    """Yields (batch, is_real) until every rank has run out of data.
+    """Yields (batch, is_real, seconds blocked on the data) until every rank has run out.
 
     Ranks get unequal numbers of rows (a dynamic split, or ids filtered on resume). A rank
     that runs out keeps stepping on an empty batch (loss 0, no samples) so collectives stay
@@ -34,12 +34,14 @@ def lockstep(batches, empty_batch):
     """
     it = iter(batches)
     while True:
+        started = time.perf_counter()
         batch = next(it, None)
+        waited = time.perf_counter() - started  # not the all-reduce below: that is waiting for peers
         flag = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() == 0:
             return
-        yield (batch, True) if batch is not None else (empty_batch(), False)
+        yield (batch, True, waited) if batch is not None else (empty_batch(), False, waited)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -85,9 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1_000_003 + state.epoch * 1009 + rank) if t.shuffle_buffer else None,
         )
-        waited_since = time.perf_counter()
-        for batch, real in lockstep(batches, collate.empty):
-            window.wait += time.perf_counter() - waited_since
+        for batch, _, waited in lockstep(batches, collate.empty):
+            window.wait += waited
             ids = batch.pop("ids")
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             out = engine(inputs)
@@ -109,7 +110,6 @@ def train_loop_per_worker(config: dict) -> None:
                     last_saved = state.step
                 if state.step >= max_steps:
                     break
-            waited_since = time.perf_counter()
         if state.step < max_steps:
             state.epoch += 1
             position.next_epoch()
