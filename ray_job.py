@@ -135,6 +135,57 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- cluster jobs (Ray Jobs API; the logic is in clusters/jobs.py) -----------------------
+
+def _job_call(fn, *a, **kw) -> int:
+    from clusters.jobs import JobCommandError
+
+    try:
+        return fn(*a, **kw)
+    except JobCommandError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_submit(args) -> int:
+    from clusters import jobs
+
+    argv = list(args.job_args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    parsed = None
+    if argv and argv[0] not in jobs.NOT_ALLOWED_INSIDE:
+        # check the step's own arguments here, before anything is uploaded (argparse exits 2 on a bad one)
+        parsed = build_parser().parse_args(argv)
+    return _job_call(jobs.submit, argv, address=args.address, parsed=parsed, wait=args.wait, name=args.name,
+                     env_vars=args.env, pip=args.pip, pip_project=args.pip_project, exclude=args.exclude,
+                     entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+                     strict=args.strict, dry_run=args.dry_run)
+
+
+def cmd_status(args) -> int:
+    from clusters import jobs
+
+    return _job_call(jobs.status, args.job_id, address=args.address, as_json=args.json)
+
+
+def cmd_logs(args) -> int:
+    from clusters import jobs
+
+    return _job_call(jobs.logs, args.job_id, address=args.address, follow_logs=args.follow)
+
+
+def cmd_stop(args) -> int:
+    from clusters import jobs
+
+    return _job_call(jobs.stop, args.job_id, address=args.address, timeout=args.timeout)
+
+
+def cmd_list(args) -> int:
+    from clusters import jobs
+
+    return _job_call(jobs.list_jobs, address=args.address, as_json=args.json)
+
+
 # --- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +261,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
     sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
     sp.set_defaults(fn=cmd_demo)
+
+    def job_address(sp):
+        sp.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                                          "else RAY_ADDRESS if it is an http:// URL)")
+
+    sp = sub.add_parser("submit", help="run a step on a Ray cluster as a job (Ray Jobs API)",
+                        description="Run `ray_job.py SUBCOMMAND ARGS` on a cluster: the project folder is uploaded as "
+                                    "the job's working dir; the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                                    "~/.ray/auth_token) is sent. Paths must be absolute on shared storage or URLs.",
+                        usage="ray_job.py submit [options] -- SUBCOMMAND ARGS...")
+    job_address(sp)
+    sp.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
+    sp.add_argument("--name", help="a name for the job (its id becomes NAME-xxxxxxxx)")
+    sp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable for the job")
+    sp.add_argument("--pip", action="append", default=[], metavar="REQ",
+                    help="install a requirement (or a requirements .txt) into a per-job virtualenv on every node; "
+                         "default: nothing is installed, the nodes' environment is used as is")
+    sp.add_argument("--pip-project", action="store_true",
+                    help="also install the project's dependencies from pyproject.toml (all but ray)")
+    sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                    help="leave more out of the uploaded working dir (gitignore syntax)")
+    sp.add_argument("--entrypoint-num-cpus", type=float, default=0,
+                    help="CPUs reserved for the job's driver (default 0: the driver only orchestrates, and runs "
+                         "on the head node)")
+    sp.add_argument("--entrypoint-num-gpus", type=float, default=0)
+    sp.add_argument("--strict", action="store_true", help="refuse relative paths instead of warning")
+    sp.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime_env; submit nothing")
+    sp.add_argument("job_args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS")
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("status", help="a cluster job's status")
+    sp.add_argument("job_id")
+    job_address(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("logs", help="a cluster job's logs")
+    sp.add_argument("job_id")
+    job_address(sp)
+    sp.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded")
+    sp.set_defaults(fn=cmd_logs)
+
+    sp = sub.add_parser("stop", help="stop a cluster job and wait until it has stopped")
+    sp.add_argument("job_id")
+    job_address(sp)
+    sp.add_argument("--timeout", type=float, default=60)
+    sp.set_defaults(fn=cmd_stop)
+
+    sp = sub.add_parser("list", help="the cluster's jobs")
+    job_address(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_list)
     return p
 
 

@@ -4,10 +4,10 @@ Shape of a run:
   1. list the input shards; output shard i is `shard-{i:06d}.tar` for the i-th input shard
      in sorted order, recorded with the settings in `_job.json` (a re-run with other inputs
      or settings into the same output is refused, not mixed in);
-  2. every input shard whose `_parts/*.done.json` is missing is processed by a Ray Data
-     `map` over shard names (`shard_job.process_shard`: stream in, decode, transform,
-     filter, write one shard) — Ray Data schedules, bounds concurrency, retries tasks of
-     dead workers, and spreads work over the cluster;
+  2. every input shard whose `_parts/*.done.json` is missing is processed by one Ray task
+     (`shard_job.process_shard`: stream in, decode, transform, filter, write one shard);
+     Ray schedules them and reruns the task of a dead worker, the driver bounds how many
+     are in flight (`_run_pending`);
   3. the commit: drop cross-shard duplicates (the first by (shard, position) wins), write
      `_manifest.parquet`, `_quarantine.parquet`, and last `_stats.json`, which marks the
      output complete.
@@ -16,6 +16,13 @@ Why a map over shards rather than `read_datasource(...).map_batches(...).write_*
 shard-to-shard job commits a whole output shard atomically and resumes at shard
 granularity without any coordination, and decoded arrays never cross the object store.
 Ray Data's writers name and cut files by block, which can't give either property.
+
+Why plain Ray tasks rather than a Ray Data `map` over shard names (what this used to be):
+the same tasks with the same retry and placement settings, minus Ray Data's fixed costs,
+measured on 2 CPUs (benchmarks/preprocess.py): its executor notices a finished task only
+on a 0.1 s poll, so each CPU idled between shards; the first run on a fresh Ray starts two
+extra actor processes (stats, autoscaling coordinator) that compete with the shard tasks
+for the CPUs and hold ~230 MB; together about 1/3 of the throughput of a first run.
 """
 from __future__ import annotations
 
@@ -119,32 +126,41 @@ def _claim_output(store: OutputStore, fp: str, inputs: list[str], shards: list[s
 def _run_pending(pending, store, cfg, storage_options, workers, progress) -> None:
     import ray
 
+    from .runtime import cluster_cpus
+
     url, opts, cfg_dict = store.url, storage_options or {}, cfg.to_dict()
 
-    def run_one(row: dict) -> dict:
-        stats = process_shard(row["source"], row["name"], OutputStore(url, opts),
-                              DataConfig.from_dict(cfg_dict), opts)
-        return {"name": row["name"], "stats": json.dumps(stats)}
+    def run_one(source: str, name: str) -> dict:
+        return process_shard(source, name, OutputStore(url, opts), DataConfig.from_dict(cfg_dict), opts)
 
-    items = [{"source": t.source, "name": t.name} for t in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(run_one, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers) if workers else None)
-    # One operator only, so Ray Data's per-operator reservation (a share of the CPUs held back
-    # for each operator of a multi-stage pipeline) has nothing to balance; left on, it starts
-    # the shard tasks about one at a time (measured on 2 CPUs: the 2nd task waits for the 1st
-    # to finish, ~65% busy instead of ~90%). Set on this dataset's own context, not globally.
-    ds.context.op_resource_reservation_enabled = False
+    # Ray Data's settings for its map tasks: rerun a task whose worker died, however often
+    # (a shard task is idempotent: it writes its outputs atomically), and spread the tasks
+    # over the nodes.
+    task = ray.remote(num_cpus=1, max_retries=-1, retry_exceptions=[ray.exceptions.RaySystemError],
+                      scheduling_strategy="SPREAD")(run_one)
+    todo = list(reversed(pending))  # pop() takes them in plan order
+    running: list = []
     bar = _progress_bar(len(pending), progress)
     totals: Counter = Counter()
-    for row in ds.iter_rows():
-        counts = json.loads(row["stats"])["counts"]
-        totals.update({k: v for k, v in counts.items()})
+    try:
+        while todo or running:
+            # `workers` tasks at a time; by default one per CPU plus one queued per CPU, so a
+            # CPU that frees up starts the next shard at once, and an autoscaler sees demand
+            limit = workers or 2 * cluster_cpus()
+            while todo and len(running) < limit:
+                t = todo.pop()
+                running.append(task.remote(t.source, t.name))
+            done, running = ray.wait(running, num_returns=1)
+            totals.update(ray.get(done[0])["counts"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(samples=totals["read"], written=totals["written"],
+                                rejected=totals["read"] - totals["written"], refresh=False)
+    finally:
+        for ref in running:  # only after an error or an interrupt
+            ray.cancel(ref)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(samples=totals["read"], written=totals["written"],
-                            rejected=totals["read"] - totals["written"], refresh=False)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
 
 def _progress_bar(total: int, enabled: bool):

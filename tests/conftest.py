@@ -33,6 +33,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_processes_under(folder: str) -> None:
+    """Stop this session's Ray only (not `ray stop`, which ends every Ray on the machine): its
+    GCS, raylet and helpers name the session's temp dir on their command line, and its
+    workers exit when their raylet is gone."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if any(folder in a for a in p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real local Ray head shared by the whole session; CLI subprocesses join it through
@@ -60,8 +74,7 @@ def ray_cluster(tmp_path_factory):
     init_ray(address)
     yield address
     ray.shutdown()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _stop_processes_under(str(temp))
     if old is None:
         os.environ.pop("RAY_ADDRESS", None)
     else:

@@ -49,7 +49,10 @@ def flops_per_sample(cfg: ModelConfig, image_tokens: int, text_len: int, audio_t
     """
     w = cfg.width
     patches = image_tokens - 1
-    image = 6 * (3 * cfg.patch_size**2 * w) * patches + _stack(cfg, cfg.image_depth, image_tokens)
+    # Patch embedding: 3 x patch^2 -> width per patch, whatever the split; a split stem adds its
+    # split x split merge conv (width * split^2 -> width) per patch.
+    stem_params = 3 * cfg.patch_size**2 * w + (w * w * cfg.patch_split**2 if cfg.patch_split > 1 else 0)
+    image = 6 * stem_params * patches + _stack(cfg, cfg.image_depth, image_tokens)
     text = _stack(cfg, cfg.text_depth, text_len)
 
     # Stem: a kernel=stride conv (n_mels -> width) and a kernel-3 conv (width -> width), per token.

@@ -1,0 +1,218 @@
+"""Cluster definitions: the launcher YAMLs pass Ray's own validation (the defaults merge and
+schema check `ray up` does before touching a cloud), the KubeRay manifests validate against the
+RayCluster / RayJob CRDs' openAPIV3Schema, and every definition keeps the security defaults."""
+import copy
+import os
+import functools
+import re
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import ROOT, SHARED
+
+CLUSTERS = ROOT / "clusters"
+CRDS = SHARED / "schemas" / "kuberay"
+
+
+def load(path):
+    with open(path) as f:
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def ray_up_config(name):
+    """What `ray up` does with the file before it calls the cloud provider: merge the provider's
+    defaults, merge setup commands, check docker settings, fill node type limits, validate
+    against ray/autoscaler/ray-schema.json (plus Ray's cross-field checks)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load(CLUSTERS / name)
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)
+    return raw, config
+
+
+@pytest.mark.parametrize("name, provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
+def test_launcher_yaml_passes_rays_validation_and_is_secure(name, provider):
+    raw, config = ray_up_config(name)
+    assert config["provider"]["type"] == provider
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0  # the head runs no tasks
+    cpu = [t for n, t in types.items() if n != config["head_node_type"] and not t["resources"].get("GPU")]
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    assert cpu and gpu
+    for t in cpu + gpu:
+        assert 0 <= t["min_workers"] <= t["max_workers"]
+    assert sum(t["max_workers"] * t["resources"]["GPU"] for t in gpu) >= 64
+    assert sum(t["max_workers"] for t in cpu + gpu) <= config["max_workers"]
+
+    head_start = " ".join(config["head_start_ray_commands"])
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head_start
+    assert "RAY_AUTH_MODE=token ray start --address" in worker_start
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "object_spilling_config" in head_start and "--object-store-memory" in worker_start
+    # the token travels as a file from the user's machine, never in the YAML
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert not re.search(r"RAY_AUTH_TOKEN\s*=", open(CLUSTERS / name).read())
+    # the project is installed on every node
+    assert any("pip install" in c and "raymm" in c for c in config["setup_commands"])
+    assert "~/raymm" in config["file_mounts"]
+
+
+def test_launcher_validation_catches_mistakes():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load(CLUSTERS / "aws.yaml")
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["gpu_worker"]["resourcez"] = {"GPU": 8}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
+    bad = copy.deepcopy(raw)
+    bad["head_node_type"] = "nope"
+    with pytest.raises(ValueError):
+        validate_config(prepare_config(bad))
+
+
+@functools.lru_cache(maxsize=None)
+def _crd(file):
+    return load(CRDS / file)
+
+
+def crd_schema(file, version="v1"):
+    crd = _crd(file)
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return crd["spec"]["names"]["kind"], copy.deepcopy(v["schema"]["openAPIV3Schema"])
+
+
+def strict(schema):
+    """The CRD schema with unknown fields refused (what `kubectl apply --validate=strict` does;
+    the API server would otherwise drop a misspelled field silently)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(s):
+        if not isinstance(s, dict):
+            return
+        if (s.get("type") == "object" and "properties" in s and "additionalProperties" not in s
+                and not s.get("x-kubernetes-preserve-unknown-fields")):
+            s["additionalProperties"] = False
+        for key in ("properties", "patternProperties"):
+            for sub in (s.get(key) or {}).values():
+                walk(sub)
+        for key in ("items", "additionalProperties", "not"):
+            walk(s.get(key))
+        for key in ("allOf", "anyOf", "oneOf"):
+            for sub in s.get(key) or []:
+                walk(sub)
+
+    walk(schema)
+    # metadata is ObjectMeta, validated by the API server, not by the CRD
+    schema["properties"]["metadata"] = {"type": "object"}
+    return schema
+
+
+def validate_manifest(path, crd_file):
+    kind, schema = crd_schema(crd_file)
+    doc = load(path)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
+    jsonschema.Draft7Validator(strict(schema)).validate(doc)
+    return doc
+
+
+def check_cluster_spec(spec):
+    assert spec["rayVersion"] == "2.60.0"
+    assert spec["authOptions"] == {"mode": "token", "secretName": "raymm-ray-auth"}
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and head.get("serviceType", "ClusterIP") == "ClusterIP"
+    groups = spec["workerGroupSpecs"]
+    gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                       .get("nvidia.com/gpu", 0)) for g in groups)
+    assert gpus >= 64
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
+    # every pod mounts the shared volume the run directories live on
+    for tpl in [head["template"]] + [g["template"] for g in groups]:
+        mounts = {m["mountPath"] for c in tpl["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        assert "/mnt/shared" in mounts and "/dev/shm" in mounts
+
+
+def no_literal_token(path):
+    doc = load(path)
+
+    def walk(x):
+        if isinstance(x, dict):
+            if x.get("name") == "RAY_AUTH_TOKEN":
+                assert "value" not in x, "a token must come from a Secret"
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(doc)
+
+
+def test_kuberay_raycluster_validates_against_the_crd():
+    path = CLUSTERS / "kuberay" / "raycluster.yaml"
+    doc = validate_manifest(path, "ray.io_rayclusters.yaml")
+    check_cluster_spec(doc["spec"])
+    assert doc["spec"]["enableInTreeAutoscaling"] is True
+    no_literal_token(path)
+
+
+def test_kuberay_rayjob_validates_against_the_crd():
+    path = CLUSTERS / "kuberay" / "rayjob.yaml"
+    doc = validate_manifest(path, "ray.io_rayjobs.yaml")
+    spec = doc["spec"]
+    assert re.match(r"^python \S*ray_job\.py train ", spec["entrypoint"])
+    assert "--run-dir /mnt/shared/" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["entrypointNumCpus"] == 0
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    check_cluster_spec(spec["rayClusterSpec"])
+    no_literal_token(path)
+
+
+def test_crd_validation_catches_mistakes():
+    _, schema = crd_schema("ray.io_rayclusters.yaml")
+    doc = load(CLUSTERS / "kuberay" / "raycluster.yaml")
+    bad = copy.deepcopy(doc)
+    bad["spec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = copy.deepcopy(doc)
+    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3  # misspelled: dropped silently by the API server
+    jsonschema.validate(bad, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(strict(schema)).validate(bad)
+
+
+def test_local_cluster_token_is_generated_0600_and_never_in_the_state(tmp_path, monkeypatch):
+    from clusters import local
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path, source, generated = local._resolve_token(str(tmp_path), None)
+    assert generated and source == "generated" and path == str(tmp_path / "auth_token")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    token = open(path).read()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    env = local._node_env("127.0.0.1:1", path)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == path and "RAY_AUTH_TOKEN" not in env
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # every node on 127.0.0.1
+    state = {"token_file": path, "dashboard_url": "http://127.0.0.1:1", "token_source": source}
+    lines = "\n".join(local.env_lines(state))
+    assert f"RAY_AUTH_TOKEN_PATH={path}" in lines and token not in lines
+
+    # Ray's order: RAY_AUTH_TOKEN wins and stays in the environment, not in a file
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 64)
+    assert local._resolve_token(str(tmp_path / "other"), None) == (None, "RAY_AUTH_TOKEN", False)
+
+
+def test_local_cluster_refuses_a_temp_dir_too_long_for_unix_sockets(tmp_path):
+    from clusters import local
+
+    with pytest.raises(local.LocalClusterError, match="too long"):
+        local.start(str(tmp_path / ("x" * 80)))
