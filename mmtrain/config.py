@@ -34,8 +34,8 @@ class TrainConfig:
     batch_size: int = 32                # per worker, per micro step
     grad_accum: int = 1
     max_steps: int | None = None        # stop after this many optimizer steps ...
-    epochs: int = 12                    # ... or after this many passes over the data
-    lr: float = 2e-3
+    epochs: int = 20                    # ... or after this many passes over the data
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05          # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
     weight_decay: float = 0.05

@@ -103,7 +103,11 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 6 blocks in all, so
     # a training step is ~0.8 GFLOP/sample: ~0.35 s for a batch of 32 (224 px, 10 s, 64 tokens) on one core.
-    "tiny": ModelConfig(),
+    # Tuned for learning speed on the 16-subject synthetic corpus (held-out 16-way image->text
+    # recall@1 0.81-1.0 over 3 seeds in 200-300 steps, vs 0.125 with CLS pooling, raw log-mel
+    # and a single 32 px patch embedding): mean-pooled image tokens, Whisper's log-mel scaling,
+    # and 8 px sub-patches merged into each 32 px token (same token count).
+    "tiny": ModelConfig(image_pool="mean", mel_norm="whisper", patch_split=4),
     # ~40M: a quick single-GPU run.
     "small": ModelConfig(
         width=384, heads=6, image_depth=6, text_depth=4, audio_depth=4, fusion_depth=2,
