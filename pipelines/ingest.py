@@ -22,7 +22,7 @@ import pyarrow as pa
 from . import modalities as M
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, DataConfig
 from .reasons import SampleError
-from .source import WebDatasetDatasource
+from .datasource import WebDatasetDatasource
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import REALDATA
 from pipelines import reasons
-from pipelines.source import _iter_stream, iter_tar_samples, read_webdataset
+from pipelines.datasource import read_webdataset
+from pipelines.source import _iter_stream, iter_tar_samples
 from tarutil import tar_bytes, write_tar
 
 

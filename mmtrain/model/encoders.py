@@ -45,7 +45,15 @@ def whisper_norm(mel: Tensor, valid_frames: Tensor) -> Tensor:
 
 
 class ImageEncoder(nn.Module):
-    """ViT: non-overlapping conv patches, learned 2D positions, CLS token pooled."""
+    """ViT: non-overlapping conv patches, learned 2D positions, a CLS token.
+
+    The contrastive embedding pools the mean of the patch tokens (`image_pool="mean"`) or the CLS
+    state ("cls"). With `patch_split` s > 1 each patch token comes from s x s sub-patches, each
+    linearly embedded, through a GELU, and merged by an s x s conv: the first layer has the FLOPs
+    of the plain patch conv, and the token count is unchanged. On the synthetic corpus (a coloured
+    shape on a random gradient) the plain linear 32 px patch, pooled from CLS, barely learned
+    image-text retrieval in 300 steps; the split stem with mean pooling learns it in ~120.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -89,7 +97,6 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.max_len = cfg.max_text_len
-        self.pool = cfg.text_pool
         self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos = learned(1, cfg.max_text_len, cfg.width)
         self.transformer = make_transformer(cfg, cfg.text_depth)
@@ -102,12 +109,7 @@ class TextEncoder(nn.Module):
         mask = ids != PAD_ID
         x = self.tok(ids) + self.pos[:, :L]
         x = self.transformer(x, key_mask=mask)
-        if self.pool == "eos":  # the last real token (EOS for both tokenizers); row 0 for an all-PAD row
-            last = (mask.sum(dim=1) - 1).clamp(min=0)
-            pooled = x[torch.arange(x.shape[0], device=x.device), last]
-        else:
-            pooled = masked_mean(x, mask)
-        return x, mask, F.normalize(self.proj(pooled), dim=-1)
+        return x, mask, F.normalize(self.proj(masked_mean(x, mask)), dim=-1)
 
 
 class AudioEncoder(nn.Module):
@@ -120,6 +122,9 @@ class AudioEncoder(nn.Module):
     run at T/2 frames with n_mels x width weights. Time is right-padded to a multiple of the
     stride, so T frames give ceil(T / stride) tokens and a row's valid tokens are
     ceil(mel_frames / stride).
+
+    With `mel_norm="whisper"` the log10 mel (about -10 for silence up to 2) is first scaled as
+    Whisper does: floored at the clip's own maximum - 8, then (x + 4) / 4, to about [-1, 1.5].
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
