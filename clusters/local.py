@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("  use it:")
                 for line in env_lines(st):
                     print(f"    {line}")
-                print(f"    python ray_job.py submit --wait -- preprocess /abs/raw --output /abs/clean")
+                print("    python ray_job.py submit --wait -- preprocess /abs/raw --output /abs/clean")
                 print(f"  stop it: python -m clusters.local stop --temp-dir {st['temp_dir']}")
         elif a.command == "status":
             out = status(a.temp_dir)

@@ -16,7 +16,7 @@ from pipelines.shards import expand_shards
 from .batch import Collate
 from .checkpoint import latest_complete
 from .export import consolidated_state_dict
-from .model import ModelConfig, build_model
+from .model import build_model
 from .tokenizer import load_tokenizer
 
 MODALITIES = ("image", "text", "audio")

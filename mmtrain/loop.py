@@ -72,7 +72,6 @@ def train_loop_per_worker(config: dict) -> None:
     writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
     attempt = _attempt_number(cfg.run_dir, rank)
     audit = _audit_file(cfg, rank, attempt) if t.audit_samples else None
-    total_steps = config["total_steps"]          # the LR schedule's length (an estimate with --epochs)
     max_steps = t.max_steps or float("inf")      # with --epochs, the epochs alone end the run
     window = _Window()
     run_config_json = cfg.to_json()

@@ -146,8 +146,7 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     dataset = build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "total_steps": steps,
-                           "clock": clock_name},
+        train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "clock": clock_name},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=world, use_gpu=cfg.scale.use_gpu,

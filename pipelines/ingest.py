@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -180,10 +179,3 @@ def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed
     # first, so block size is the granularity of load balance between training workers
     return ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
                           batch_size=16, num_cpus=decode_cpus)
-
-
-def iter_shard_rows(batches: Iterator[dict]) -> Iterator[dict]:
-    """Rows of numpy batches (for evaluation on the driver)."""
-    for b in batches:
-        for i in range(len(b["key"])):
-            yield {k: v[i] for k, v in b.items()}

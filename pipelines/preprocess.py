@@ -76,8 +76,6 @@ def preprocess(
     progress: bool = True,
 ) -> dict:
     """Run (or finish) the job; returns the content of `_stats.json`."""
-    import ray
-
     from .runtime import init_ray
 
     cfg = cfg or DataConfig()
@@ -264,5 +262,5 @@ def format_summary(stats: dict, output: str) -> str:
     if secs:
         lines.append(f"  time        {secs:.1f} s ({stats['read'] / secs:.1f} samples/s)" if run.get(
             "processed_shards") else f"  time        {secs:.1f} s")
-    lines.append(f"  files       _manifest.parquet, _quarantine.parquet, _stats.json")
+    lines.append("  files       _manifest.parquet, _quarantine.parquet, _stats.json")
     return "\n".join(lines)

@@ -107,13 +107,6 @@ class OutputStore:
         with self.fs.open(self.path(name), "rb") as f:
             return pq.read_table(f)
 
-    def size(self, name: str) -> int:
-        return int(self.fs.size(self.path(name)))
-
-    def remove(self, name: str) -> None:
-        if self.exists(name):
-            self.fs.rm(self.path(name))
-
     def remove_temporaries(self) -> int:
         """Delete what killed runs left behind; returns how many files."""
         if not self.local or not os.path.isdir(self.root):
