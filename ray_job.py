@@ -88,6 +88,7 @@ def cmd_train(args) -> int:
         "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
         "deterministic": True if args.deterministic else None,
         "audit_samples": True if args.audit_samples else None, "precision": args.precision,
+        "max_failures": args.max_failures,
     }.items() if v is not None}
     cfg = load_run_config(
         args.config, data_paths=list(args.data), run_dir=args.run_dir, seed=args.seed,
@@ -98,6 +99,27 @@ def cmd_train(args) -> int:
     print(f"trained {summary['steps']} steps on {summary['samples'] or '?'} samples in {summary['seconds']} s; "
           f"checkpoint: {summary['checkpoint']}")
     return 0
+
+
+def cmd_audit(args) -> int:
+    from mmtrain.audit import check, manifest_ids
+
+    expected = manifest_ids(args.data, _storage_options(args)) if args.data else None
+    report = check(args.run_dir, expected)
+    if not report["rows"]:
+        raise CliError(f"no audit in {args.run_dir}/audit: train with --audit-samples")
+    print(json.dumps(report, indent=1) if args.json else _audit_lines(report))
+    return 0 if report["exactly_once"] else 1
+
+
+def _audit_lines(report: dict) -> str:
+    lines = [f"{report['rows']} audit rows from {report['attempts']} attempt(s); "
+             f"{report['superseded_rows']} superseded (steps run again after a restart)"]
+    for epoch, e in report["epochs"].items():
+        lines.append(f"epoch {epoch}: {e['samples']} samples, {e['served_twice']} served twice, "
+                     f"{e['never_served']} never served" + (f"  e.g. {e['examples'][0]}" if e["examples"] else ""))
+    lines.append("exactly once: " + ("yes" if report["exactly_once"] else "NO"))
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args) -> int:
@@ -234,8 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int)
     sp.add_argument("--deterministic", action="store_true", help="reproducible data order, RNG and kernels")
     sp.add_argument("--audit-samples", action="store_true", help="write RUN/audit/*.jsonl: sample ids per step")
+    sp.add_argument("--max-failures", type=int, help="automatic restarts after a worker or node dies "
+                                                     "(default 3; -1: unlimited)")
     common(sp)
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("audit", help="check a run's --audit-samples record: every sample once per epoch")
+    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--data", nargs="*", metavar="DATA",
+                    help="the preprocessed folders trained on: also report samples never served")
+    sp.add_argument("--json", action="store_true")
+    common(sp)
+    sp.set_defaults(fn=cmd_audit)
 
     sp = sub.add_parser("evaluate", help="retrieval recall@k and caption loss of a run's latest checkpoint")
     sp.add_argument("--run-dir", required=True)

@@ -533,6 +533,9 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "children.log")
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
+    print(f"[bench] load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_at_start)} "
+          f"on {os.cpu_count()} cpus", flush=True)
     try:
         corpus = ensure_corpus(work, args.samples, args.shards, args.seed)
         big = None if args.skip_memory else ensure_corpus(
@@ -564,12 +567,15 @@ def main() -> None:
         result = {
             "config": {k: getattr(args, k) for k in ("samples", "shards", "scale", "repeats", "memory_repeats",
                                                      "baseline_writer", "seed")},
-            "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
+            "machine": {"cpus": os.cpu_count(), "loadavg_at_start": load_at_start,
+                        "loadavg_at_end": os.getloadavg()},
             "summary": summary, "runs": runs, "memory": memory,
             "total_seconds": round(time.perf_counter() - started, 1),
         }
         print()
         print(table(summary, args))
+        print(f"\nload average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in load_at_start)}, "
+              f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:

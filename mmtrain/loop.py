@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from .batch import Collate
-from .checkpoint import TrainState, checkpoint_name, restore, seed_everything, staged_checkpoint
+from .checkpoint import (TrainState, checkpoint_name, discard_newer, ensure_universal, needs_universal, restore,
+                         seed_everything, select, staged_checkpoint, step_of)
 from .config import RunConfig
 from .data_position import DataPosition
 from .metrics import MetricsWriter
@@ -55,19 +56,21 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.scale.use_gpu else torch.device("cpu")
 
     tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
+    resume_from, universal = _resume_point(config["storage"], rank, world)
+    ds_config = config["deepspeed"]
+    if universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     model = build_model(cfg.model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
-                                           config=config["deepspeed"], dist_init_required=False)
+                                           config=ds_config, dist_init_required=False)
     state, position = TrainState(world_size=world, zero_stage=t.zero_stage), DataPosition()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state, position = restore(engine, d, rank, world)
+    if resume_from is not None:
+        state, position = restore(engine, resume_from, rank, world, universal)
 
     collate = Collate(tokenizer, t.batch_size, cfg.model.max_text_len, cfg.data.image.size,
                       cfg.data.audio.n_mels, cfg.data.audio.num_frames)
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"train_{rank}" if config["per_rank_data"] else "train")
     clock = ray.get_actor(config["clock"])
     writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
     attempt = _attempt_number(cfg.run_dir, rank)
@@ -75,16 +78,20 @@ def train_loop_per_worker(config: dict) -> None:
     max_steps = t.max_steps or float("inf")      # with --epochs, the epochs alone end the run
     window = _Window()
     run_config_json = cfg.to_json()
-    last_saved = state.step if checkpoint is not None else -1
+    fault = config.get("fault_pause")
+    last_saved = state.step if resume_from is not None else -1
 
     while state.step < max_steps and state.epoch < t.epochs:
         if rank == 0:
             ray.get(clock.set.remote(state.epoch, sorted(position.consumed)))
         dist.barrier()
+        # a shuffle buffer's contents at a checkpoint are not saved, so a resumed run would fill
+        # it differently: deterministic runs shuffle by shard order alone
+        buffer = 0 if t.deterministic else t.shuffle_buffer
         batches = shard.iter_torch_batches(
             batch_size=t.batch_size, collate_fn=collate, prefetch_batches=t.prefetch_batches,
-            local_shuffle_buffer_size=t.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed * 1_000_003 + state.epoch * 1009 + rank) if t.shuffle_buffer else None,
+            local_shuffle_buffer_size=buffer or None,
+            local_shuffle_seed=(cfg.seed * 1_000_003 + state.epoch * 1009 + rank) if buffer else None,
         )
         for batch, _, waited in lockstep(batches, collate.empty):
             window.wait += waited
@@ -105,8 +112,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if state.step % t.log_every == 0 or state.step == max_steps:
                     _log(window, engine, world, state, writer)
                 if state.step % t.checkpoint_every == 0 and state.step < max_steps:
-                    _save(engine, state, position, run_config_json, rank, audit)
+                    _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault)
                     last_saved = state.step
+                _fault_pause(fault, "step", state.step, rank, attempt)
                 if state.step >= max_steps:
                     break
         if state.step < max_steps:
@@ -115,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
     if window.micro:  # steps since the last log line (every rank has the same count)
         _log(window, engine, world, state, writer)
     if last_saved != state.step:
-        _save(engine, state, position, run_config_json, rank, audit)
+        _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault)
     _write_probe(engine, cfg, rank, device)
     writer.close()
     if audit is not None:
@@ -153,13 +161,45 @@ def _write_probe(engine, cfg: RunConfig, rank: int, device) -> None:
                    os.path.join(cfg.run_dir, "probe.pt"))
 
 
-def _save(engine, state, position, run_config_json, rank, audit) -> None:
+def _resume_point(storage: str, rank: int, world: int) -> tuple[str | None, bool]:
+    """Rank 0 picks the checkpoint (Ray Train's latest if complete, else the previous complete
+    one), removes folders of abandoned saves after it, converts it to DeepSpeed's universal
+    format if the worker count changed; every rank gets the same answer."""
+    choice: list = [(None, False)]
+    if rank == 0:
+        registered = ray.train.get_checkpoint()
+        path = select(registered.path if registered is not None else None, storage)
+        discard_newer(storage, step_of(path) if path else 0)
+        universal = path is not None and needs_universal(path, world)
+        if universal:
+            ensure_universal(path)
+        if path:
+            print(f"rank 0: resuming from {path}" + (" (universal, new worker count)" if universal else ""))
+        choice = [(path, universal)]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def _save(engine, state, position, run_config_json, rank, audit, run_dir, attempt, fault) -> None:
     if audit is not None:
         audit.flush()
-    with staged_checkpoint(engine, state, position, run_config_json, rank) as d:
+    with staged_checkpoint(engine, state, position, run_config_json, rank, run_dir) as d:
+        _fault_pause(fault, "save", state.step, rank, attempt)
         ray.train.report({"step": state.step, "epoch": state.epoch},
                          checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=checkpoint_name(state.step))
+
+
+def _fault_pause(spec: str | None, where: str, step: int, rank: int, attempt: int) -> None:
+    """Fault injection for tests and benchmarks (MMTRAIN_FAULT_PAUSE="WHERE@STEP:SECONDS" in
+    the driver's environment): holds every rank of the run's first attempt either inside the
+    save of STEP (its files written, not yet uploaded: WHERE=save) or after step STEP and its
+    checkpoint (WHERE=step), so that a kill can be aimed at that moment."""
+    if attempt == 0 and spec and spec.startswith(f"{where}@") and int(spec[len(where) + 1:].split(":")[0]) == step:
+        if rank == 0:
+            print(f"fault injection: pausing {'inside the save of' if where == 'save' else 'after'} step {step}",
+                  flush=True)
+        time.sleep(float(spec.split(":")[1]))
 
 
 def _attempt_number(run_dir: str, rank: int) -> int:

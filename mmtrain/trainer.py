@@ -12,9 +12,10 @@ import fsspec
 import pyarrow.parquet as pq
 from ray.train import DataConfig
 
+from pipelines.retry import open_retrying, with_retry_defaults
 from pipelines.shards import expand_shards
 
-from .checkpoint import latest_complete
+from .checkpoint import latest_complete, saved_state
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -32,11 +33,11 @@ def shard_counts(shards: list[str], storage_options: dict | None) -> dict[str, i
     counts: dict[str, int] = {}
     folders = sorted({s.rsplit("/", 1)[0] for s in shards})
     for folder in folders:
-        fs, path = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(folder, **with_retry_defaults(folder, storage_options))
         manifest = f"{path}/_manifest.parquet"
         if not fs.exists(manifest):
             return None
-        with fs.open(manifest, "rb") as f:
+        with open_retrying(fs, manifest) as f:
             table = pq.read_table(f, columns=["output_shard"])
         for row in table.group_by("output_shard").aggregate([("output_shard", "count")]).to_pylist():
             counts[f"{folder}/{row['output_shard']}"] = row["output_shard_count"]
@@ -48,12 +49,12 @@ def check_preprocessed(shards: list[str], cfg: RunConfig) -> bool:
     Preprocessed shards carry their transform settings; they must match the run's."""
     kinds = set()
     for folder in sorted({s.rsplit("/", 1)[0] for s in shards}):
-        fs, path = fsspec.core.url_to_fs(folder, **cfg.storage_options)
+        fs, path = fsspec.core.url_to_fs(folder, **with_retry_defaults(folder, cfg.storage_options))
         has_stats = fs.exists(f"{path}/_stats.json")
         kinds.add(has_stats)
         if not has_stats:
             continue
-        with fs.open(f"{path}/_stats.json") as f:
+        with open_retrying(fs, f"{path}/_stats.json") as f:
             data = json.load(f).get("data", {})
         theirs, ours = data.get("image", {}).get("size"), cfg.data.image.size
         if theirs is not None and theirs != ours:
@@ -134,19 +135,36 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     with open(os.path.join(cfg.run_dir, "deepspeed_config.json"), "w") as f:
         json.dump(ds_config, f, indent=1)
 
-    # Ray Train finds the run's checkpoints itself (its snapshot in RUN/train/); this only
-    # tells the user what will happen
+    # Ray Train finds the run's checkpoints itself (its snapshot in RUN/train/) and the workers
+    # check them (loop._resume_point); this tells the user what will happen
     latest = latest_complete(storage_dir(cfg.run_dir), log=log)
     if latest:
-        log(f"resuming from {latest}")
+        saved = saved_state(latest)
+        if saved.zero_stage != cfg.train.zero_stage:
+            raise ConfigError(f"{latest} was written with ZeRO stage {saved.zero_stage}; resume with "
+                              f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
+        log(f"resuming from {latest}" + (f" (written by {saved.world_size} workers, now {world}: elastic resume)"
+                                         if saved.world_size != world else ""))
     # the controller polls workers every 2 s by default, which stalls each checkpoint report
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
     clock = epoch_clock(clock_name)
-    dataset = build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)
+    if cfg.train.deterministic:
+        # a reproducible split: rank r reads the shards at r, r+W, ... of the epoch's order, in
+        # order, so a resumed rank is served exactly the rest of what it would have read
+        datasets = {f"train_{r}": build_dataset(shards, cfg.data, clock_name=clock_name, rank=r, world=world,
+                                                **dataset_kwargs) for r in range(world)}
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        dataset_config = DataConfig(datasets_to_split=[], execution_options=options)
+    else:
+        datasets = {"train": build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)}
+        dataset_config = ExactSplit(datasets_to_split=["train"])
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "clock": clock_name},
+        train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "clock": clock_name,
+                           "storage": storage_dir(cfg.run_dir), "per_rank_data": cfg.train.deterministic,
+                           "fault_pause": os.environ.get("MMTRAIN_FAULT_PAUSE")},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=world, use_gpu=cfg.scale.use_gpu,
@@ -158,8 +176,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets={"train": dataset},
-        dataset_config=ExactSplit(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=dataset_config,
     )
     started = time.time()
     result = trainer.fit()

@@ -49,10 +49,15 @@ class EpochClock:
 
 
 def epoch_clock(name: str):
-    """Create or find the run's clock actor."""
+    """Create or find the run's clock actor. It lives on the driver's node (if that node goes,
+    so does the run) and is restarted if its process dies: the training loop sets it again
+    at the start of every attempt, so a restarted clock loses nothing."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(EpochClock).options(name=name, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(EpochClock).options(
+        name=name, get_if_exists=True, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote()
 
 
 class EpochShuffledDatasource(WebDatasetDatasource):
@@ -61,10 +66,11 @@ class EpochShuffledDatasource(WebDatasetDatasource):
     was consumed is not read at all, a partly consumed one is filtered by id."""
 
     def __init__(self, shards: list[str], *, seed: int, preprocessed: bool, clock_name: str | None = None,
-                 shard_counts: dict[str, int] | None = None, **kwargs):
+                 shard_counts: dict[str, int] | None = None, rank: int = 0, world: int = 1, **kwargs):
         modalities = PREPROCESSED_MODALITIES if preprocessed else RAW_MODALITIES
         super().__init__(shards, modalities=modalities, include_errors=False, **kwargs)
         self.seed, self.clock_name, self.shard_counts = seed, clock_name, shard_counts or {}
+        self.rank, self.world = rank, world  # world > 1: serve only this rank's shards
         self._exclude: dict[str, set[str]] = {}
 
     def plan(self) -> tuple[int, dict[str, set[str]]]:
@@ -76,8 +82,11 @@ class EpochShuffledDatasource(WebDatasetDatasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         epoch, exclude = self.plan()
-        order = [s for s in self.shards if len(exclude.get(s, ())) < self.shard_counts.get(s, 1 << 62)]
+        order = list(self.shards)
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        # which rank reads a shard must not depend on what was consumed: slice, then skip
+        order = order[self.rank::self.world]
+        order = [s for s in order if len(exclude.get(s, ())) < self.shard_counts.get(s, 1 << 62)]
         # one task per shard, in permuted order: Ray Data launches tasks in list order, so the
         # permutation is also (up to concurrency) the order in which shards are read
         saved, self.shards, self._exclude = self.shards, order, exclude
@@ -162,7 +171,7 @@ def _valid_frames(row: dict, mel: np.ndarray) -> int:
 
 
 def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed: bool,
-                  clock_name: str | None = None,
+                  clock_name: str | None = None, rank: int = 0, world: int = 1,
                   storage_options: dict | None = None, shard_counts: dict[str, int] | None = None,
                   read_cpus: float = 0.25, decode_cpus: float = 0.5):
     """Lazy Ray Dataset of decoded training rows (nothing is materialized)."""
@@ -173,7 +182,7 @@ def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed
     source = EpochShuffledDatasource(shards, seed=seed, preprocessed=preprocessed, clock_name=clock_name,
                                      storage_options=storage_options,
                                      shard_sizes=shard_sizes(shards, storage_options), rows_per_block=16,
-                                     shard_counts=shard_counts)
+                                     shard_counts=shard_counts, rank=rank, world=world)
     ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=read_cpus)
     # small blocks (16 rows, ~5 MB decoded): the split hands blocks to whichever worker asks
     # first, so block size is the granularity of load balance between training workers

@@ -18,6 +18,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 from PIL import Image, ImageFile
+# The plugins of the formats we accept, registered up front: `Image.open(formats=...)` calls
+# `Image.init()`, which imports every one of Pillow's ~45 plugins, as soon as a requested
+# format is not registered yet, and WEBP is not among the few `Image.preinit()` loads. That
+# was ~15 ms of imports in every fresh Ray worker for plugins `decode_image` never uses.
+from PIL import JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401  (registration)
 
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
 from pipelines.reasons import (

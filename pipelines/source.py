@@ -25,6 +25,7 @@ import fsspec
 from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
 from .reasons import SampleError
+from .retry import ReadRetriesExhausted, open_retrying, with_retry_defaults
 
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
@@ -104,10 +105,18 @@ def iter_tar_samples(
 
     A damaged shard yields every sample completed before the damage, then one record
     with `TRUNCATED_SHARD` for the sample that was being read (or for the shard).
+
+    Transient store faults (throttling, a connection dropped mid-body) are retried under
+    the reader, resuming at the same byte, so they change nothing in what is yielded (see
+    `retry.py`). If the store keeps failing, `ReadRetriesExhausted` is raised: an outage is
+    the job's problem, never recorded as a damaged shard or an unreadable sample.
     """
     try:
-        f = fsspec.open(url, "rb", **(storage_options or {})).open()
-    except Exception as e:  # any open failure is this shard's problem, not the job's
+        fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
+        f = open_retrying(fs, path, name=url)
+    except ReadRetriesExhausted:
+        raise
+    except Exception as e:  # any other open failure is this shard's problem, not the job's
         yield RawSample("", url, 0, error=SampleError(reasons.SHARD_UNREADABLE, _one_line(e)))
         return
     with f:

@@ -9,6 +9,9 @@ so we write the final name directly and, on an exception, `discard()` the upload
 of closing it (fsspec's `__exit__` would otherwise complete a half-written object). A
 killed process leaves at most an incomplete multipart upload, which is invisible (a
 bucket lifecycle rule reclaims it).
+
+Reads go through `retry.open_retrying`, so a throttled or dropped read of a part or a
+manifest is retried instead of failing the commit (see `retry.py`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .retry import open_retrying, with_retry_defaults
+
 TMP_MARK = ".tmp-"
 
 
@@ -30,7 +35,7 @@ class OutputStore:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
         self.storage_options = storage_options or {}
-        self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        self.fs, root = fsspec.core.url_to_fs(url, **with_retry_defaults(url, self.storage_options))
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.local = protocol in ("file", "local")
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
@@ -88,8 +93,12 @@ class OutputStore:
         with self.open_atomic(name) as f:
             f.write(data)
 
+    def open_read(self, name: str) -> io.RawIOBase:
+        """A read-only file that rides out transient store faults (seekable, for parquet)."""
+        return open_retrying(self.fs, self.path(name), name=f"{self.url}/{name}")
+
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open(self.path(name), "rb") as f:
+        with self.open_read(name) as f:
             return f.read()
 
     def write_json(self, name: str, obj) -> None:
@@ -104,7 +113,7 @@ class OutputStore:
         self.write_bytes(name, buf.getvalue())
 
     def read_parquet(self, name: str) -> pa.Table:
-        with self.fs.open(self.path(name), "rb") as f:
+        with self.open_read(name) as f:
             return pq.read_table(f)
 
     def remove_temporaries(self) -> int:

@@ -1,0 +1,217 @@
+"""Reads from object stores that survive transient faults (throttling, dropped connections).
+
+What the libraries already do (s3fs 2026.9 / aiobotocore 3.10, read in their source and
+measured against tests/faulty_s3.py):
+- botocore retries a failed *call* (503 SlowDown, 500, throttling, connection errors) before
+  any body byte is read: 5 attempts by default.
+- s3fs wraps every call in `_error_wrapper` (5 attempts, 0.1 s .. 0.8 s apart), and
+  `S3File._fetch_range` wraps call + body read the same way, so a body dropped mid-way
+  (aiohttp `ClientPayloadError`) is fetched again. A 503 gets 5 x 5 attempts (~35 s).
+
+Where that falls short, and why this module exists:
+- Dropped bodies get 5 attempts within ~2 s, fixed: five drops in a row on one range (a
+  load balancer or gateway restarting) and the read fails.
+- What then escapes is aiohttp's `ClientPayloadError` (or a botocore error), not an
+  `OSError`: it passes through our tar reader and kills the whole Ray task (the preprocess
+  job, the training run). A 503 that outlasts its retries comes out as `OSError(EBUSY)`,
+  which the tar reader would record as a damaged shard (`truncated_shard`): an outage made
+  into a permanent quarantine, or, in training, samples silently missing from the epoch.
+- fsspec's HTTP filesystem (http(s):// shards) retries nothing at all.
+
+So we retry one level up, on the file: a read that fails transiently reopens the file and
+seeks back to the offset it had reached. The caller (a streaming `tarfile`) sees one
+unbroken byte stream: no sample lost, none read twice. After a bounded number of attempts
+the error is one line, raised as `ReadRetriesExhausted`, deliberately *not* an `OSError` so
+that no reader mistakes an unreachable store for a damaged shard.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import fsspec
+
+try:
+    import aiohttp
+except ImportError:  # only fsspec's http filesystem and s3fs bring it
+    aiohttp = None
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5          # reads of one chunk, the first included
+    base_delay: float = 0.5    # seconds before the first retry, doubled each time
+    max_delay: float = 10.0
+
+    def delay(self, retry: int) -> float:
+        # jitter: many tasks hitting a throttled store must not retry in lockstep
+        return random.uniform(0.5, 1.0) * min(self.max_delay, self.base_delay * 2 ** retry)
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+# botocore's retry settings for S3, used unless the user gives their own. "standard" is AWS's
+# recommended mode (botocore's default is "legacy"): it also retries 502/504 and codes such as
+# RequestTimeout, backs off with jitter, and draws retries from a quota so that a store that
+# keeps failing is not hammered by every task at once.
+S3_RETRIES = {"mode": "standard", "max_attempts": 5}
+
+
+class ReadRetriesExhausted(RuntimeError):
+    """The store kept failing transiently; the input itself may be fine (re-run to resume)."""
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    if aiohttp is not None:
+        types += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
+    try:
+        from botocore import exceptions as bx
+
+        # HTTPClientError covers ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+        types += [bx.HTTPClientError, bx.IncompleteReadError]
+    except ImportError:
+        pass
+    try:
+        from urllib3 import exceptions as ux
+
+        types += [ux.ProtocolError, ux.IncompleteRead]
+    except ImportError:
+        pass
+    import http.client
+
+    types.append(http.client.IncompleteRead)
+    return tuple(types)
+
+
+_TRANSIENT = _transient_types()
+# errnos that s3fs gives to a server-side, retryable answer: 503 SlowDown / ServiceUnavailable
+# -> EBUSY, 500 InternalError -> EREMOTEIO
+_TRANSIENT_ERRNOS = {errno.EBUSY, getattr(errno, "EREMOTEIO", 121), errno.EAGAIN, errno.ETIMEDOUT}
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth trying again: the connection or the server hiccuped, not the request or the data."""
+    if aiohttp is not None and isinstance(e, aiohttp.ClientResponseError):
+        return e.status >= 500 or e.status == 429  # an HTTP status from fsspec's http filesystem
+    if isinstance(e, _TRANSIENT):
+        return True
+    return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+
+
+class RetryingFile(io.RawIOBase):
+    """A read-only file that reopens and seeks back on a transient error (see module doc).
+
+    `opener()` returns a fresh file object positioned at 0. The object must not change
+    between attempts: if the reopened file's size differs, splicing the two would corrupt
+    the stream, so that is an error, not a retry.
+    """
+
+    def __init__(self, opener: Callable[[], io.IOBase], name: str, policy: RetryPolicy = DEFAULT_POLICY):
+        super().__init__()
+        self._opener, self.name, self._policy = opener, name, policy
+        self._pos = 0
+        self._size: int | None = None
+        self._f = None  # the open file; None after a failure, until the next attempt reopens
+        self._call("open", lambda f: None)
+
+    def _open_at(self, pos: int):
+        f = self._opener()
+        size = getattr(f, "size", None)
+        if self._size is None:
+            self._size = size
+        elif size is not None and size != self._size:
+            f.close()
+            raise OSError(f"{self.name} changed while being read ({self._size} -> {size} bytes)")
+        if pos:
+            f.seek(pos)
+        return f
+
+    def _call(self, what: str, fn):
+        """fn(file), on the open file; after a transient error: back off, reopen, seek, again."""
+        for attempt in range(self._policy.attempts):
+            try:
+                if self._f is None:
+                    self._f = self._open_at(self._pos)
+                return fn(self._f)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self._drop()
+                if attempt + 1 == self._policy.attempts:
+                    raise ReadRetriesExhausted(
+                        f"{self.name}: {what} at byte {self._pos} failed {self._policy.attempts} times, "
+                        f"last {_one_line(e)}; the store is unreachable or throttling, try again later"
+                    ) from e
+                wait = self._policy.delay(attempt)
+                log.warning("%s: %s at byte %d failed (%s), retry %d/%d in %.1f s", self.name, what,
+                            self._pos, _one_line(e), attempt + 1, self._policy.attempts - 1, wait)
+                time.sleep(wait)
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:
+                pass  # its connection is already broken; closing is best effort
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._call("read", lambda f: f.read(size))
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._call("seek", lambda f: f.seekable())
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._call("seek", lambda f: f.seek(offset, whence))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self._drop()
+            super().close()
+
+
+def open_retrying(fs: fsspec.AbstractFileSystem, path: str, name: str | None = None,
+                  policy: RetryPolicy = DEFAULT_POLICY) -> RetryingFile:
+    """`fs.open(path, "rb")` that survives transient faults; `name` is used in messages."""
+    return RetryingFile(lambda: fs.open(path, "rb"), name or path, policy)
+
+
+def with_retry_defaults(url: str, storage_options: dict | None) -> dict:
+    """The user's storage options, plus our botocore retry settings for s3:// when the user
+    set none (theirs always win)."""
+    opts = dict(storage_options or {})
+    if not url.startswith(("s3://", "s3a://")):
+        return opts
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("retries", dict(S3_RETRIES))
+    opts["config_kwargs"] = config
+    return opts

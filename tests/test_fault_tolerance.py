@@ -1,0 +1,215 @@
+"""Fault tolerance end to end: real Ray Train + DeepSpeed runs are killed (a worker process, a
+node, the driver, the driver in the middle of a save) and must finish with every sample of
+every epoch trained on exactly once (checked through the audit) and, in deterministic mode,
+with the last step's loss of the uninterrupted run.
+
+64 samples in 8 shards, 2 workers x 8 per step: 4 steps per epoch, 2 epochs, a checkpoint
+every 2 steps. MMTRAIN_FAULT_PAUSE holds the first attempt at a chosen point so the kill
+lands where it is meant to (see mmtrain/loop.py:_fault_pause).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT
+from mmtrain.audit import check, manifest_ids, read_audit
+from mmtrain.checkpoint import list_checkpoints, problem, staging_dir
+from pipelines.corpus import make_corpus
+from pipelines.preprocess import preprocess
+
+STEPS = 8  # 2 epochs x 4 steps
+
+
+@pytest.fixture(scope="module")
+def data(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftdata")
+    make_corpus(str(root / "raw"), 64, 8, seed=7)
+    preprocess([str(root / "raw")], str(root / "clean"), progress=False)
+    config = root / "log_every_step.json"
+    config.write_text(json.dumps({"train": {"log_every": 1}}))
+    return {"clean": root / "clean", "config": config, "ids": manifest_ids([str(root / "clean")])}
+
+
+def command(data, run, *extra, workers=2):
+    return [sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(data["clean"]), "--run-dir", str(run),
+            "--config", str(data["config"]), "--epochs", "2", "--batch-size", "8", "--checkpoint-every", "2",
+            "--workers", str(workers), "--audit-samples", *map(str, extra)]
+
+
+def replace_arg(cmd, flag, new_flag, value):
+    i = cmd.index(flag)
+    return [*cmd[:i], new_flag, str(value), *cmd[i + 2:]]
+
+
+def run_to_end(cmd, env=None):
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r.stdout + r.stderr
+
+
+def start_paused(cmd, run, pause):
+    """Starts the command in its own session with the first attempt held at `pause`; returns
+    once the hold is reached (the run's checkpoints before it are complete)."""
+    log = open(f"{run}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "MMTRAIN_FAULT_PAUSE": pause})
+    deadline = time.time() + 600
+    while "fault injection: pausing" not in open(f"{run}.log").read():
+        assert proc.poll() is None, open(f"{run}.log").read()[-4000:]
+        assert time.time() < deadline, "the run never reached the fault injection point"
+        time.sleep(0.5)
+    return proc
+
+
+def kill_driver(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def last_loss(run):
+    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert lines[-1]["step"] == STEPS
+    return lines[-1]["loss"]
+
+
+def assert_exactly_once(run, data, attempts):
+    report = check(str(run), data["ids"])
+    assert report["attempts"] == attempts, report
+    assert sorted(report["epochs"]) == [0, 1], report
+    for epoch in report["epochs"].values():
+        assert epoch["samples"] == 64 and epoch["served_twice"] == 0 and epoch["never_served"] == 0, report
+    return report
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted deterministic run every interrupted one is compared with."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_to_end(command(data, run, "--deterministic"))
+    assert_exactly_once(run, data, attempts=1)
+    return {"run": run, "loss": last_loss(run)}
+
+
+def resumed_at(run):
+    """The first step the second attempt ran."""
+    return min(r["step"] for r in read_audit(str(run)) if r["attempt"] == 1)
+
+
+def assert_same_loss(run, reference):
+    loss = last_loss(run)
+    assert abs(loss - reference["loss"]) <= 1e-3 * abs(reference["loss"]), (loss, reference["loss"])
+
+
+def test_a_killed_worker_process_is_replaced_and_the_run_finishes(data, reference, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    run = tmp_path / "run"
+    proc = start_paused(command(data, run, "--deterministic"), run, "step@3:120")
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2 and ray.is_initialized()
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, open(f"{run}.log").read()[-4000:]
+    assert_exactly_once(run, data, attempts=2)
+    assert resumed_at(run) == 3  # the replacement workers went on from checkpoint 2
+    assert_same_loss(run, reference)
+
+
+def test_the_driver_killed_in_a_save_then_the_same_command_resumes_from_the_previous_checkpoint(
+        data, reference, tmp_path):
+    run = tmp_path / "run"
+    cmd = command(data, run, "--deterministic")
+    kill_driver(start_paused(cmd, run, "save@4:120"))  # the whole train command, mid-save
+    assert not any(c.endswith("_000000004") and problem(c) is None for c in list_checkpoints(str(run / "train")))
+    out = run_to_end(cmd)
+    assert "resuming from" in out and "checkpoint_000000002" in out
+    assert_exactly_once(run, data, attempts=2)
+    assert resumed_at(run) == 3
+    assert_same_loss(run, reference)
+    # the killed save's staging files were cleared by the next save of the same rank
+    assert not any(os.path.exists(staging_dir(str(run), r)) for r in range(2))
+
+    # damage the final checkpoint as a lost or half-copied file would: the next run says so,
+    # trains from the one before it, and still serves every sample of epoch 2 once
+    last = list_checkpoints(str(run / "train"))[-1]
+    optim = next(os.path.join(last, "ds", n) for n in sorted(os.listdir(os.path.join(last, "ds")))
+                 if "optim_states" in n)
+    with open(optim, "r+b") as f:
+        f.truncate(100)
+    out = run_to_end(replace_arg(cmd, "--epochs", "--epochs", 3))
+    assert f"checkpoint_{STEPS:09d} is incomplete" in out and "falling back" in out
+    report = check(str(run), data["ids"])
+    assert sorted(report["epochs"]) == [0, 1, 2] and report["exactly_once"], report
+
+
+def test_a_checkpoint_resumes_on_fewer_then_more_workers(data, tmp_path):
+    run = tmp_path / "run"
+    run_to_end(replace_arg(command(data, run, workers=2), "--epochs", "--max-steps", 3))
+    for before, after, steps in ((2, 1, 6), (1, 2, None)):
+        cmd = command(data, run, workers=after)
+        out = run_to_end(replace_arg(cmd, "--epochs", "--max-steps", steps) if steps else cmd)
+        assert f"written by {before} workers, now {after}: elastic resume" in out
+        # DeepSpeed's universal copy of the checkpoint was made and loaded
+        assert "(universal, new worker count)" in out
+    report = check(str(run), data["ids"])
+    assert report["attempts"] == 3 and report["exactly_once"] and sorted(report["epochs"]) == [0, 1], report
+    assert all(e["samples"] == 64 for e in report["epochs"].values()), report
+
+
+# --- a node of a multi-node cluster goes away ------------------------------------------
+
+@pytest.fixture()
+def three_node_cluster():
+    folder = tempfile.mkdtemp(prefix="rft-", dir="/tmp")
+    r = subprocess.run([sys.executable, "-m", "clusters.local", "start", "--workers", "2", "--cpus-per-node", "2",
+                        "--head-cpus", "0", "--object-store-mb", "256", "--temp-dir", folder, "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield json.loads(r.stdout)
+    subprocess.run([sys.executable, "-m", "clusters.local", "stop", "--temp-dir", folder, "--clean"],
+                   capture_output=True, cwd=ROOT, timeout=120)
+
+
+def node_of(pid, state):
+    """The name of the cluster node whose process tree holds `pid`."""
+    nodes = {n["pid"]: n["name"] for n in state["nodes"]}
+    try:
+        parents = psutil.Process(pid).parents()
+    except psutil.NoSuchProcess:
+        return None
+    return next((nodes[p.pid] for p in parents if p.pid in nodes), None)
+
+
+def test_a_lost_node_is_replaced_and_the_run_finishes(data, tmp_path, three_node_cluster):
+    state = three_node_cluster
+    run = tmp_path / "run"
+    config = tmp_path / "half_cpu.json"
+    # half a CPU per training worker: the surviving node (2 CPUs) holds both workers and the data tasks
+    config.write_text(json.dumps({"train": {"log_every": 1}, "scale": {"cpus_per_worker": 0.5}}))
+    cmd = command({**data, "config": config}, run)
+    submit = [sys.executable, str(ROOT / "ray_job.py"), "submit", "--address", state["dashboard_url"], "--wait",
+              "--env", "MMTRAIN_FAULT_PAUSE=step@3:120", "--", *cmd[2:]]
+    log = open(f"{run}.log", "w")
+    proc = subprocess.Popen(submit, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 600
+    while "fault injection: pausing" not in open(f"{run}.log").read():
+        assert proc.poll() is None and time.time() < deadline, open(f"{run}.log").read()[-4000:]
+        time.sleep(0.5)
+    # the training workers are the cluster's processes titled ray::RayTrainWorker
+    workers = [p.pid for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and node_of(p.pid, state)]
+    assert len(workers) == 2, workers
+    victim = node_of(workers[0], state)
+    assert victim != "head"
+    os.killpg(next(n["pid"] for n in state["nodes"] if n["name"] == victim), signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0, open(f"{run}.log").read()[-4000:]
+    report = check(str(run), data["ids"])
+    assert report["attempts"] == 2 and report["exactly_once"] and sorted(report["epochs"]) == [0, 1], report
+    assert resumed_at(run) == 3  # from checkpoint 2, on the node that was left
