@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
             state.epoch += 1
             position.next_epoch()
     if window.micro:  # steps since the last log line (every rank has the same count)
-        _log(window, engine, world, state, writer)
+        _log(window, engine, world, state, writer, epoch=min(state.epoch, t.epochs - 1))
     if last_saved != state.step:
         _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault)
     _write_probe(engine, cfg, rank, device)
@@ -130,10 +130,10 @@ def train_loop_per_worker(config: dict) -> None:
         audit.close()
 
 
-def _log(window, engine, world, state, writer) -> None:
+def _log(window, engine, world, state, writer, epoch: int | None = None) -> None:
     metrics = window.report(engine, world)
     state.samples += metrics["samples"]
-    writer.log(state.step, {**metrics, "epoch": state.epoch})
+    writer.log(state.step, {**metrics, "epoch": state.epoch if epoch is None else epoch})
 
 
 def probe_batch(cfg: RunConfig, n: int = 4) -> dict:

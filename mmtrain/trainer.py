@@ -111,6 +111,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
 
     from .loop import train_loop_per_worker
 
+    # workers run in other directories (and on other nodes): every path they get is absolute
+    cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))
     os.makedirs(cfg.run_dir, exist_ok=True)
     shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
     preprocessed = check_preprocessed(shards, cfg)

@@ -29,7 +29,8 @@ def ranks(world: int, *args) -> None:
         assert p.returncode == 0, out[-3000:]
 
 
-@pytest.mark.parametrize("stage,before,after", [(1, 2, 1), (2, 1, 2), (3, 2, 1)])
+# stage 2 (the default) is resumed 2 -> 1 -> 2 workers end to end in test_fault_tolerance.py
+@pytest.mark.parametrize("stage,before,after", [(1, 2, 1), (3, 1, 2)])
 def test_elastic_resume_keeps_weights_and_optimizer_state(tmp_path, stage, before, after):
     ranks(before, "save", tmp_path, stage)
     ranks(after, "load", tmp_path, stage, "full")
@@ -38,7 +39,7 @@ def test_elastic_resume_keeps_weights_and_optimizer_state(tmp_path, stage, befor
     assert full["universal"] and (tmp_path / "ckpt" / UNIVERSAL_TAG).is_dir()
     # the step after resuming at another world size is the step the original run took ...
     assert abs(full["loss"] - expected) <= 1e-4 * abs(expected), (full["loss"], expected)
-    if stage == 2:
+    if stage == 1:
         # ... which it would not be with the weights alone (so the check above can fail)
         ranks(after, "load", tmp_path, stage, "weights")
         weights_only = json.load(open(tmp_path / "got_weights.json"))["loss"]

@@ -9,6 +9,7 @@ lands where it is meant to (see mmtrain/loop.py:_fault_pause).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,22 @@ def assert_same_loss(run, reference):
     assert abs(loss - reference["loss"]) <= 1e-3 * abs(reference["loss"]), (loss, reference["loss"])
 
 
+def test_the_audit_command_proves_exactly_once_and_catches_a_repeat(data, reference, tmp_path):
+    cmd = [sys.executable, str(ROOT / "ray_job.py"), "audit", "--run-dir", str(reference["run"]),
+           "--data", str(data["clean"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "epoch 1: 64 samples, 0 served twice, 0 never served" in r.stdout, r.stdout
+    # a copy of the run whose audit shows one sample trained on twice in epoch 0, in the same attempt
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"] / "audit", run / "audit")
+    path = sorted((run / "audit").glob("*.jsonl"))[0]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[-1]["ids"].append(rows[0]["ids"][0])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = subprocess.run([*cmd[:4], str(run), *cmd[5:]], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "1 served twice" in r.stdout and "exactly once: NO" in r.stdout, r.stdout
+
+
 def test_a_killed_worker_process_is_replaced_and_the_run_finishes(data, reference, tmp_path):
     import ray
     from ray.util.state import list_actors
@@ -136,31 +153,27 @@ def test_the_driver_killed_in_a_save_then_the_same_command_resumes_from_the_prev
     # the killed save's staging files were cleared by the next save of the same rank
     assert not any(os.path.exists(staging_dir(str(run), r)) for r in range(2))
 
-    # damage the final checkpoint as a lost or half-copied file would: the next run says so,
-    # trains from the one before it, and still serves every sample of epoch 2 once
-    last = list_checkpoints(str(run / "train"))[-1]
-    optim = next(os.path.join(last, "ds", n) for n in sorted(os.listdir(os.path.join(last, "ds")))
-                 if "optim_states" in n)
-    with open(optim, "r+b") as f:
-        f.truncate(100)
-    out = run_to_end(replace_arg(cmd, "--epochs", "--epochs", 3))
-    assert f"checkpoint_{STEPS:09d} is incomplete" in out and "falling back" in out
-    report = check(str(run), data["ids"])
-    assert sorted(report["epochs"]) == [0, 1, 2] and report["exactly_once"], report
 
-
-def test_a_checkpoint_resumes_on_fewer_then_more_workers(data, tmp_path):
+def test_a_checkpoint_resumes_on_fewer_then_more_workers_and_a_damaged_one_is_skipped(data, tmp_path):
     run = tmp_path / "run"
     run_to_end(replace_arg(command(data, run, workers=2), "--epochs", "--max-steps", 3))
-    for before, after, steps in ((2, 1, 6), (1, 2, None)):
-        cmd = command(data, run, workers=after)
-        out = run_to_end(replace_arg(cmd, "--epochs", "--max-steps", steps) if steps else cmd)
-        assert f"written by {before} workers, now {after}: elastic resume" in out
-        # DeepSpeed's universal copy of the checkpoint was made and loaded
-        assert "(universal, new worker count)" in out
+    # 2 -> 1 worker: checkpoint 3 (2 ranks' ZeRO partitions) resumes on 1; it saves 4 and 6
+    out = run_to_end(replace_arg(command(data, run, workers=1), "--epochs", "--max-steps", 6))
+    assert "written by 2 workers, now 1: elastic resume" in out
+    assert "(universal, new worker count)" in out  # DeepSpeed's universal copy was made and loaded
+    # damage checkpoint 6 as a half-copied or lost file would: the next run says so and goes
+    # on from 4 instead (also 1 -> 2 workers), still serving every sample of each epoch once
+    optim = next((run / "train" / "checkpoint_000000006" / "ds").glob("*optim_states.pt"))
+    with open(optim, "r+b") as f:
+        f.truncate(100)
+    out = run_to_end(command(data, run, workers=2))
+    assert "checkpoint_000000006 is incomplete" in out and "falling back" in out
+    assert "resuming from" in out and "checkpoint_000000004" in out
+    assert "written by 1 workers, now 2: elastic resume" in out and "(universal, new worker count)" in out
     report = check(str(run), data["ids"])
     assert report["attempts"] == 3 and report["exactly_once"] and sorted(report["epochs"]) == [0, 1], report
     assert all(e["samples"] == 64 for e in report["epochs"].values()), report
+    assert report["superseded_rows"] > 0  # steps 5-6 of the second attempt were trained again
 
 
 # --- a node of a multi-node cluster goes away ------------------------------------------

@@ -25,9 +25,9 @@ def small_data(ray_cluster, tmp_path_factory):
     return root / "clean"
 
 
-def cli(*args, timeout=900):
+def cli(*args, timeout=900, cwd=ROOT):
     r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), *map(str, args)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=timeout)
+                       text=True, cwd=cwd, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -83,7 +83,8 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
 
 def test_evaluate_writes_flat_json(small_data, tmp_path):
     run = tmp_path / "run"
-    cli("train", "--data", small_data, "--run-dir", run, "--max-steps", 2, "--batch-size", 8)
+    # a relative --run-dir: the workers, whose working directory is elsewhere, must still find it
+    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, "--batch-size", 8, cwd=tmp_path)
     cli("evaluate", "--run-dir", run, "--data", small_data, "--output", tmp_path / "eval.json")
     result = json.load(open(tmp_path / "eval.json"))
     for direction in ("image_to_text", "text_to_image", "image_to_audio", "audio_to_text"):
