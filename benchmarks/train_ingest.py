@@ -41,6 +41,10 @@ def main() -> None:
     from pipelines.corpus import make_corpus
     from pipelines.preprocess import preprocess
 
+    from mmtrain.trainer import local_cpus
+    from pipelines.runtime import init_ray
+
+    init_ray(num_cpus=local_cpus(load_run_config(None, data_paths=["-"], run_dir="-")))
     raw, clean = os.path.join(args.workdir, "raw"), os.path.join(args.workdir, "clean")
     if not os.path.exists(os.path.join(raw, "_corpus.json")):
         make_corpus(raw, args.samples, 8, seed=0, progress=True)

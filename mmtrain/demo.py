@@ -16,12 +16,13 @@ HELD_OUT_SEED = 12345
 def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False, log=print) -> dict:
     from pipelines.corpus import make_corpus
     from pipelines.preprocess import format_summary, preprocess
+    from pipelines.runtime import init_ray
 
     from .config import load_run_config
     from .evaluate import evaluate
     from .export import export
     from .metrics import plot_run, read_metrics
-    from .trainer import train
+    from .trainer import local_cpus, train
 
     os.makedirs(workdir, exist_ok=True)
     paths = {name: os.path.join(workdir, name) for name in ("raw", "heldout_raw", "clean", "heldout", "run")}
@@ -30,6 +31,12 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
     def stage(name: str):
         log(f"\n== {name} " + "=" * (60 - len(name)))
         timings[name] = time.time()
+
+    train_over = {"max_steps": 10, "log_every": 2} if quick else None
+    cfg = load_run_config(None, data_paths=[paths["clean"]], run_dir=paths["run"], train=train_over)
+    # one Ray for every stage, sized for training (preprocessing alone would start it with
+    # one logical CPU per core, and the training workers would leave none to the data tasks)
+    init_ray(num_cpus=local_cpus(cfg))
 
     stage("make-corpus")
     if not os.path.exists(os.path.join(paths["raw"], "_corpus.json")):
@@ -43,8 +50,6 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
     preprocess([paths["heldout_raw"]], paths["heldout"], progress=False)
 
     stage("train")
-    train_over = {"max_steps": 10, "log_every": 2} if quick else None
-    cfg = load_run_config(None, data_paths=[paths["clean"]], run_dir=paths["run"], train=train_over)
     summary = train(cfg, log=log)
     log(f"trained {summary['steps']} steps in {summary['seconds']} s")
 

@@ -120,7 +120,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     cfg = cfg.replace(model={"vocab_size": tokenizer.vocab_size,
                              "gradient_checkpointing": cfg.train.activation_checkpointing})
     counts = shard_counts(shards, cfg.storage_options)
-    init_ray(num_cpus=_local_cpus(cfg))
+    init_ray(num_cpus=local_cpus(cfg))
+    _check_cpus_left_for_data(cfg)
     dataset_kwargs = dict(seed=cfg.seed, preprocessed=preprocessed, storage_options=cfg.storage_options,
                           shard_counts=counts)
     n_samples = sum(counts.values()) if counts else None
@@ -191,8 +192,22 @@ def train(cfg: RunConfig, *, log=print) -> dict:
             if result.checkpoint else None}
 
 
-def _local_cpus(cfg: RunConfig) -> int | None:
-    """An embedded Ray gets enough logical CPUs for the train workers plus data tasks: on a
-    laptop the workers would otherwise take every CPU and starve the data pipeline."""
+def local_cpus(cfg: RunConfig) -> int:
+    """Logical CPUs for an embedded Ray: the train workers' plus 2 for the data tasks. On a
+    laptop the workers would otherwise take every CPU and starve the data pipeline. Call
+    init_ray with it before anything else starts Ray in the process (see demo.py)."""
     need = int(math.ceil(cfg.scale.workers * cfg.scale.cpus_per_worker)) + 2
     return max(os.cpu_count() or 1, need)
+
+
+def _check_cpus_left_for_data(cfg: RunConfig) -> None:
+    """Ray Data's tasks need CPUs the training workers do not hold; without any, the first
+    batch never comes and the run waits forever. Say so instead."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    held = cfg.scale.workers * cfg.scale.cpus_per_worker
+    if total - held < 0.5:
+        raise ConfigError(f"Ray has {total:g} CPUs and the {cfg.scale.workers} training workers hold {held:g}: "
+                          f"none is left for the data pipeline; lower --workers or scale.cpus_per_worker, or give "
+                          f"Ray more CPUs")
