@@ -93,3 +93,12 @@ def test_evaluate_writes_flat_json(small_data, tmp_path):
     assert all(not isinstance(v, (dict, list)) for v in result.values())
     cli("plot", "--run-dir", run)
     assert os.path.getsize(run / "training.png") > 1000
+
+
+def test_workers_that_leave_no_cpu_to_the_data_pipeline_are_refused(small_data, tmp_path):
+    # the session's Ray has 4 CPUs: 4 one-CPU workers would wait forever for their first batch
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(small_data),
+                        "--run-dir", str(tmp_path / "run"), "--workers", "4"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "none is left for the data pipeline" in r.stderr.strip().splitlines()[-1]
