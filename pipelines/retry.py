@@ -27,19 +27,16 @@ that no reader mistakes an unreachable store for a damaged shard.
 from __future__ import annotations
 
 import errno
+import http.client
 import io
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import fsspec
-
-try:
-    import aiohttp
-except ImportError:  # only fsspec's http filesystem and s3fs bring it
-    aiohttp = None
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +66,24 @@ class ReadRetriesExhausted(RuntimeError):
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    """The exception types of a dropped or timed-out transfer, from the libraries that are
+    loaded. Looked up, never imported: an exception of a library's type can only exist once
+    that library is imported, and importing aiohttp/botocore up front cost every Ray worker
+    ~80 ms CPU even on local input."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+    aiohttp = sys.modules.get("aiohttp")
     if aiohttp is not None:
         types += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
-    try:
-        from botocore import exceptions as bx
-
+    bx = sys.modules.get("botocore.exceptions")
+    if bx is not None:
         # HTTPClientError covers ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
         types += [bx.HTTPClientError, bx.IncompleteReadError]
-    except ImportError:
-        pass
-    try:
-        from urllib3 import exceptions as ux
-
+    ux = sys.modules.get("urllib3.exceptions")
+    if ux is not None:
         types += [ux.ProtocolError, ux.IncompleteRead]
-    except ImportError:
-        pass
-    import http.client
-
-    types.append(http.client.IncompleteRead)
     return tuple(types)
 
 
-_TRANSIENT = _transient_types()
 # errnos that s3fs gives to a server-side, retryable answer: 503 SlowDown / ServiceUnavailable
 # -> EBUSY, 500 InternalError -> EREMOTEIO
 _TRANSIENT_ERRNOS = {errno.EBUSY, getattr(errno, "EREMOTEIO", 121), errno.EAGAIN, errno.ETIMEDOUT}
@@ -99,9 +91,10 @@ _TRANSIENT_ERRNOS = {errno.EBUSY, getattr(errno, "EREMOTEIO", 121), errno.EAGAIN
 
 def is_transient(e: BaseException) -> bool:
     """Worth trying again: the connection or the server hiccuped, not the request or the data."""
+    aiohttp = sys.modules.get("aiohttp")
     if aiohttp is not None and isinstance(e, aiohttp.ClientResponseError):
         return e.status >= 500 or e.status == 429  # an HTTP status from fsspec's http filesystem
-    if isinstance(e, _TRANSIENT):
+    if isinstance(e, _transient_types()):
         return True
     return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
 
