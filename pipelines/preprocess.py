@@ -141,11 +141,14 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress) -> Non
     running: list = []
     bar = _progress_bar(len(pending), progress)
     totals: Counter = Counter()
+    cpus = cluster_cpus()
     try:
         while todo or running:
-            # `workers` tasks at a time; by default one per CPU plus one queued per CPU, so a
-            # CPU that frees up starts the next shard at once, and an autoscaler sees demand
-            limit = workers or 2 * cluster_cpus()
+            # by default one task per CPU plus one queued per CPU, so that a CPU that frees up
+            # starts the next shard at once (no round trip through this loop) and an autoscaler
+            # sees demand. `workers` caps the shards in progress: queuing is kept where Ray's
+            # CPUs already enforce the cap, dropped where only this loop can
+            limit = 2 * cpus if not workers else (2 * workers if workers >= cpus else workers)
             while todo and len(running) < limit:
                 t = todo.pop()
                 running.append(task.remote(t.source, t.name))
