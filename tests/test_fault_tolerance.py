@@ -95,6 +95,10 @@ def reference(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     run_to_end(command(data, run, "--deterministic"))
     assert_exactly_once(run, data, attempts=1)
+    # checkpoints at 2, 4, 6, 8; keep_checkpoints (3) keeps the last three, all complete
+    kept = list_checkpoints(str(run / "train"))
+    assert [os.path.basename(c) for c in kept] == [f"checkpoint_{s:09d}" for s in (4, 6, 8)]
+    assert all(problem(c) is None for c in kept)
     return {"run": run, "loss": last_loss(run)}
 
 
