@@ -202,9 +202,14 @@ def local_cpus(cfg: RunConfig) -> int:
 
 def _check_cpus_left_for_data(cfg: RunConfig) -> None:
     """Ray Data's tasks need CPUs the training workers do not hold; without any, the first
-    batch never comes and the run waits forever. Say so instead."""
+    batch never comes and the run waits forever. Say so instead. Only on an embedded Ray:
+    a cluster may be autoscaling from zero worker nodes, and will grow to what is asked."""
     import ray
 
+    from pipelines.runtime import is_embedded
+
+    if not is_embedded():
+        return
     total = ray.cluster_resources().get("CPU", 0)
     held = cfg.scale.workers * cfg.scale.cpus_per_worker
     if total - held < 0.5:

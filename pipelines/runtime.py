@@ -15,11 +15,20 @@ def local_mode_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+_embedded = False  # whether init_ray started Ray inside this process
+
+
+def is_embedded() -> bool:
+    """True if this process runs its own Ray (its resources are fixed: no autoscaler)."""
+    return _embedded
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Join `address` (or RAY_ADDRESS) if given, else start Ray inside this process.
 
     Idempotent: tests share one Ray instance per session by initializing it first.
     """
+    global _embedded
     import ray
 
     if ray.is_initialized():
@@ -37,6 +46,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         # machine; the dashboard stays on loopback (Ray Train's state queries need it)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  **kwargs)
+        _embedded = True
     ctx = ray.data.DataContext.get_current()
     # our jobs draw their own progress (in samples, not blocks); Ray Data's per-operator
     # bars would interleave with it

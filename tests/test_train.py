@@ -96,9 +96,17 @@ def test_evaluate_writes_flat_json(small_data, tmp_path):
 
 
 def test_workers_that_leave_no_cpu_to_the_data_pipeline_are_refused(small_data, tmp_path):
-    # the session's Ray has 4 CPUs: 4 one-CPU workers would wait forever for their first batch
-    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(small_data),
-                        "--run-dir", str(tmp_path / "run"), "--workers", "4"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "none is left for the data pipeline" in r.stderr.strip().splitlines()[-1]
+    # an embedded Ray with 2 CPUs (as a preprocess step in the same process would start it):
+    # 2 one-CPU workers would wait forever for their first batch
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from pipelines.runtime import local_mode_env, init_ray\n"
+            "local_mode_env(); init_ray(num_cpus=2)\n"
+            "from mmtrain.config import load_run_config\n"
+            "from mmtrain.trainer import train\n"
+            f"train(load_run_config(None, data_paths=[{str(small_data)!r}], run_dir={str(tmp_path / 'run')!r}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "ConfigError: Ray has 2 CPUs and the 2 training workers hold 2: none is left for the data " \
+           "pipeline" in r.stderr, r.stderr[-2000:]
