@@ -46,9 +46,9 @@ def effective(rows: list[dict]) -> list[dict]:
 
 
 def epoch_counts(rows: list[dict]) -> dict[int, Counter]:
-    """How many times each id was trained on, per epoch, among the effective rows."""
+    """How many times each id was trained on, per epoch, in `rows` (pass the effective ones)."""
     counts: dict[int, Counter] = {}
-    for r in effective(rows):
+    for r in rows:
         counts.setdefault(r["epoch"], Counter()).update(tuple(i) for i in r["ids"])
     return counts
 
@@ -57,9 +57,10 @@ def check(run_dir: str, expected: set[Id] | None = None) -> dict:
     """Per epoch: ids trained on twice or more, and (given the epoch's ids) ids never trained on.
     Also how many rows later attempts superseded (steps run again after a crash)."""
     rows = read_audit(run_dir)
+    kept = effective(rows)
     report = {"attempts": len({r["attempt"] for r in rows}), "rows": len(rows),
-              "superseded_rows": len(rows) - len(effective(rows)), "epochs": {}}
-    for epoch, counts in sorted(epoch_counts(rows).items()):
+              "superseded_rows": len(rows) - len(kept), "epochs": {}}
+    for epoch, counts in sorted(epoch_counts(kept).items()):
         twice = sorted(i for i, n in counts.items() if n > 1)
         never = sorted(expected - set(counts)) if expected is not None else []
         report["epochs"][epoch] = {"samples": len(counts), "served_twice": len(twice), "never_served": len(never),

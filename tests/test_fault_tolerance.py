@@ -213,12 +213,7 @@ def test_a_lost_node_is_replaced_and_the_run_finishes(data, tmp_path, three_node
     cmd = command({**data, "config": config}, run)
     submit = [sys.executable, str(ROOT / "ray_job.py"), "submit", "--address", state["dashboard_url"], "--wait",
               "--env", "MMTRAIN_FAULT_PAUSE=step@3:120", "--", *cmd[2:]]
-    log = open(f"{run}.log", "w")
-    proc = subprocess.Popen(submit, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    deadline = time.time() + 600
-    while "fault injection: pausing" not in open(f"{run}.log").read():
-        assert proc.poll() is None and time.time() < deadline, open(f"{run}.log").read()[-4000:]
-        time.sleep(0.5)
+    proc = start_paused(submit, run, "step@3:120")  # the job gets the hold through --env
     # the training workers are the cluster's processes titled ray::RayTrainWorker
     workers = [p.pid for p in psutil.process_iter(["cmdline"])
                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and node_of(p.pid, state)]

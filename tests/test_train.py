@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from conftest import ROOT
+from mmtrain.audit import manifest_ids, read_audit
 from mmtrain.checkpoint import is_complete, list_checkpoints
 from mmtrain.export import load_exported, verify_probe
 from pipelines.corpus import make_corpus
@@ -32,26 +32,13 @@ def cli(*args, timeout=900, cwd=ROOT):
     return r
 
 
-def audit_rows(run_dir):
-    rows = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "audit", "*.jsonl"))):
-        with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows
-
-
-def manifest_ids(data_dir):
-    m = pq.read_table(os.path.join(data_dir, "_manifest.parquet")).to_pylist()
-    return {(os.path.join(str(data_dir), r["output_shard"]), r["key"]) for r in m}
-
-
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
     run = tmp_path / "run"
     # 48 samples, 2 workers x 8 per step: 3 steps per epoch if the split is even, more if not
     cli("train", "--data", small_data, "--run-dir", run, "--zero-stage", stage, "--epochs", 1,
         "--batch-size", 8, "--checkpoint-every", 2, "--audit-samples")
-    rows = audit_rows(run)
+    rows = read_audit(str(run))
     last = max(r["step"] for r in rows)
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [last]  # log_every 10: only the last step is logged
@@ -71,7 +58,7 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
 
     # the epoch served every sample exactly once
     epoch0 = [tuple(i) for r in rows if r["epoch"] == 0 for i in r["ids"]]
-    assert len(epoch0) == len(set(epoch0)) and set(epoch0) == manifest_ids(small_data)
+    assert len(epoch0) == len(set(epoch0)) and set(epoch0) == manifest_ids([str(small_data)])
     assert {r["step"] for r in rows} == set(range(1, last + 1))
 
     out = cli("export", "--run-dir", run, "--output", tmp_path / "model.safetensors")
