@@ -16,6 +16,10 @@ A checkpoint is complete when `done/rank_N` exists for every rank of its world s
 file it lists has the listed size. A save killed half-way (in DeepSpeed's write or in Ray's
 upload, which copies files in no particular order) fails that check, as does a file that was
 truncated later, and is never loaded: `select` falls back to the previous complete one.
+
+Checkpoint paths are local paths or fsspec URLs (see storage.py); `storage_options` reach the
+latter. A worker restores from a node-local copy of what its rank reads (nothing is copied
+when the storage is local).
 """
 from __future__ import annotations
 
@@ -34,11 +38,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from . import storage
 from .data_position import DataPosition
 
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's world-size-free format, made on an elastic resume
 CKPT_RE = re.compile(r"^checkpoint_(\d{9})$")
+# files that one rank alone reads back: DeepSpeed loads only its own ZeRO partition (model
+# states too at stage 3) unless zero_optimization.elastic_checkpoint is on, which we never set
+OWN_FILE_RE = re.compile(rf"^(?:{DS_TAG}/(?:bf16_)?zero_pp_rank_|rng/rank_)(\d+)")
+UNIVERSAL_DONE = f"done/{UNIVERSAL_TAG}"
 
 
 @dataclass
@@ -94,67 +103,102 @@ def staged_checkpoint(engine, state: TrainState, position: DataPosition, run_con
         shutil.rmtree(d, ignore_errors=True)
 
 
-def restore(engine, directory: str, rank: int, world_size: int, universal: bool = False
-            ) -> tuple[TrainState, DataPosition]:
+def restore(engine, directory: str, rank: int, world_size: int, universal: bool = False,
+            storage_options: dict | None = None) -> tuple[TrainState, DataPosition]:
     """Loads model/optimizer/scheduler states, the data position and (same world size) RNG.
     `universal`: from the universal copy (the engine was built with load_universal)."""
-    load_path, _ = engine.load_checkpoint(directory, tag=UNIVERSAL_TAG if universal else DS_TAG)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
-    state = saved_state(directory)
-    position = DataPosition.load(os.path.join(directory, "position"))
-    rng_file = os.path.join(directory, "rng", f"rank_{rank:05d}.pt")
-    if state.world_size == world_size and os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    with storage.local_copy(directory, storage_options, _read_by(rank, universal),
+                            work=restore_dir(directory, rank)) as local:
+        load_path, _ = engine.load_checkpoint(local, tag=UNIVERSAL_TAG if universal else DS_TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+        state = saved_state(local)
+        position = DataPosition.load(os.path.join(local, "position"))
+        rng_file = os.path.join(local, "rng", f"rank_{rank:05d}.pt")
+        if state.world_size == world_size and os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
     state.world_size = world_size
     return state, position
 
 
-def problem(directory: str) -> str | None:
+def restore_dir(directory: str, rank: int) -> str:
+    """Node-local folder for a rank's copy of a checkpoint in remote storage."""
+    key = hashlib.sha1(directory.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "mmtrain-restore", key, f"rank_{rank:05d}")
+
+
+def _read_by(rank: int, universal: bool):
+    """Which files of a checkpoint a rank's restore reads: the shared ones, every rank's data
+    position (it is re-split), its own ZeRO partition and RNG state, and of the two DeepSpeed
+    copies the one it loads (every rank reads all of the universal one: one file per parameter,
+    each sliced to the rank's partition)."""
+    skip = ("done", DS_TAG if universal else UNIVERSAL_TAG)
+
+    def wanted(name: str) -> bool:
+        own = OWN_FILE_RE.match(name)
+        return name.split("/", 1)[0] not in skip and (own is None or int(own.group(1)) == rank)
+
+    return wanted
+
+
+def problem(directory: str, storage_options: dict | None = None) -> str | None:
     """Why the checkpoint cannot be loaded, or None if it is complete."""
     try:
-        with open(os.path.join(directory, "train_state.json")) as f:
-            world = json.load(f)["world_size"]
-    except (OSError, ValueError, KeyError):
+        world = saved_state(directory, storage_options).world_size
+    except (OSError, ValueError, TypeError):
         return "train_state.json is missing or unreadable"
+    files = storage.listing(directory, storage_options)
     for r in range(world):
         try:
-            with open(os.path.join(directory, "done", f"rank_{r:05d}")) as f:
-                sizes = json.load(f)
+            sizes = _read_json(directory, f"done/rank_{r:05d}", storage_options)
         except (OSError, ValueError):
             return f"rank {r} of {world} did not finish its part"
-        for name, size in sizes.items():
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
-                return f"{name} (rank {r}) is missing"
-            if os.path.getsize(path) != size:
-                return f"{name} (rank {r}) has {os.path.getsize(path)} bytes, {size} were written"
+        why = _size_problem(files, sizes, f"rank {r}")
+        if why:
+            return why
     return None
 
 
-def is_complete(directory: str) -> bool:
-    return problem(directory) is None
+def _size_problem(files: dict[str, int], sizes: dict[str, int], who: str) -> str | None:
+    for name, size in sizes.items():
+        if name not in files:
+            return f"{name} ({who}) is missing"
+        if files[name] != size:
+            return f"{name} ({who}) has {files[name]} bytes, {size} were written"
+    return None
 
 
-def list_checkpoints(storage_dir: str) -> list[str]:
-    """Checkpoint directories in a local run's Ray Train storage folder, oldest first."""
-    if not os.path.isdir(storage_dir):
+def _read_json(directory: str, name: str, storage_options: dict | None):
+    fs, path = storage.filesystem(directory, storage_options)
+    return json.loads(fs.cat_file(storage.join(path, name)))
+
+
+def is_complete(directory: str, storage_options: dict | None = None) -> bool:
+    return problem(directory, storage_options) is None
+
+
+def list_checkpoints(storage_dir: str, storage_options: dict | None = None) -> list[str]:
+    """Checkpoint folders in a run's Ray Train storage folder (a path or URL), oldest first."""
+    fs, path = storage.filesystem(storage_dir, storage_options)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
         return []
-    found = [n for n in os.listdir(storage_dir) if CKPT_RE.match(n)]
-    return [os.path.join(storage_dir, n) for n in sorted(found)]
+    found = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return [storage.join(storage_dir, n) for n in sorted(found) if CKPT_RE.match(n)]
 
 
 def step_of(path: str) -> int:
     return int(CKPT_RE.match(os.path.basename(path.rstrip("/"))).group(1))
 
 
-def latest_complete(storage_dir: str, log=print, *, newest: str | None = None) -> str | None:
+def latest_complete(storage_dir: str, log=print, *, newest: str | None = None,
+                    storage_options: dict | None = None) -> str | None:
     """The newest complete checkpoint (no newer than `newest`, if given); incomplete newer
     ones are named, with the reason, and skipped."""
-    for path in reversed(list_checkpoints(storage_dir)):
+    for path in reversed(list_checkpoints(storage_dir, storage_options)):
         if newest is not None and step_of(path) > step_of(newest):
             continue
-        why = problem(path)
+        why = problem(path, storage_options)
         if why is None:
             return path
         log(f"checkpoint {os.path.basename(path)} is incomplete ({why}): a save was interrupted "
@@ -162,48 +206,78 @@ def latest_complete(storage_dir: str, log=print, *, newest: str | None = None) -
     return None
 
 
-def select(registered: str | None, storage_dir: str, log=print) -> str | None:
+def select(registered: str | None, storage_dir: str, log=print, *, storage_options: dict | None = None) -> str | None:
     """The checkpoint to resume from: the one Ray Train registered last if it is complete,
     else the newest complete one before it. With nothing registered (a run whose Ray Train
     snapshot is gone), the newest complete one in storage."""
-    if registered is not None and problem(registered) is None:
+    if registered is not None and problem(registered, storage_options) is None:
         return registered
-    return latest_complete(storage_dir, log, newest=registered)
+    return latest_complete(storage_dir, log, newest=registered, storage_options=storage_options)
 
 
-def discard_newer(storage_dir: str, step: int, log=print) -> None:
+def discard_newer(storage_dir: str, step: int, log=print, *, storage_options: dict | None = None) -> None:
     """Checkpoint folders newer than the one resumed from belong to an abandoned attempt
     (an interrupted save, or one never registered); the new attempt writes those step
     numbers again, and Ray Train merges files into an existing folder, so they go first."""
-    for path in list_checkpoints(storage_dir):
+    for path in list_checkpoints(storage_dir, storage_options):
         if step_of(path) > step:
             log(f"removing {os.path.basename(path)}: written by an interrupted attempt after the "
                 f"checkpoint this run resumes from")
-            shutil.rmtree(path, ignore_errors=True)
+            fs, fs_path = storage.filesystem(path, storage_options)
+            try:
+                fs.rm(fs_path, recursive=True)
+            except FileNotFoundError:
+                pass
 
 
-def saved_state(directory: str) -> TrainState:
-    with open(os.path.join(directory, "train_state.json")) as f:
-        return TrainState(**json.load(f))
+def saved_state(directory: str, storage_options: dict | None = None) -> TrainState:
+    return TrainState(**_read_json(directory, "train_state.json", storage_options))
 
 
-def needs_universal(directory: str, world_size: int) -> bool:
+def needs_universal(directory: str, world_size: int, storage_options: dict | None = None) -> bool:
     """ZeRO 1-3 partition optimizer states (stage 3: parameters too) by rank, so DeepSpeed can
     load them only at the world size that wrote them; stage 0 keeps whole states per file."""
-    saved = saved_state(directory)
+    saved = saved_state(directory, storage_options)
     return saved.world_size != world_size and saved.zero_stage >= 1
 
 
-def ensure_universal(directory: str, log=print) -> None:
+def ensure_universal(directory: str, log=print, storage_options: dict | None = None) -> None:
     """Converts the checkpoint's ZeRO files to DeepSpeed's universal checkpoint (one file per
-    parameter, any world size can load it) with DeepSpeed's own converter, once: into a
+    parameter, any world size can load it) with DeepSpeed's own converter, once.
+
+    In remote storage the converter runs on rank 0's node-local copy (all ranks' ZeRO files),
+    whose `ds_universal/` is then uploaded, `done/ds_universal` (its file sizes) last: that
+    marker, checked like a rank's, tells a finished upload from one cut short. Rank 0's
+    restore then finds the converted files already in its copy."""
+    if storage.is_local(directory):
+        _convert(directory, directory, log)
+        return
+    files = storage.listing(directory, storage_options)
+    if UNIVERSAL_DONE in files:
+        if _size_problem(files, _read_json(directory, UNIVERSAL_DONE, storage_options), "universal") is None:
+            return
+    local = restore_dir(directory, 0)
+    storage.download(directory, local, storage_options,
+                     lambda n: n.startswith(f"{DS_TAG}/") or "/" not in n)
+    _convert(local, directory, log)
+    fs, path = storage.filesystem(directory, storage_options)
+    if fs.exists(storage.join(path, UNIVERSAL_TAG)):
+        fs.rm(storage.join(path, UNIVERSAL_TAG), recursive=True)  # a conversion cut short: stale files
+    sizes = storage.upload(os.path.join(local, UNIVERSAL_TAG), storage.join(directory, UNIVERSAL_TAG),
+                           storage_options)
+    fs.pipe_file(storage.join(path, UNIVERSAL_DONE),
+                 json.dumps({f"{UNIVERSAL_TAG}/{n}": size for n, size in sizes.items()}).encode())
+
+
+def _convert(directory: str, name: str, log) -> None:
+    """DeepSpeed's converter on a local checkpoint (`name`: where it is stored): into a
     temporary folder renamed into place, so a conversion killed half-way is redone."""
     target = os.path.join(directory, UNIVERSAL_TAG)
     if os.path.isdir(target):
         return
     tmp = os.path.join(directory, f".{UNIVERSAL_TAG}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"converting {os.path.basename(directory)} to a universal checkpoint for the new worker count")
+    log(f"converting {os.path.basename(name)} to a universal checkpoint for the new worker count")
     r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                         "--input_folder", os.path.join(directory, DS_TAG), "--output_folder", tmp,
                         "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
@@ -211,7 +285,7 @@ def ensure_universal(directory: str, log=print) -> None:
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"DeepSpeed could not convert {directory} to a universal checkpoint: {last}")
+        raise RuntimeError(f"DeepSpeed could not convert {name} to a universal checkpoint: {last}")
     os.replace(tmp, target)
 
 

@@ -17,6 +17,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import fsspec
+
 from pipelines.config import DataConfig
 
 from .model import PRESETS, ModelConfig
@@ -103,6 +105,7 @@ class RunConfig:
     bpe_vocab_size: int = 2048
     seed: int = 0
     storage_options: dict = field(default_factory=dict)
+    checkpoint_storage: str = ""        # a path or fsspec URL (s3://bucket/run); "": the run directory
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -117,6 +120,11 @@ class RunConfig:
             raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         self.train.validate()
         self.scale.validate()
+        if self.checkpoint_storage:
+            try:
+                fsspec.get_filesystem_class(fsspec.utils.get_protocol(self.checkpoint_storage))
+            except (ValueError, ImportError) as e:
+                raise ConfigError(f"checkpoint storage {self.checkpoint_storage}: {e}") from None
         if self.model.image_size < self.data.image.size:
             raise ConfigError(f"model.image_size {self.model.image_size} is smaller than data.image.size "
                               f"{self.data.image.size}")
