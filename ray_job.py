@@ -92,8 +92,9 @@ def cmd_train(args) -> int:
     }.items() if v is not None}
     cfg = load_run_config(
         args.config, data_paths=list(args.data), run_dir=args.run_dir, seed=args.seed,
-        storage_options=_storage_options(args) or None, preset=args.preset,
-        train=train_over or None, scale={"workers": args.workers} if args.workers is not None else None,
+        storage_options=_storage_options(args) or None, checkpoint_storage=args.checkpoint_storage,
+        preset=args.preset, train=train_over or None,
+        scale={"workers": args.workers} if args.workers is not None else None,
     )
     summary = train(cfg)
     print(f"trained {summary['steps']} steps on {summary['samples'] or '?'} samples in {summary['seconds']} s; "
@@ -135,7 +136,7 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from mmtrain.export import export
 
-    info = export(args.run_dir, args.output)
+    info = export(args.run_dir, args.output, storage_options=_storage_options(args) or None)
     check = info["probe_max_abs_diff"]
     verified = f"; matches the training engine (max |diff| {check:.2e})" if check is not None else ""
     print(f"exported {info['parameters']:,} parameters from {info['checkpoint']} to {info['output']}{verified}")
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--audit-samples", action="store_true", help="write RUN/audit/*.jsonl: sample ids per step")
     sp.add_argument("--max-failures", type=int, help="automatic restarts after a worker or node dies "
                                                      "(default 3; -1: unlimited)")
+    sp.add_argument("--checkpoint-storage", metavar="URL",
+                    help="keep checkpoints here (a shared path or an fsspec URL such as s3://bucket/run, reached "
+                         "with --storage-options) instead of RUN; later commands on the run find it in RUN")
     common(sp)
     sp.set_defaults(fn=cmd_train)
 
@@ -280,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="consolidate the latest checkpoint into one safetensors file")
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--output", required=True)
+    sp.add_argument("--storage-options", metavar="JSON",
+                    help="fsspec options for the run's checkpoint storage (default: those it was trained with)")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("plot", help="loss and throughput of a run as a PNG")

@@ -39,7 +39,8 @@ PACKAGE_LIMIT = 100 * 1024 * 1024
 NOT_ALLOWED_INSIDE = {"submit", "status", "logs", "stop", "list"}
 # argparse destinations of ray_job.py subcommands that name paths: outputs (state written there
 # must outlive the job) and inputs (fine if relative *and* shipped in the package)
-OUTPUT_ARGS = {"out": "OUT", "output": "--output", "run_dir": "--run-dir", "workdir": "--workdir"}
+OUTPUT_ARGS = {"out": "OUT", "output": "--output", "run_dir": "--run-dir", "workdir": "--workdir",
+               "checkpoint_storage": "--checkpoint-storage"}
 INPUT_ARGS = {"inputs": "INPUT", "data": "--data", "config": "--config"}
 SECRET_KEY = re.compile(r"secret|password|token|passwd|credential|private|(^|_)key$", re.I)
 

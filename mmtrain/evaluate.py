@@ -13,9 +13,10 @@ import torch
 
 from pipelines.shards import expand_shards
 
+from . import storage
 from .batch import Collate
 from .checkpoint import latest_complete
-from .export import consolidated_state_dict
+from .export import load_checkpoint
 from .model import build_model
 from .tokenizer import load_tokenizer
 
@@ -34,20 +35,22 @@ def recall_at_k(query: torch.Tensor, target: torch.Tensor, ks=KS) -> dict[int, f
 def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_size: int = 64,
              storage_options: dict | None = None, checkpoint: str | None = None) -> dict:
     """A flat dict: `image_to_text/recall@1`, ... for every direction with both modalities
-    present in at least 2 samples, `caption_loss`, and the sample counts."""
+    present in at least 2 samples, `caption_loss`, and the sample counts. `storage_options`
+    reach the data, and the checkpoints (default: the options the run was trained with)."""
     from pipelines.ingest import build_dataset
     from pipelines.runtime import init_ray
 
     from .config import RunConfig
-    from .trainer import check_preprocessed, storage_dir
+    from .trainer import check_preprocessed
 
-    checkpoint = checkpoint or latest_complete(storage_dir(run_dir))
+    root, checkpoint_options = storage.run_checkpoints(run_dir, storage_options)
+    checkpoint = checkpoint or latest_complete(root, storage_options=checkpoint_options)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to evaluate; train first")
-    with open(os.path.join(checkpoint, "run_config.json")) as f:
-        cfg = RunConfig.from_dict({**json.load(f), "storage_options": storage_options or {}})
+    run, weights = load_checkpoint(checkpoint, checkpoint_options)
+    cfg = RunConfig.from_dict({**run, "storage_options": storage_options or {}})
     model = build_model(cfg.model)
-    model.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
+    model.load_state_dict(weights, strict=True)
     model.eval()
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
 

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from . import storage
 from .checkpoint import DS_TAG, latest_complete
 from .model import ModelConfig, build_model
 
@@ -31,17 +32,27 @@ def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def export(run_dir: str, output: str, checkpoint: str | None = None) -> dict:
+def load_checkpoint(checkpoint: str, storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the run config it was saved with, consolidated fp32 weights) of a checkpoint in any
+    storage; from remote storage, through a temporary local copy of its DeepSpeed files."""
+    def wanted(name: str) -> bool:
+        return "/" not in name or name.startswith(f"{DS_TAG}/")
+
+    with storage.local_copy(checkpoint, storage_options, wanted) as local:
+        with open(os.path.join(local, "run_config.json")) as f:
+            run = json.load(f)
+        return run, consolidated_state_dict(local)
+
+
+def export(run_dir: str, output: str, checkpoint: str | None = None, storage_options: dict | None = None) -> dict:
+    """`storage_options`: for the run's checkpoint storage (default: those it was trained with)."""
     from safetensors.torch import save_file
 
-    from .trainer import storage_dir
-
-    checkpoint = checkpoint or latest_complete(storage_dir(run_dir))
+    root, storage_options = storage.run_checkpoints(run_dir, storage_options)
+    checkpoint = checkpoint or latest_complete(root, storage_options=storage_options)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first")
-    with open(os.path.join(checkpoint, "run_config.json")) as f:
-        run = json.load(f)
-    state = consolidated_state_dict(checkpoint)
+    run, state = load_checkpoint(checkpoint, storage_options)
     tok_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
     metadata = {
         "model_config": json.dumps(run["model"]),
@@ -52,7 +63,7 @@ def export(run_dir: str, output: str, checkpoint: str | None = None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     save_file(state, output, metadata=metadata)
     model, _, _ = load_exported(output)
-    latest = latest_complete(storage_dir(run_dir))
+    latest = latest_complete(root, storage_options=storage_options)
     diff = verify_probe(model, run_dir) if latest == checkpoint else None
     return {"output": output, "checkpoint": checkpoint, "tensors": len(state),
             "parameters": int(sum(v.numel() for v in state.values())), "probe_max_abs_diff": diff}

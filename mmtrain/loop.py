@@ -56,7 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.scale.use_gpu else torch.device("cpu")
 
     tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
-    resume_from, universal = _resume_point(config["storage"], rank, world)
+    resume_from, universal = _resume_point(config["storage"], rank, world, cfg.storage_options)
     ds_config = config["deepspeed"]
     if universal:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
                                            config=ds_config, dist_init_required=False)
     state, position = TrainState(world_size=world, zero_stage=t.zero_stage), DataPosition()
     if resume_from is not None:
-        state, position = restore(engine, resume_from, rank, world, universal)
+        state, position = restore(engine, resume_from, rank, world, universal, cfg.storage_options)
 
     collate = Collate(tokenizer, t.batch_size, cfg.model.max_text_len, cfg.data.image.size,
                       cfg.data.audio.n_mels, cfg.data.audio.num_frames)
@@ -161,18 +161,21 @@ def _write_probe(engine, cfg: RunConfig, rank: int, device) -> None:
                    os.path.join(cfg.run_dir, "probe.pt"))
 
 
-def _resume_point(storage: str, rank: int, world: int) -> tuple[str | None, bool]:
+def _resume_point(storage: str, rank: int, world: int, storage_options: dict) -> tuple[str | None, bool]:
     """Rank 0 picks the checkpoint (Ray Train's latest if complete, else the previous complete
     one), removes folders of abandoned saves after it, converts it to DeepSpeed's universal
-    format if the worker count changed; every rank gets the same answer."""
+    format if the worker count changed; every rank gets the same answer, after the conversion
+    is in storage."""
     choice: list = [(None, False)]
     if rank == 0:
         registered = ray.train.get_checkpoint()
-        path = select(registered.path if registered is not None else None, storage)
-        discard_newer(storage, step_of(path) if path else 0)
-        universal = path is not None and needs_universal(path, world)
+        # Ray's path is on its own filesystem object, without the URL scheme: name it by ours
+        path = select(f"{storage}/{os.path.basename(registered.path)}" if registered is not None else None,
+                      storage, storage_options=storage_options)
+        discard_newer(storage, step_of(path) if path else 0, storage_options=storage_options)
+        universal = path is not None and needs_universal(path, world, storage_options)
         if universal:
-            ensure_universal(path)
+            ensure_universal(path, storage_options=storage_options)
         if path:
             print(f"rank 0: resuming from {path}" + (" (universal, new worker count)" if universal else ""))
         choice = [(path, universal)]

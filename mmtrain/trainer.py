@@ -1,6 +1,7 @@
 """The driver side of training: resolve data, tokenizer and DeepSpeed config, then run a
 Ray Train TorchTrainer (scaling, storage, failure and checkpoint configs) and resume from
-the run directory's latest complete checkpoint when there is one."""
+the run's latest complete checkpoint (in the run directory or its checkpoint storage) when
+there is one."""
 from __future__ import annotations
 
 import json
@@ -15,16 +16,11 @@ from ray.train import DataConfig
 from pipelines.retry import open_retrying, with_retry_defaults
 from pipelines.shards import expand_shards
 
+from . import storage
 from .checkpoint import latest_complete, saved_state
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
-
-STORAGE_NAME = "train"  # Ray Train's run folder inside the run directory
-
-
-def storage_dir(run_dir: str) -> str:
-    return os.path.join(os.path.abspath(run_dir), STORAGE_NAME)
 
 
 def shard_counts(shards: list[str], storage_options: dict | None) -> dict[str, int] | None:
@@ -114,6 +110,9 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     # workers run in other directories (and on other nodes): every path they get is absolute
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))
     os.makedirs(cfg.run_dir, exist_ok=True)
+    cfg = cfg.replace(checkpoint_storage=storage.settled(cfg.run_dir, cfg.checkpoint_storage))
+    checkpoints = storage.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
+    storage.check_writable(checkpoints, cfg.storage_options)
     shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
     preprocessed = check_preprocessed(shards, cfg)
     tokenizer = prepare_tokenizer(cfg, shards)
@@ -138,11 +137,11 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     with open(os.path.join(cfg.run_dir, "deepspeed_config.json"), "w") as f:
         json.dump(ds_config, f, indent=1)
 
-    # Ray Train finds the run's checkpoints itself (its snapshot in RUN/train/) and the workers
+    # Ray Train finds the run's checkpoints itself (its snapshot next to them) and the workers
     # check them (loop._resume_point); this tells the user what will happen
-    latest = latest_complete(storage_dir(cfg.run_dir), log=log)
+    latest = latest_complete(checkpoints, log=log, storage_options=cfg.storage_options)
     if latest:
-        saved = saved_state(latest)
+        saved = saved_state(latest, cfg.storage_options)
         if saved.zero_stage != cfg.train.zero_stage:
             raise ConfigError(f"{latest} was written with ZeRO stage {saved.zero_stage}; resume with "
                               f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
@@ -166,7 +165,7 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "clock": clock_name,
-                           "storage": storage_dir(cfg.run_dir), "per_rank_data": cfg.train.deterministic,
+                           "storage": checkpoints, "per_rank_data": cfg.train.deterministic,
                            "fault_pause": os.environ.get("MMTRAIN_FAULT_PAUSE")},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -175,7 +174,7 @@ def train(cfg: RunConfig, *, log=print) -> dict:
                                   **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                                   **cfg.scale.resources_per_worker}),
         run_config=RayRunConfig(
-            name=STORAGE_NAME, storage_path=os.path.abspath(cfg.run_dir),
+            **storage.ray_storage(cfg.run_dir, cfg.checkpoint_storage, cfg.storage_options),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
@@ -188,7 +187,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     if result.error:
         raise result.error
     return {"steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
-            "seconds": round(time.time() - started, 1), "checkpoint": result.checkpoint.path
+            "seconds": round(time.time() - started, 1),
+            "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
             if result.checkpoint else None}
 
 
