@@ -82,6 +82,26 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_data(ray_cluster, tmp_path_factory):
+    """48 preprocessed samples in 4 shards: 3 steps per epoch for 2 workers x 8."""
+    from pipelines.corpus import make_corpus
+    from pipelines.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("traindata")
+    make_corpus(str(root / "raw"), 48, 4, seed=11)
+    preprocess([str(root / "raw")], str(root / "clean"), progress=False)
+    return root / "clean"
+
+
+def cli(*args, timeout=900, cwd=ROOT):
+    """`python ray_job.py ARGS...` (joining the session's cluster through RAY_ADDRESS); must succeed."""
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; yields storage options for fsspec/s3fs."""
     port = free_port()

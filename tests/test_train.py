@@ -9,27 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cli
 from mmtrain.audit import manifest_ids, read_audit
 from mmtrain.checkpoint import is_complete, list_checkpoints
 from mmtrain.export import load_exported, verify_probe
-from pipelines.corpus import make_corpus
-from pipelines.preprocess import preprocess
-
-
-@pytest.fixture(scope="session")
-def small_data(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("traindata")
-    make_corpus(str(root / "raw"), 48, 4, seed=11)
-    preprocess([str(root / "raw")], str(root / "clean"), progress=False)
-    return root / "clean"
-
-
-def cli(*args, timeout=900, cwd=ROOT):
-    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), *map(str, args)], capture_output=True,
-                       text=True, cwd=cwd, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

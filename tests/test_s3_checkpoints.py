@@ -1,0 +1,106 @@
+"""Checkpoints in object storage: real Ray Train + DeepSpeed runs on 2 CPU workers keep their
+checkpoints in a real S3 server (moto, on loopback) given as --checkpoint-storage, resume from
+them (at another worker count too) and export from them; damaged checkpoint objects are
+detected; bad storage is a one-line error before Ray starts."""
+import json
+import os
+
+import ray_job
+from conftest import cli
+from mmtrain.audit import read_audit
+from mmtrain.checkpoint import latest_complete, list_checkpoints, problem, restore_dir, select, step_of
+
+
+def names(checkpoints):
+    return [os.path.basename(c) for c in checkpoints]
+
+
+def test_a_run_checkpoints_to_s3_resumes_from_it_on_other_worker_counts_and_exports(
+        small_data, s3_server, s3_bucket, tmp_path):
+    bucket, fs = s3_bucket
+    opts = s3_server["storage_options"]
+    run, root = tmp_path / "run", f"s3://{bucket}/run/train"
+    train = ["train", "--data", small_data, "--run-dir", run, "--batch-size", 8, "--checkpoint-every", 1,
+             "--audit-samples", "--storage-options", json.dumps(opts)]
+
+    cli(*train, "--checkpoint-storage", f"s3://{bucket}/run", "--workers", 1, "--max-steps", 2)
+    assert names(list_checkpoints(root, opts)) == ["checkpoint_000000001", "checkpoint_000000002"]
+    assert all(problem(c, opts) is None for c in list_checkpoints(root, opts))
+    assert list_checkpoints(str(run / "train")) == []  # nothing in the run directory
+
+    # 1 -> 2 workers: rank 0 converts checkpoint 2 to DeepSpeed's universal format and uploads
+    # it, rank 1 reads it from the bucket
+    out = cli(*train, "--checkpoint-storage", f"s3://{bucket}/run", "--workers", 2, "--max-steps", 3)
+    text = out.stdout + out.stderr
+    assert f"resuming from {root}/checkpoint_000000002 (written by 1 workers, now 2: elastic resume)" in text
+    assert "(universal, new worker count)" in text
+    universal = f"{bucket}/run/train/checkpoint_000000002"
+    assert fs.exists(f"{universal}/done/ds_universal") and fs.find(f"{universal}/ds_universal")
+
+    # the same worker count, storage found from the run directory: each rank reads its own partition
+    out = cli(*train, "--workers", 2, "--max-steps", 4)
+    assert f"resuming from {root}/checkpoint_000000003" in out.stdout + out.stderr
+    kept = list_checkpoints(root, opts)
+    assert names(kept) == [f"checkpoint_{s:09d}" for s in (2, 3, 4)]  # keep_checkpoints 3
+    assert all(problem(c, opts) is None for c in kept)
+    assert len(fs.glob(f"{bucket}/run/train/checkpoint_000000004/ds/*optim_states.pt")) == 2
+    rows = read_audit(str(run))
+    assert [min(r["step"] for r in rows if r["attempt"] == a) for a in range(3)] == [1, 3, 4]
+    assert not any(os.path.exists(restore_dir(c, r)) for c in kept for r in range(2))  # local copies removed
+
+    out = cli("export", "--run-dir", run, "--output", tmp_path / "model.safetensors")
+    assert f"from {root}/checkpoint_000000004" in out.stdout and "matches the training engine" in out.stdout
+
+
+def test_a_truncated_or_unfinished_checkpoint_in_s3_is_incomplete(s3_server, s3_bucket, tmp_path):
+    bucket, fs = s3_bucket
+    opts = s3_server["storage_options"]
+    root = f"s3://{bucket}/run/train"
+    for step in (2, 4, 6):  # two ranks' parts in the layout staged_checkpoint writes
+        local = tmp_path / f"checkpoint_{step:09d}"
+        files = {0: {"train_state.json": json.dumps({"step": step, "world_size": 2, "zero_stage": 2}).encode(),
+                     "ds/mp_rank_00_model_states.pt": b"m" * 300},
+                 1: {"ds/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"o" * 500}}
+        for rank, part in files.items():
+            for name, data in {**part, f"done/rank_{rank:05d}": json.dumps({n: len(d) for n, d in part.items()})
+                               .encode()}.items():
+                (local / name).parent.mkdir(parents=True, exist_ok=True)
+                (local / name).write_bytes(data)
+        fs.put(str(local), f"{bucket}/run/train/", recursive=True)
+    assert names(list_checkpoints(root, opts)) == [f"checkpoint_{s:09d}" for s in (2, 4, 6)]
+    assert all(problem(c, opts) is None for c in list_checkpoints(root, opts))
+
+    # 6: rank 1's upload never finished; 4: an object cut short
+    fs.rm(f"{bucket}/run/train/checkpoint_000000006/done/rank_00001")
+    fs.pipe_file(f"{bucket}/run/train/checkpoint_000000004/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", b"o" * 10)
+    assert problem(f"{root}/checkpoint_000000004", opts) == \
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt (rank 1) has 10 bytes, 500 were written"
+    said = []
+    assert latest_complete(root, said.append, storage_options=opts) == f"{root}/checkpoint_000000002"
+    assert "rank 1 of 2 did not finish its part" in said[0] and "checkpoint_000000004" in said[1]
+    assert step_of(select(f"{root}/checkpoint_000000004", root, said.append, storage_options=opts)) == 2
+
+
+def test_bad_checkpoint_storage_is_one_line_before_ray_starts(s3_server, s3_bucket, tmp_path, capsys):
+    bucket, _ = s3_bucket
+    opts = json.dumps(s3_server["storage_options"])
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tmp_path), "--run-dir", str(run), "--storage-options", opts]
+    cases = [
+        (["--checkpoint-storage", "nosuch://bucket/run"], "checkpoint storage nosuch://bucket/run: Protocol not known"),
+        (["--checkpoint-storage", "s3://no-such-bucket/run"],
+         "cannot write checkpoints to s3://no-such-bucket/run/train: FileNotFoundError"),
+    ]
+    for extra, message in cases:
+        assert ray_job.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (run / "run_config.json").exists()  # refused before the run began
+
+    # a run's checkpoint storage cannot change under it
+    run.mkdir(exist_ok=True)
+    (run / "run_config.json").write_text(json.dumps({"checkpoint_storage": f"s3://{bucket}/run"}))
+    assert ray_job.main([*base, "--checkpoint-storage", f"s3://{bucket}/other"]) == 2
+    err = capsys.readouterr().err
+    assert f"keeps its checkpoints in s3://{bucket}/run/train; pass --checkpoint-storage s3://{bucket}/run" in err
+    assert err.count("\n") == 1
