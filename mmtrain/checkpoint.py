@@ -107,7 +107,7 @@ def restore(engine, directory: str, rank: int, world_size: int, universal: bool 
             storage_options: dict | None = None) -> tuple[TrainState, DataPosition]:
     """Loads model/optimizer/scheduler states, the data position and (same world size) RNG.
     `universal`: from the universal copy (the engine was built with load_universal)."""
-    with storage.local_copy(directory, storage_options, _read_by(rank, universal),
+    with storage.local_copy(directory, storage_options, read_by(rank, universal),
                             work=restore_dir(directory, rank)) as local:
         load_path, _ = engine.load_checkpoint(local, tag=UNIVERSAL_TAG if universal else DS_TAG)
         if load_path is None:
@@ -127,7 +127,7 @@ def restore_dir(directory: str, rank: int) -> str:
     return os.path.join(tempfile.gettempdir(), "mmtrain-restore", key, f"rank_{rank:05d}")
 
 
-def _read_by(rank: int, universal: bool):
+def read_by(rank: int, universal: bool):
     """Which files of a checkpoint a rank's restore reads: the shared ones, every rank's data
     position (it is re-split), its own ZeRO partition and RNG state, and of the two DeepSpeed
     copies the one it loads (every rank reads all of the universal one: one file per parameter,

@@ -4,11 +4,13 @@ them (at another worker count too) and export from them; damaged checkpoint obje
 detected; bad storage is a one-line error before Ray starts."""
 import json
 import os
+from pathlib import Path
 
 import ray_job
 from conftest import cli
 from mmtrain.audit import read_audit
-from mmtrain.checkpoint import latest_complete, list_checkpoints, problem, restore_dir, select, step_of
+from mmtrain.checkpoint import latest_complete, list_checkpoints, problem, read_by, restore_dir, select, step_of
+from mmtrain.storage import local_copy
 
 
 def names(checkpoints):
@@ -52,21 +54,28 @@ def test_a_run_checkpoints_to_s3_resumes_from_it_on_other_worker_counts_and_expo
     assert f"from {root}/checkpoint_000000004" in out.stdout and "matches the training engine" in out.stdout
 
 
+def put_checkpoint(fs, url, tmp_path, step):
+    """A 2-rank ZeRO-2 checkpoint in the layout staged_checkpoint writes (contents are stand-ins)."""
+    local = tmp_path / f"checkpoint_{step:09d}"
+    for rank in range(2):
+        part = {f"ds/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": b"o" * 500,
+                f"position/rank_{rank:05d}.json": b"{}", f"rng/rank_{rank:05d}.pt": b"r" * 20}
+        if rank == 0:
+            part.update({"train_state.json": json.dumps({"step": step, "world_size": 2, "zero_stage": 2}).encode(),
+                         "ds/mp_rank_00_model_states.pt": b"m" * 300})
+        part[f"done/rank_{rank:05d}"] = json.dumps({n: len(d) for n, d in part.items()}).encode()
+        for name, data in part.items():
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(data)
+    fs.put(str(local), url.removeprefix("s3://") + "/", recursive=True)
+
+
 def test_a_truncated_or_unfinished_checkpoint_in_s3_is_incomplete(s3_server, s3_bucket, tmp_path):
     bucket, fs = s3_bucket
     opts = s3_server["storage_options"]
     root = f"s3://{bucket}/run/train"
-    for step in (2, 4, 6):  # two ranks' parts in the layout staged_checkpoint writes
-        local = tmp_path / f"checkpoint_{step:09d}"
-        files = {0: {"train_state.json": json.dumps({"step": step, "world_size": 2, "zero_stage": 2}).encode(),
-                     "ds/mp_rank_00_model_states.pt": b"m" * 300},
-                 1: {"ds/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"o" * 500}}
-        for rank, part in files.items():
-            for name, data in {**part, f"done/rank_{rank:05d}": json.dumps({n: len(d) for n, d in part.items()})
-                               .encode()}.items():
-                (local / name).parent.mkdir(parents=True, exist_ok=True)
-                (local / name).write_bytes(data)
-        fs.put(str(local), f"{bucket}/run/train/", recursive=True)
+    for step in (2, 4, 6):
+        put_checkpoint(fs, root, tmp_path, step)
     assert names(list_checkpoints(root, opts)) == [f"checkpoint_{s:09d}" for s in (2, 4, 6)]
     assert all(problem(c, opts) is None for c in list_checkpoints(root, opts))
 
@@ -79,6 +88,13 @@ def test_a_truncated_or_unfinished_checkpoint_in_s3_is_incomplete(s3_server, s3_
     assert latest_complete(root, said.append, storage_options=opts) == f"{root}/checkpoint_000000002"
     assert "rank 1 of 2 did not finish its part" in said[0] and "checkpoint_000000004" in said[1]
     assert step_of(select(f"{root}/checkpoint_000000004", root, said.append, storage_options=opts)) == 2
+
+    # a rank restores from a local copy of the files it reads: not the other rank's partition or RNG
+    with local_copy(f"{root}/checkpoint_000000002", opts, read_by(1, universal=False)) as local:
+        copied = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    assert copied == ["ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                      "position/rank_00000.json", "position/rank_00001.json", "rng/rank_00001.pt", "train_state.json"]
+    assert not os.path.exists(local)
 
 
 def test_bad_checkpoint_storage_is_one_line_before_ray_starts(s3_server, s3_bucket, tmp_path, capsys):
