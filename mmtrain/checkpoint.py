@@ -124,7 +124,7 @@ def restore(engine, directory: str, rank: int, world_size: int, universal: bool 
 def restore_dir(directory: str, rank: int) -> str:
     """Node-local folder for a rank's copy of a checkpoint in remote storage."""
     key = hashlib.sha1(directory.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "mmtrain-restore", key, f"rank_{rank:05d}")
+    return os.path.join(tempfile.gettempdir(), "mmtrain-restore", f"{key}.rank_{rank:05d}")
 
 
 def read_by(rank: int, universal: bool):
