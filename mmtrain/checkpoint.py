@@ -38,7 +38,9 @@ from .data_position import DataPosition
 
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's world-size-free format, made on an elastic resume
-CKPT_RE = re.compile(r"^checkpoint_(\d{9})$")
+# checkpoint_<step>, or checkpoint_<step>_r<n> when an abandoned folder holds the plain name
+CKPT_RE = re.compile(r"^checkpoint_(\d{9})(?:_r(\d+))?$")
+ABANDONED = "ABANDONED"  # marker in an emptied folder of an abandoned save (see discard_newer)
 
 
 @dataclass
@@ -50,8 +52,13 @@ class TrainState:
     zero_stage: int = 0
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:09d}"
+def checkpoint_name(step: int, taken: frozenset[str] | set[str] = frozenset()) -> str:
+    """The folder name for a save of `step`: never one in `taken` (folders already in storage,
+    abandoned ones included), so Ray Train never tracks two checkpoints at one path."""
+    name, n = f"checkpoint_{step:09d}", 0
+    while (f"{name}_r{n}" if n else name) in taken:
+        n += 1
+    return f"{name}_r{n}" if n else name
 
 
 def staging_dir(run_dir: str, rank: int) -> str:
@@ -136,16 +143,28 @@ def is_complete(directory: str) -> bool:
     return problem(directory) is None
 
 
-def list_checkpoints(storage_dir: str) -> list[str]:
-    """Checkpoint directories in a local run's Ray Train storage folder, oldest first."""
+def checkpoint_folders(storage_dir: str) -> list[str]:
+    """Names of every checkpoint folder in storage, abandoned ones included."""
     if not os.path.isdir(storage_dir):
         return []
-    found = [n for n in os.listdir(storage_dir) if CKPT_RE.match(n)]
-    return [os.path.join(storage_dir, n) for n in sorted(found)]
+    return [n for n in os.listdir(storage_dir) if CKPT_RE.match(n)]
+
+
+def list_checkpoints(storage_dir: str) -> list[str]:
+    """Checkpoint directories in a local run's Ray Train storage folder, oldest first, without
+    the folders of abandoned saves."""
+    found = [n for n in checkpoint_folders(storage_dir)
+             if not os.path.exists(os.path.join(storage_dir, n, ABANDONED))]
+    return [os.path.join(storage_dir, n) for n in sorted(found, key=_order)]
+
+
+def _order(name: str) -> tuple[int, int]:
+    m = CKPT_RE.match(os.path.basename(name.rstrip("/")))
+    return int(m.group(1)), int(m.group(2) or 0)
 
 
 def step_of(path: str) -> int:
-    return int(CKPT_RE.match(os.path.basename(path.rstrip("/"))).group(1))
+    return _order(path)[0]
 
 
 def latest_complete(storage_dir: str, log=print, *, newest: str | None = None) -> str | None:
@@ -172,14 +191,20 @@ def select(registered: str | None, storage_dir: str, log=print) -> str | None:
 
 
 def discard_newer(storage_dir: str, step: int, log=print) -> None:
-    """Checkpoint folders newer than the one resumed from belong to an abandoned attempt
-    (an interrupted save, or one never registered); the new attempt writes those step
-    numbers again, and Ray Train merges files into an existing folder, so they go first."""
+    """Checkpoint folders newer than the one resumed from belong to an abandoned attempt (an
+    interrupted save, or one registered and damaged later). Their files go; the folder stays,
+    empty but for a marker: Ray Train may still list it and delete it when it rotates it out
+    (its delete fails the whole run if the folder is gone), and the new attempt's saves of
+    those steps take other names (`checkpoint_name`)."""
     for path in list_checkpoints(storage_dir):
         if step_of(path) > step:
             log(f"removing {os.path.basename(path)}: written by an interrupted attempt after the "
                 f"checkpoint this run resumes from")
-            shutil.rmtree(path, ignore_errors=True)
+            for name in os.listdir(path):
+                target = os.path.join(path, name)
+                shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
+            with open(os.path.join(path, ABANDONED), "w") as f:
+                f.write(f"abandoned: a later attempt resumed from step {step}\n")
 
 
 def saved_state(directory: str) -> TrainState:
