@@ -146,9 +146,9 @@ def test_training_on_s3_through_faults_completes_and_serves_no_sample_twice(data
          "--audit-samples"],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    ids = [(source, key) for row in read_audit(str(run)) for source, key, _ in row["ids"]]
-    assert ids and len(ids) == len(set(ids))
+    served = [tuple(i) for row in read_audit(str(run)) for i in row["ids"]]  # (source, key, epoch)
+    assert served and len(served) == len(set(served))
     known = {(f"{reference}/{r['output_shard']}", r["key"])
              for r in manifest_rows(data["fs"], reference.removeprefix("s3://"), "_manifest.parquet")}
-    assert set(ids) <= known
+    assert {(source, key) for source, key, _ in served} <= known
     assert faulted_shards(faulty_s3, "ref") == set(SHARDS)
