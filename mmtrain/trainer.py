@@ -139,7 +139,7 @@ def train(cfg: RunConfig, *, log=print) -> dict:
         cfg = cfg.replace(train={"shuffle_buffer": buffer})
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps_per_epoch = math.ceil(math.ceil(n_samples / world) / per_step) if n_samples else None
-    steps = total_steps(cfg, steps_per_epoch)
+    steps = total_steps(cfg, n_samples, world, per_pass)
     ds_config = build_deepspeed_config(cfg, world, steps, on_gpu=cfg.scale.use_gpu)
     with open(os.path.join(cfg.run_dir, "run_config.json"), "w") as f:
         f.write(cfg.to_json())
@@ -196,7 +196,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     ray.kill(clock)
     if result.error:
         raise result.error
-    return {"steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
+    done = (result.metrics or {}).get("step", steps)
+    return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
             "seconds": round(time.time() - started, 1), "checkpoint": result.checkpoint.path
             if result.checkpoint else None}
 
