@@ -4,6 +4,7 @@ lockstep, step, log, checkpoint -> final checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -143,7 +144,7 @@ def _pass_end(state, t, world: int, epochs_per_pass: int, samples_per_epoch: int
     last = min(t.epochs, state.epoch + epochs_per_pass) - 1
     if t.max_steps and samples_per_epoch:
         samples_left = (t.max_steps - state.step) * t.batch_size * t.grad_accum * world
-        last = min(last, state.epoch + -(-samples_left // samples_per_epoch))
+        last = min(last, state.epoch + math.ceil(samples_left / samples_per_epoch))
     return last
 
 
