@@ -4,9 +4,11 @@ Makes (or reuses) a synthetic corpus, preprocesses it, trains the default tiny c
 embedded Ray for a fixed number of steps, and reads the run's own metrics (`data_wait_frac` is
 the time a worker is blocked on the next batch, over its whole step time, averaged over ranks).
 The first log window holds the pipeline's start-up and is reported apart from the steady state.
-Several prefetch depths are run side by side on the same data.
+Prefetch depths and epochs per pass (1: one Ray Data execution per epoch, as before passes;
+0: automatic, every epoch of this small corpus in one execution) run side by side on the same
+data; the ratios compare each variant with the first.
 
-    python benchmarks/train_ingest.py --samples 640 --steps 60 --prefetch 1 4 --out bench_out/ingest.json
+    python benchmarks/train_ingest.py --samples 640 --steps 60 --prefetch 4 --epochs-per-pass 1 0
 Goal: data wait under 5% of step time in the steady state.
 """
 from __future__ import annotations
@@ -27,7 +29,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=640)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--prefetch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--prefetch", type=int, nargs="+", default=[4])
+    p.add_argument("--epochs-per-pass", type=int, nargs="+", default=[1, 0])
+    p.add_argument("--shuffle-buffer", type=int, nargs="+", default=[256],
+                   help="rows; a pass of several epochs caps it at a quarter of a worker's epoch")
     p.add_argument("--workdir", default="bench_out/train_ingest")
     p.add_argument("--out", default="bench_out/train_ingest.json")
     args = p.parse_args()
@@ -51,12 +56,14 @@ def main() -> None:
     preprocess([raw], clean, progress=False)
 
     results = []
-    for prefetch in args.prefetch:
-        run = os.path.join(args.workdir, f"run_prefetch{prefetch}")
+    variants = [(p, e, b) for p in args.prefetch for b in args.shuffle_buffer for e in args.epochs_per_pass]
+    for prefetch, per_pass, buffer in variants:
+        run = os.path.join(args.workdir, f"run_prefetch{prefetch}_pass{per_pass}_buffer{buffer}")
         shutil.rmtree(run, ignore_errors=True)
         cfg = load_run_config(None, data_paths=[clean], run_dir=run,
                               train={"max_steps": args.steps, "log_every": args.log_every,
-                                     "checkpoint_every": 10**6, "prefetch_batches": prefetch})
+                                     "checkpoint_every": 10**6, "prefetch_batches": prefetch,
+                                     "epochs_per_pass": per_pass, "shuffle_buffer": buffer})
         started = time.time()
         train(cfg)
         wall = time.time() - started
@@ -64,6 +71,9 @@ def main() -> None:
         steady = windows[1:] or windows
         results.append({
             "prefetch_batches": prefetch,
+            "epochs_per_pass": per_pass,
+            # what the run used (a pass of several epochs caps the buffer)
+            "shuffle_buffer": json.load(open(os.path.join(run, "run_config.json")))["train"]["shuffle_buffer"],
             "steps": args.steps,
             "global_batch": cfg.train.batch_size * cfg.scale.workers,
             "first_window_data_wait": round(windows[0]["data_wait_frac"], 4),
@@ -77,12 +87,15 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"results": results, "cpus": os.cpu_count()}, f, indent=1)
-    print("\n| prefetch | steady data wait (mean / max) | first window | samples/s | fit s |")
-    print("|---|---|---|---|---|")
+    base = results[0]
+    print("\n| prefetch | shuffle buffer | epochs per pass | steady data wait (mean / max) | first window "
+          "| samples/s | samples/s vs first | fit s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['prefetch_batches']} | {100 * r['steady_data_wait_mean']:.1f}% / "
-              f"{100 * r['steady_data_wait_max']:.1f}% | {100 * r['first_window_data_wait']:.1f}% | "
-              f"{r['steady_samples_per_s']} | {r['fit_seconds']} |")
+        print(f"| {r['prefetch_batches']} | {r['shuffle_buffer']} | {r['epochs_per_pass'] or 'auto'} | "
+              f"{100 * r['steady_data_wait_mean']:.1f}% / {100 * r['steady_data_wait_max']:.1f}% | "
+              f"{100 * r['first_window_data_wait']:.1f}% | {r['steady_samples_per_s']} | "
+              f"{r['steady_samples_per_s'] / base['steady_samples_per_s']:.3f} | {r['fit_seconds']} |")
 
 
 if __name__ == "__main__":

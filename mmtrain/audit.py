@@ -2,7 +2,9 @@
 whether every sample of every epoch was trained on exactly once.
 
 RUN/audit/attempt_AAA.rank_RRRRR.jsonl holds one line per micro-step:
-    {"attempt": A, "step": S, "rank": R, "epoch": E, "ids": [[source, key], ...]}
+    {"attempt": A, "step": S, "rank": R, "ids": [[source, key, epoch], ...]}
+
+(a micro-step may train on rows of two epochs: a pass of epochs is one stream).
 
 An attempt that crashed may have run steps after its last checkpoint; the next attempt
 resumes from that checkpoint and runs those step numbers again. So the record of a step is
@@ -49,7 +51,8 @@ def epoch_counts(rows: list[dict]) -> dict[int, Counter]:
     """How many times each id was trained on, per epoch, in `rows` (pass the effective ones)."""
     counts: dict[int, Counter] = {}
     for r in rows:
-        counts.setdefault(r["epoch"], Counter()).update(tuple(i) for i in r["ids"])
+        for source, key, epoch in r["ids"]:
+            counts.setdefault(epoch, Counter())[(source, key)] += 1
     return counts
 
 

@@ -50,12 +50,14 @@ class Collate(NumpyBatchCollateFn):
             "mel_frames": torch.from_numpy(np.pad(np.asarray(b["mel_frames"], np.int64), (0, B - n))),
             "audio_present": _pad_bool(b["audio_present"], B),
             # ids stay python objects: they are the data position, not model input
-            "ids": list(zip((str(s) for s in b["source"]), (str(k) for k in b["key"]))),
+            "ids": list(zip((str(s) for s in b["source"]), (str(k) for k in b["key"]),
+                            (int(e) for e in b["epoch"]))),
         }
 
     def empty(self) -> dict:
         """A batch with no sample in it: loss 0, but every collective still runs."""
         return self({"key": np.array([], object), "source": np.array([], object), "text": np.array([], object),
+                     "epoch": np.zeros(0, np.int32),
                      "image": np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
                      "image_present": np.zeros(0, bool), "text_present": np.zeros(0, bool),
                      "mel": np.zeros((0, self.n_mels, self.mel_frames), np.float16),

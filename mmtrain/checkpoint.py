@@ -43,7 +43,9 @@ from .data_position import DataPosition
 
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's world-size-free format, made on an elastic resume
-CKPT_RE = re.compile(r"^checkpoint_(\d{9})$")
+# checkpoint_<step>, or checkpoint_<step>_r<n> when an abandoned folder holds the plain name
+CKPT_RE = re.compile(r"^checkpoint_(\d{9})(?:_r(\d+))?$")
+ABANDONED = "ABANDONED"  # marker in an emptied folder of an abandoned save (see discard_newer)
 # files that one rank alone reads back: DeepSpeed loads only its own ZeRO partition (model
 # states too at stage 3) unless zero_optimization.elastic_checkpoint is on, which we never set
 OWN_FILE_RE = re.compile(rf"^(?:{DS_TAG}/(?:bf16_)?zero_pp_rank_|rng/rank_)(\d+)")
@@ -59,8 +61,13 @@ class TrainState:
     zero_stage: int = 0
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:09d}"
+def checkpoint_name(step: int, taken: frozenset[str] | set[str] = frozenset()) -> str:
+    """The folder name for a save of `step`: never one in `taken` (folders already in storage,
+    abandoned ones included), so Ray Train never tracks two checkpoints at one path."""
+    name, n = f"checkpoint_{step:09d}", 0
+    while (f"{name}_r{n}" if n else name) in taken:
+        n += 1
+    return f"{name}_r{n}" if n else name
 
 
 def staging_dir(run_dir: str, rank: int) -> str:
@@ -177,18 +184,32 @@ def is_complete(directory: str, storage_options: dict | None = None) -> bool:
     return problem(directory, storage_options) is None
 
 
-def list_checkpoints(storage_dir: str, storage_options: dict | None = None) -> list[str]:
-    """Checkpoint folders in a run's Ray Train storage folder (a path or URL), oldest first."""
+def checkpoint_folders(storage_dir: str, storage_options: dict | None = None) -> list[str]:
+    """Names of every checkpoint folder in storage (a path or URL), abandoned ones included."""
     fs, path = storage.filesystem(storage_dir, storage_options)
     fs.invalidate_cache(path)
     if not fs.isdir(path):
         return []
-    found = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    return [storage.join(storage_dir, n) for n in sorted(found) if CKPT_RE.match(n)]
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return [n for n in names if CKPT_RE.match(n)]
+
+
+def list_checkpoints(storage_dir: str, storage_options: dict | None = None) -> list[str]:
+    """Checkpoint folders in a run's Ray Train storage folder (a path or URL), oldest first,
+    without the folders of abandoned saves."""
+    fs, path = storage.filesystem(storage_dir, storage_options)
+    found = [n for n in checkpoint_folders(storage_dir, storage_options)
+             if not fs.exists(storage.join(path, n, ABANDONED))]
+    return [storage.join(storage_dir, n) for n in sorted(found, key=_order)]
+
+
+def _order(name: str) -> tuple[int, int]:
+    m = CKPT_RE.match(os.path.basename(name.rstrip("/")))
+    return int(m.group(1)), int(m.group(2) or 0)
 
 
 def step_of(path: str) -> int:
-    return int(CKPT_RE.match(os.path.basename(path.rstrip("/"))).group(1))
+    return _order(path)[0]
 
 
 def latest_complete(storage_dir: str, log=print, *, newest: str | None = None,
@@ -216,18 +237,23 @@ def select(registered: str | None, storage_dir: str, log=print, *, storage_optio
 
 
 def discard_newer(storage_dir: str, step: int, log=print, *, storage_options: dict | None = None) -> None:
-    """Checkpoint folders newer than the one resumed from belong to an abandoned attempt
-    (an interrupted save, or one never registered); the new attempt writes those step
-    numbers again, and Ray Train merges files into an existing folder, so they go first."""
+    """Checkpoint folders newer than the one resumed from belong to an abandoned attempt (an
+    interrupted save, or one registered and damaged later). Their files go; the folder stays,
+    empty but for a marker: Ray Train may still list it and delete it when it rotates it out
+    (its delete fails the whole run if the folder is gone), and the new attempt's saves of
+    those steps take other names (`checkpoint_name`). The marker is written first: in an
+    object store a folder is only its objects, so it must never be empty."""
     for path in list_checkpoints(storage_dir, storage_options):
         if step_of(path) > step:
             log(f"removing {os.path.basename(path)}: written by an interrupted attempt after the "
                 f"checkpoint this run resumes from")
             fs, fs_path = storage.filesystem(path, storage_options)
-            try:
-                fs.rm(fs_path, recursive=True)
-            except FileNotFoundError:
-                pass
+            fs.pipe_file(storage.join(fs_path, ABANDONED),
+                         f"abandoned: a later attempt resumed from step {step}\n".encode())
+            fs.invalidate_cache(fs_path)
+            for entry in fs.ls(fs_path, detail=False):
+                if entry.rstrip("/").rsplit("/", 1)[-1] != ABANDONED:
+                    fs.rm(entry, recursive=True)
 
 
 def saved_state(directory: str, storage_options: dict | None = None) -> TrainState:

@@ -53,6 +53,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     shuffle_buffer: int = 256           # local shuffle buffer per worker (rows)
     prefetch_batches: int = 4
+    epochs_per_pass: int = 0            # epochs per Ray Data execution; 0: as many as fit in 200k samples
     deterministic: bool = False
     audit_samples: bool = False
     max_failures: int = 3               # automatic restarts after a worker or node dies
@@ -74,6 +75,7 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}"),
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.epochs_per_pass >= 0, f"epochs_per_pass must be >= 0 (0: automatic), got {self.epochs_per_pass}"),
             (self.max_failures >= -1, f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}"),
         ]
         for ok, message in checks:

@@ -1,11 +1,12 @@
 """Which samples the run has trained on: the data position saved in every checkpoint.
 
-Each rank records the ids, (source shard, key), of the samples in its committed optimizer
-steps of the current epoch. A checkpoint holds every rank's list; on resume they are merged
-into one set, whatever the number of workers was or is now, and the data plane serves only
-the rest of the epoch (see pipelines/ingest.py). Prefetched or shuffled-but-untrained rows
-are not in the set, so they are served again: the guarantee is exactly-once for committed
-steps, not for rows that were merely in flight.
+The data plane serves a pass of several epochs as one stream (see pipelines/ingest.py), so
+near an epoch boundary a batch may hold rows of two epochs. Each rank records, per epoch of
+the current pass, the ids, (source shard, key), of the samples in its committed optimizer
+steps. A checkpoint holds every rank's record; on resume they are merged, whatever the number
+of workers was or is now, and the data plane serves only the rest of each epoch of the pass.
+Prefetched or shuffled-but-untrained rows are not recorded, so they are served again: the
+guarantee is exactly-once for committed steps, not for rows that were merely in flight.
 """
 from __future__ import annotations
 
@@ -18,49 +19,55 @@ Id = tuple[str, str]  # (source shard URL, key)
 
 @dataclass
 class DataPosition:
-    epoch: int = 0
-    restored: set[Id] = field(default_factory=set)  # consumed this epoch before this attempt (all ranks)
-    mine: set[Id] = field(default_factory=set)      # consumed this epoch by this rank, this attempt
-    pending: list[Id] = field(default_factory=list)  # this rank, in micro-steps not yet committed
+    epoch: int = 0  # the first epoch of the current pass
+    restored: dict[int, set[Id]] = field(default_factory=dict)  # per epoch, before this attempt (all ranks)
+    mine: dict[int, set[Id]] = field(default_factory=dict)      # per epoch, this rank, this attempt
+    pending: list[tuple[int, Id]] = field(default_factory=list)  # this rank, micro-steps not yet committed
 
-    @property
-    def consumed(self) -> set[Id]:
-        return self.restored | self.mine
+    def consumed(self) -> dict[int, set[Id]]:
+        return {e: self.restored.get(e, set()) | self.mine.get(e, set())
+                for e in sorted(set(self.restored) | set(self.mine))}
 
-    def add(self, ids: list[Id]) -> None:
-        self.pending.extend(ids)
+    def add(self, ids: list[tuple[str, str, int]]) -> None:
+        """`ids`: (source, key, epoch) of the rows of one micro-batch."""
+        self.pending.extend((epoch, (source, key)) for source, key, epoch in ids)
 
     def commit(self) -> None:
         """Called at an optimizer step boundary: the pending micro-batches now count."""
-        self.mine.update(self.pending)
+        for epoch, i in self.pending:
+            self.mine.setdefault(epoch, set()).add(i)
         self.pending.clear()
 
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.restored, self.mine, self.pending = set(), set(), []
+    def next_pass(self, epoch: int) -> None:
+        """Every epoch before `epoch` was served whole: nothing of them needs remembering."""
+        self.epoch, self.restored, self.mine, self.pending = epoch, {}, {}, []
 
     # --- persistence: one file per rank, merged on load ---------------------------------
     def save_rank(self, directory: str, rank: int) -> None:
         """Rank 0 also carries what earlier attempts consumed, so no id is written twice."""
-        ids = self.consumed if rank == 0 else self.mine
-        by_source: dict[str, list[str]] = {}
-        for source, key in sorted(ids):
-            by_source.setdefault(source, []).append(key)
+        per_epoch = self.consumed() if rank == 0 else self.mine
+        ids: dict[str, dict[str, list[str]]] = {}
+        for epoch, members in per_epoch.items():
+            by_source: dict[str, list[str]] = {}
+            for source, key in sorted(members):
+                by_source.setdefault(source, []).append(key)
+            ids[str(epoch)] = by_source
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, f"rank_{rank:05d}.json"), "w") as f:
-            json.dump({"epoch": self.epoch, "ids": by_source}, f)
+            json.dump({"epoch": self.epoch, "ids": ids}, f)
 
     @classmethod
     def load(cls, directory: str) -> "DataPosition":
         files = sorted(n for n in os.listdir(directory) if n.startswith("rank_") and n.endswith(".json"))
         if not files:
             raise FileNotFoundError(f"no data position files in {directory}")
-        epochs, consumed = set(), set()
+        epochs, consumed = set(), {}
         for name in files:
             with open(os.path.join(directory, name)) as f:
                 d = json.load(f)
             epochs.add(d["epoch"])
-            consumed.update((s, k) for s, keys in d["ids"].items() for k in keys)
+            for epoch, by_source in d["ids"].items():
+                consumed.setdefault(int(epoch), set()).update((s, k) for s, keys in by_source.items() for k in keys)
         if len(epochs) != 1:
-            raise ValueError(f"ranks disagree on the epoch in {directory}: {sorted(epochs)}")
+            raise ValueError(f"ranks disagree on the pass's first epoch in {directory}: {sorted(epochs)}")
         return cls(epoch=epochs.pop(), restored=consumed)

@@ -6,16 +6,25 @@ RUN/deepspeed_config.json can be read, diffed and reused outside this project.
 """
 from __future__ import annotations
 
+import math
+
 from .config import RunConfig
 
 
-def total_steps(cfg: RunConfig, steps_per_epoch: int | None) -> int:
-    """Optimizer steps the schedule spans: --max-steps, else epochs x steps per epoch."""
+def total_steps(cfg: RunConfig, samples_per_epoch: int | None, world_size: int, epochs_per_pass: int = 1) -> int:
+    """Optimizer steps the schedule spans: --max-steps, else the steps of every pass of epochs
+    (a pass is one stream, so only its last step is short)."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    if not steps_per_epoch:
-        raise ValueError("the number of steps per epoch is unknown; pass --max-steps")
-    return cfg.train.epochs * steps_per_epoch
+    if not samples_per_epoch:
+        raise ValueError("the number of samples per epoch is unknown; pass --max-steps")
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    steps, epochs = 0, cfg.train.epochs
+    while epochs > 0:
+        k = min(epochs, epochs_per_pass)
+        steps += math.ceil(math.ceil(samples_per_epoch * k / world_size) / per_step)
+        epochs -= k
+    return steps
 
 
 def build_deepspeed_config(cfg: RunConfig, world_size: int, steps: int, *, on_gpu: bool) -> dict:

@@ -1,9 +1,10 @@
 """train_loop_per_worker: what each Ray Train worker runs. Reads top to bottom:
-set up -> restore -> for each epoch: set the epoch clock, stream batches in lockstep,
-step, log, checkpoint -> final checkpoint."""
+set up -> restore -> for each pass of epochs: set the epoch clock, stream batches in
+lockstep, step, log, checkpoint -> final checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -15,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from .batch import Collate
-from .checkpoint import (TrainState, checkpoint_name, discard_newer, ensure_universal, needs_universal, restore,
-                         seed_everything, select, staged_checkpoint, step_of)
+from .checkpoint import (TrainState, checkpoint_folders, checkpoint_name, discard_newer, ensure_universal,
+                         needs_universal, restore, seed_everything, select, staged_checkpoint, step_of)
 from .config import RunConfig
 from .data_position import DataPosition
 from .metrics import MetricsWriter
@@ -56,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.scale.use_gpu else torch.device("cpu")
 
     tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
-    resume_from, universal = _resume_point(config["storage"], rank, world, cfg.storage_options)
+    resume_from, universal, taken = _resume_point(config["storage"], rank, world, cfg.storage_options)
     ds_config = config["deepspeed"]
     if universal:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -81,9 +82,14 @@ def train_loop_per_worker(config: dict) -> None:
     fault = config.get("fault_pause")
     last_saved = state.step if resume_from is not None else -1
 
+    # one pass = several epochs served as one stream (see pipelines/ingest.py); state.epoch is
+    # the pass's first epoch, `seen` the newest epoch trained on, for the metrics
+    seen = state.epoch
     while state.step < max_steps and state.epoch < t.epochs:
+        last = _pass_end(state, t, world, config["epochs_per_pass"], config["samples_per_epoch"])
         if rank == 0:
-            ray.get(clock.set.remote(state.epoch, sorted(position.consumed)))
+            consumed = {e: sorted(ids) for e, ids in position.consumed().items()}
+            ray.get(clock.set.remote(state.epoch, last, consumed))
         dist.barrier()
         # a shuffle buffer's contents at a checkpoint are not saved, so a resumed run would fill
         # it differently: deterministic runs shuffle by shard order alone
@@ -103,37 +109,49 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             position.add(ids)
             window.add(out, ids, inputs)
+            seen = max([seen] + [e for _, _, e in ids])
             if audit is not None and ids:
                 audit.write(json.dumps({"attempt": attempt, "step": state.step + 1, "rank": rank,
-                                        "epoch": state.epoch, "ids": [list(i) for i in ids]}) + "\n")
+                                        "ids": [list(i) for i in ids]}) + "\n")
             if boundary:
                 position.commit()
                 state.step += 1
                 if state.step % t.log_every == 0 or state.step == max_steps:
-                    _log(window, engine, world, state, writer)
+                    _log(window, engine, world, state, writer, seen)
                 if state.step % t.checkpoint_every == 0 and state.step < max_steps:
-                    _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault)
+                    _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault, taken)
                     last_saved = state.step
                 _fault_pause(fault, "step", state.step, rank, attempt)
                 if state.step >= max_steps:
                     break
-        if state.step < max_steps:
-            state.epoch += 1
-            position.next_epoch()
+        if state.step < max_steps:  # the stream ran out: every epoch of the pass was served
+            state.epoch = last + 1
+            position.next_pass(state.epoch)
     if window.micro:  # steps since the last log line (every rank has the same count)
-        _log(window, engine, world, state, writer, epoch=min(state.epoch, t.epochs - 1))
+        _log(window, engine, world, state, writer, seen)
     if last_saved != state.step:
-        _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault)
+        _save(engine, state, position, run_config_json, rank, audit, cfg.run_dir, attempt, fault, taken)
     _write_probe(engine, cfg, rank, device)
     writer.close()
     if audit is not None:
         audit.close()
 
 
-def _log(window, engine, world, state, writer, epoch: int | None = None) -> None:
+def _pass_end(state, t, world: int, epochs_per_pass: int, samples_per_epoch: int | None) -> int:
+    """The last epoch of the pass starting at state.epoch: no further than --epochs, and with
+    --max-steps no further than the steps left can reach, so a run stopped by its step count
+    leaves at most the epoch it stopped in (and the next, begun by prefetch) partly served."""
+    last = min(t.epochs, state.epoch + epochs_per_pass) - 1
+    if t.max_steps and samples_per_epoch:
+        samples_left = (t.max_steps - state.step) * t.batch_size * t.grad_accum * world
+        last = min(last, state.epoch + math.ceil(samples_left / samples_per_epoch))
+    return last
+
+
+def _log(window, engine, world, state, writer, epoch: int) -> None:
     metrics = window.report(engine, world)
     state.samples += metrics["samples"]
-    writer.log(state.step, {**metrics, "epoch": state.epoch if epoch is None else epoch})
+    writer.log(state.step, {**metrics, "epoch": epoch})
 
 
 def probe_batch(cfg: RunConfig, n: int = 4) -> dict:
@@ -161,12 +179,13 @@ def _write_probe(engine, cfg: RunConfig, rank: int, device) -> None:
                    os.path.join(cfg.run_dir, "probe.pt"))
 
 
-def _resume_point(storage: str, rank: int, world: int, storage_options: dict) -> tuple[str | None, bool]:
+def _resume_point(storage: str, rank: int, world: int, storage_options: dict
+                  ) -> tuple[str | None, bool, frozenset[str]]:
     """Rank 0 picks the checkpoint (Ray Train's latest if complete, else the previous complete
-    one), removes folders of abandoned saves after it, converts it to DeepSpeed's universal
-    format if the worker count changed; every rank gets the same answer, after the conversion
-    is in storage."""
-    choice: list = [(None, False)]
+    one), empties folders of abandoned saves after it, converts it to DeepSpeed's universal
+    format if the worker count changed; every rank gets the same answer (after the conversion
+    is in storage), and the folder names that saves must not reuse."""
+    choice: list = [(None, False, frozenset())]
     if rank == 0:
         registered = ray.train.get_checkpoint()
         # Ray's path is on its own filesystem object, without the URL scheme: name it by ours
@@ -178,19 +197,19 @@ def _resume_point(storage: str, rank: int, world: int, storage_options: dict) ->
             ensure_universal(path, storage_options=storage_options)
         if path:
             print(f"rank 0: resuming from {path}" + (" (universal, new worker count)" if universal else ""))
-        choice = [(path, universal)]
+        choice = [(path, universal, frozenset(checkpoint_folders(storage, storage_options)))]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
 
-def _save(engine, state, position, run_config_json, rank, audit, run_dir, attempt, fault) -> None:
+def _save(engine, state, position, run_config_json, rank, audit, run_dir, attempt, fault, taken) -> None:
     if audit is not None:
         audit.flush()
     with staged_checkpoint(engine, state, position, run_config_json, rank, run_dir) as d:
         _fault_pause(fault, "save", state.step, rank, attempt)
         ray.train.report({"step": state.step, "epoch": state.epoch},
                          checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=checkpoint_name(state.step))
+                         checkpoint_dir_name=checkpoint_name(state.step, taken))
 
 
 def _fault_pause(spec: str | None, where: str, step: int, rank: int, attempt: int) -> None:

@@ -102,7 +102,7 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ingest import build_dataset, epoch_clock
+    from pipelines.ingest import build_dataset, epoch_clock, epochs_per_pass
     from pipelines.runtime import init_ray
 
     from .loop import train_loop_per_worker
@@ -128,9 +128,17 @@ def train(cfg: RunConfig, *, log=print) -> dict:
         log("counting samples (raw shards carry no manifest; preprocess them to skip this)...")
         n_samples = build_dataset(shards, cfg.data, **dataset_kwargs).count()
     world = cfg.scale.workers
+    per_pass = cfg.train.epochs_per_pass or epochs_per_pass(n_samples)
+    buffer = n_samples // world // 4 if n_samples else None
+    if per_pass > 1 and buffer is not None and not cfg.train.deterministic and cfg.train.shuffle_buffer > buffer:
+        # a pass streams epoch after epoch, and the shuffle buffer mixes rows across the boundary:
+        # kept to a quarter of a worker's epoch, epochs overlap only near their ends
+        log(f"shuffle buffer {cfg.train.shuffle_buffer} -> {buffer} rows (a quarter of each worker's "
+            f"{n_samples // world}-sample epoch, so epochs overlap only at their boundaries)")
+        cfg = cfg.replace(train={"shuffle_buffer": buffer})
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps_per_epoch = math.ceil(math.ceil(n_samples / world) / per_step) if n_samples else None
-    steps = total_steps(cfg, steps_per_epoch)
+    steps = total_steps(cfg, n_samples, world, per_pass)
     ds_config = build_deepspeed_config(cfg, world, steps, on_gpu=cfg.scale.use_gpu)
     with open(os.path.join(cfg.run_dir, "run_config.json"), "w") as f:
         f.write(cfg.to_json())
@@ -166,6 +174,7 @@ def train(cfg: RunConfig, *, log=print) -> dict:
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "clock": clock_name,
                            "storage": checkpoints, "per_rank_data": cfg.train.deterministic,
+                           "epochs_per_pass": per_pass, "samples_per_epoch": n_samples,
                            "fault_pause": os.environ.get("MMTRAIN_FAULT_PAUSE")},
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -186,7 +195,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     ray.kill(clock)
     if result.error:
         raise result.error
-    return {"steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
+    done = (result.metrics or {}).get("step", steps)
+    return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
             "seconds": round(time.time() - started, 1),
             "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
             if result.checkpoint else None}

@@ -77,7 +77,7 @@ class WebDatasetDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         n = max(1, min(parallelism, len(self.shards)))
         groups = [self.shards[i::n] for i in range(n)]  # strided: neighbouring shards go to different tasks
-        schema = sample_schema(self.modalities)
+        schema = self.schema()
         tasks = []
         for group in groups:
             size = sum(self.shard_sizes.get(s) or 0 for s in group) or None
@@ -85,6 +85,9 @@ class WebDatasetDatasource(Datasource):
             tasks.append(ReadTask(self._reader(group, schema), meta, schema=schema,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
+
+    def schema(self) -> pa.Schema:
+        return sample_schema(self.modalities)
 
     def _skip(self, group: list[str]):
         """A predicate (source, key) -> bool for rows to leave out, or None (subclass hook)."""

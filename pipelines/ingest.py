@@ -4,10 +4,16 @@ Works on preprocessed shards (JPEG crop + stored log-mel: decoding is cheap) and
 shards (the full transform of `transform.py` runs here instead). Each row keeps its id
 (source, key), which the training loop records as its data position.
 
-Epoch order: the datasource asks a small named actor, the `EpochClock`, which epoch is
-starting, and orders shards by a permutation seeded by (seed, epoch). The training loop
-(rank 0) sets the clock before each epoch; so the order is a pure function of the
+Epoch order: the datasource asks a small named actor, the `EpochClock`, which epochs to
+serve, and orders each epoch's shards by a permutation seeded by (seed, epoch). The training
+loop (rank 0) sets the clock before each pass; so the order is a pure function of the
 config, and a restarted run that restores epoch e reads epoch e's order again.
+
+A pass is several epochs in one Ray Data execution. Starting an execution costs ~1 s before
+its first batch (planning, task launch, the split coordinator), whatever the epoch's length;
+one execution per epoch made small-corpus runs wait for data ~14% of the time. Within a pass
+epoch e+1's shards are read while epoch e is still being trained on, so an epoch boundary
+costs nothing. Every row carries its epoch, and the data position is kept per epoch.
 """
 from __future__ import annotations
 
@@ -31,21 +37,36 @@ PREPROCESSED_MODALITIES = {"image": ("jpg",), "text": ("txt",), "mel": ("mel.npy
 RAW_MODALITIES = {"image": IMAGE_EXTS, "text": TEXT_EXTS, "mel": (), "audio": AUDIO_EXTS, "meta": ()}
 
 
+# a pass spans as many epochs as fit in this many samples: on a small corpus the epoch
+# boundaries cost nothing; a large corpus's epochs are long enough that one execution each
+# costs nothing either, and the data position (ids trained on, per epoch of the pass, saved
+# in every checkpoint) stays bounded by it
+SAMPLES_PER_PASS = 200_000
+
+
+def epochs_per_pass(samples_per_epoch: int | None) -> int:
+    return max(1, SAMPLES_PER_PASS // samples_per_epoch) if samples_per_epoch else 1
+
+
+Exclude = dict[int, dict[str, set[str]]]  # epoch -> source -> keys already trained on
+
+
 class EpochClock:
-    """What the data plane should serve next: the epoch, and the ids of that epoch already
-    trained on (from a checkpoint). A Ray actor, one per run, set by the training loop."""
+    """What the data plane should serve next: the epochs of the pass, and the ids of each
+    already trained on (from a checkpoint). A Ray actor, one per run, set by the training loop."""
 
     def __init__(self):
-        self.epoch, self.exclude = 0, {}
+        self.first, self.last, self.exclude = 0, 0, {}
 
-    def set(self, epoch: int, exclude_ids: list | None = None) -> int:
-        self.epoch, self.exclude = epoch, {}
-        for source, key in exclude_ids or []:
-            self.exclude.setdefault(source, set()).add(key)
-        return epoch
+    def set(self, first: int, last: int, consumed: dict[int, list] | None = None) -> int:
+        self.first, self.last, self.exclude = first, last, {}
+        for epoch, ids in (consumed or {}).items():
+            for source, key in ids:
+                self.exclude.setdefault(int(epoch), {}).setdefault(source, set()).add(key)
+        return first
 
-    def get(self) -> tuple[int, dict[str, set[str]]]:
-        return self.epoch, self.exclude
+    def get(self) -> tuple[int, int, Exclude]:
+        return self.first, self.last, self.exclude
 
 
 def epoch_clock(name: str):
@@ -61,9 +82,10 @@ def epoch_clock(name: str):
 
 
 class EpochShuffledDatasource(WebDatasetDatasource):
-    """A WebDataset datasource whose shard order is a permutation seeded by (seed, epoch),
-    serving only the ids of the epoch that are not yet consumed: a shard whose every sample
-    was consumed is not read at all, a partly consumed one is filtered by id."""
+    """A WebDataset datasource over the epochs of a pass: each epoch's shards in a permutation
+    seeded by (seed, epoch), rows tagged with their epoch, serving only the ids of each epoch
+    that are not yet consumed: a shard whose every sample was consumed in that epoch is not
+    read at all, a partly consumed one is filtered by id."""
 
     def __init__(self, shards: list[str], *, seed: int, preprocessed: bool, clock_name: str | None = None,
                  shard_counts: dict[str, int] | None = None, rank: int = 0, world: int = 1, **kwargs):
@@ -71,35 +93,53 @@ class EpochShuffledDatasource(WebDatasetDatasource):
         super().__init__(shards, modalities=modalities, include_errors=False, **kwargs)
         self.seed, self.clock_name, self.shard_counts = seed, clock_name, shard_counts or {}
         self.rank, self.world = rank, world  # world > 1: serve only this rank's shards
-        self._exclude: dict[str, set[str]] = {}
+        self.all_shards, self._epoch, self._exclude = list(self.shards), 0, {}
 
-    def plan(self) -> tuple[int, dict[str, set[str]]]:
+    def plan(self) -> tuple[int, int, Exclude]:
         if self.clock_name is None:
-            return 0, {}
+            return 0, 0, {}
         import ray
 
         return ray.get(ray.get_actor(self.clock_name).get.remote())
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-        epoch, exclude = self.plan()
-        order = list(self.shards)
+    def epoch_order(self, epoch: int, exclude: dict[str, set[str]]) -> list[str]:
+        order = list(self.all_shards)
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         # which rank reads a shard must not depend on what was consumed: slice, then skip
         order = order[self.rank::self.world]
-        order = [s for s in order if len(exclude.get(s, ())) < self.shard_counts.get(s, 1 << 62)]
-        # one task per shard, in permuted order: Ray Data launches tasks in list order, so the
-        # permutation is also (up to concurrency) the order in which shards are read
-        saved, self.shards, self._exclude = self.shards, order, exclude
+        return [s for s in order if len(exclude.get(s, ())) < self.shard_counts.get(s, 1 << 62)]
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        first, last, exclude = self.plan()
+        # one task per shard and epoch, epoch after epoch, each in its permuted order: Ray Data
+        # launches tasks in list order, so this is also (up to concurrency) the reading order
+        tasks = []
         try:
-            if not order:
-                return []
-            return super().get_read_tasks(len(order), per_task_row_limit, data_context)
+            for epoch in range(first, last + 1):
+                self._epoch, self._exclude = epoch, exclude.get(epoch, {})
+                self.shards = self.epoch_order(epoch, self._exclude)
+                if self.shards:
+                    tasks += super().get_read_tasks(len(self.shards), per_task_row_limit, data_context)
         finally:
-            self.shards = saved
+            self.shards = self.all_shards
+        return tasks
+
+    def schema(self) -> pa.Schema:
+        return super().schema().append(pa.field("epoch", pa.int32()))
 
     def _skip(self, group: list[str]):
         exclude = {s: self._exclude[s] for s in group if s in self._exclude}
         return (lambda source, key: key in exclude.get(source, ())) if exclude else None
+
+    def _reader(self, group: list[str], schema: pa.Schema):
+        # the base reader builds rows without the epoch; add it as a constant column
+        read, epoch = super()._reader(group, super().schema()), self._epoch
+
+        def read_epoch():
+            for table in read():
+                yield table.append_column("epoch", pa.array(np.full(len(table), epoch, np.int32)))
+
+        return read_epoch
 
 
 def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
@@ -108,7 +148,7 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
     size, n_mels, frames = cfg.image.size, cfg.audio.n_mels, cfg.audio.num_frames
     rows = batch.to_pylist()
     out = {
-        "key": [], "source": [],
+        "key": [], "source": [], "epoch": [],
         "image": np.zeros((len(rows), size, size, 3), np.uint8), "image_present": np.zeros(len(rows), bool),
         "text": [], "text_present": np.zeros(len(rows), bool),
         "mel": np.zeros((len(rows), n_mels, frames), np.float16), "mel_frames": np.zeros(len(rows), np.int32),
@@ -123,6 +163,7 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
             continue
         out["key"].append(row["key"])
         out["source"].append(row["source"])
+        out["epoch"].append(row.get("epoch") or 0)
         if image is not None:
             out["image"][n], out["image_present"][n] = image, True
         out["text"].append(text or "")
@@ -136,6 +177,7 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
         out[k] = out[k][:n]
     for k in ("key", "source", "text"):
         out[k] = np.array(out[k], dtype=object)
+    out["epoch"] = np.array(out["epoch"], dtype=np.int32)
     return out
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT, free_port
-from mmtrain.checkpoint import UNIVERSAL_TAG, latest_complete, problem, select
+from mmtrain.checkpoint import (ABANDONED, UNIVERSAL_TAG, checkpoint_folders, checkpoint_name, discard_newer,
+                                list_checkpoints, latest_complete, problem, select, step_of)
 
 SCRIPT = ROOT / "tests" / "ds_elastic.py"
 
@@ -88,3 +89,21 @@ def test_a_missing_file_or_state_is_named(tmp_path, saved):
     assert "is missing" in problem(str(ckpt))
     os.remove(ckpt / "train_state.json")
     assert "train_state.json" in problem(str(ckpt))
+
+
+def test_abandoned_saves_are_emptied_and_their_names_not_reused(tmp_path, saved):
+    storage = storage_with(tmp_path, saved, [2, 4, 6])
+    shutil.copytree(saved, storage / "checkpoint_000000004_r1")  # an earlier fallback's save of 4
+    said = []
+    discard_newer(str(storage), 2, log=said.append)
+    # the folders stay (Ray Train may still list them and delete them itself), emptied
+    for name in ("checkpoint_000000004", "checkpoint_000000004_r1", "checkpoint_000000006"):
+        assert os.listdir(storage / name) == [ABANDONED]
+    assert len(said) == 3 and all("removing" in s for s in said)
+    assert list_checkpoints(str(storage)) == [str(storage / "checkpoint_000000002")]
+    assert latest_complete(str(storage), log=said.append) == str(storage / "checkpoint_000000002")
+    taken = set(checkpoint_folders(str(storage)))
+    assert checkpoint_name(4, taken) == "checkpoint_000000004_r2"
+    assert checkpoint_name(6, taken) == "checkpoint_000000006_r1"
+    assert checkpoint_name(8, taken) == "checkpoint_000000008"
+    assert step_of(str(storage / "checkpoint_000000004_r2")) == 4

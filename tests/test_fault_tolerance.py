@@ -174,6 +174,11 @@ def test_a_checkpoint_resumes_on_fewer_then_more_workers_and_a_damaged_one_is_sk
     assert "checkpoint_000000006 is incomplete" in out and "falling back" in out
     assert "resuming from" in out and "checkpoint_000000004" in out
     assert "written by 1 workers, now 2: elastic resume" in out and "(universal, new worker count)" in out
+    # the damaged checkpoint's folder was emptied, not removed: Ray Train still listed it and
+    # deleted it itself when three newer ones were kept (a missing folder would fail the run);
+    # the new save of step 6 took another name
+    assert not (run / "train" / "checkpoint_000000006").exists()
+    assert "checkpoint_000000006_r1" in out
     report = check(str(run), data["ids"])
     assert report["attempts"] == 3 and report["exactly_once"] and sorted(report["epochs"]) == [0, 1], report
     assert all(e["samples"] == 64 for e in report["epochs"].values()), report

@@ -9,7 +9,8 @@ from pathlib import Path
 import ray_job
 from conftest import cli
 from mmtrain.audit import read_audit
-from mmtrain.checkpoint import latest_complete, list_checkpoints, problem, read_by, restore_dir, select, step_of
+from mmtrain.checkpoint import (ABANDONED, checkpoint_folders, checkpoint_name, discard_newer, latest_complete,
+                                list_checkpoints, problem, read_by, restore_dir, select, step_of)
 from mmtrain.storage import local_copy
 
 
@@ -88,6 +89,15 @@ def test_a_truncated_or_unfinished_checkpoint_in_s3_is_incomplete(s3_server, s3_
     assert latest_complete(root, said.append, storage_options=opts) == f"{root}/checkpoint_000000002"
     assert "rank 1 of 2 did not finish its part" in said[0] and "checkpoint_000000004" in said[1]
     assert step_of(select(f"{root}/checkpoint_000000004", root, said.append, storage_options=opts)) == 2
+
+    # resuming from 2 abandons 4 and 6: each is emptied down to its marker object (the prefix must
+    # not vanish while Ray Train still lists it), and a new save of their steps takes a fresh name
+    discard_newer(root, 2, said.append, storage_options=opts)
+    for step in (4, 6):
+        assert fs.ls(f"{bucket}/run/train/checkpoint_{step:09d}") == [
+            f"{bucket}/run/train/checkpoint_{step:09d}/{ABANDONED}"]
+    assert names(list_checkpoints(root, opts)) == ["checkpoint_000000002"]
+    assert checkpoint_name(4, set(checkpoint_folders(root, opts))) == "checkpoint_000000004_r1"
 
     # a rank restores from a local copy of the files it reads: not the other rank's partition or RNG
     with local_copy(f"{root}/checkpoint_000000002", opts, read_by(1, universal=False)) as local:

@@ -4,10 +4,8 @@ Real moto server on loopback, a real fault-injecting HTTP proxy in front of it (
 503 SlowDown answers and responses cut mid-body. Every test asserts that faults were really
 injected, so it cannot pass by not exercising the retries.
 """
-import glob
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ import pytest
 import s3fs
 
 from conftest import ROOT
+from mmtrain.audit import read_audit
 from faulty_s3 import faulty_s3  # noqa: F401  (the fixture)
 from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
@@ -147,12 +146,9 @@ def test_training_on_s3_through_faults_completes_and_serves_no_sample_twice(data
          "--audit-samples"],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    ids = []
-    for path in sorted(glob.glob(os.path.join(run, "audit", "*.jsonl"))):
-        with open(path) as f:
-            ids += [tuple(i) for line in f if line.strip() for i in json.loads(line)["ids"]]
-    assert ids and len(ids) == len(set(ids))
+    served = [tuple(i) for row in read_audit(str(run)) for i in row["ids"]]  # (source, key, epoch)
+    assert served and len(served) == len(set(served))
     known = {(f"{reference}/{r['output_shard']}", r["key"])
              for r in manifest_rows(data["fs"], reference.removeprefix("s3://"), "_manifest.parquet")}
-    assert set(ids) <= known
+    assert {(source, key) for source, key, _ in served} <= known
     assert faulted_shards(faulty_s3, "ref") == set(SHARDS)

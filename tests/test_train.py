@@ -40,7 +40,7 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
     assert len(optim) == 2  # every rank's ZeRO partition is in the one checkpoint
 
     # the epoch served every sample exactly once
-    epoch0 = [tuple(i) for r in rows if r["epoch"] == 0 for i in r["ids"]]
+    epoch0 = [(source, key) for r in rows for source, key, epoch in r["ids"] if epoch == 0]
     assert len(epoch0) == len(set(epoch0)) and set(epoch0) == manifest_ids([str(small_data)])
     assert {r["step"] for r in rows} == set(range(1, last + 1))
 
