@@ -143,7 +143,12 @@ class RunConfig:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        """The config as saved with the run and in every checkpoint (which may sit in a bucket):
+        credentials in the storage options are left out; pass them again, or through the
+        environment, to commands that read the run's storage."""
+        d = self.to_dict()
+        d["storage_options"] = without_secrets(d["storage_options"])
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -180,6 +185,19 @@ class RunConfig:
                 d[name] = value
         d["model"] = {k: v for k, v in d["model"].items()}
         return RunConfig.from_dict(d)
+
+
+SECRET_WORDS = ("secret", "token", "password", "credential")
+
+
+def without_secrets(options):
+    """fsspec storage options minus anything that looks like a credential (s3fs's key and
+    secret, botocore's aws_* keys, tokens and passwords), at any depth."""
+    if isinstance(options, dict):
+        return {k: without_secrets(v) for k, v in options.items()
+                if not (k in ("key", "username") or "access_key" in k.lower()
+                        or any(w in k.lower() for w in SECRET_WORDS))}
+    return options
 
 
 def _reject_unknown(cls, d: dict, prefix: str) -> None:

@@ -88,7 +88,8 @@ def check_writable(root: str, storage_options: dict | None) -> None:
 
 def run_checkpoints(run_dir: str, storage_options: dict | None = None) -> tuple[str, dict]:
     """(checkpoint root, storage options) of a finished or running run, from its
-    RUN/run_config.json: options given here win over the ones the run was trained with."""
+    RUN/run_config.json: options given here win over the ones the run was trained with
+    (saved without credentials: those come from here or the environment)."""
     path = os.path.join(run_dir, "run_config.json")
     saved = json.load(open(path)) if os.path.exists(path) else {}
     return (checkpoint_root(run_dir, saved.get("checkpoint_storage", "")),

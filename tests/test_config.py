@@ -83,3 +83,13 @@ def test_train_cli_missing_data_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path),
                         "--run-dir", str(tmp_path / "run"), "--config", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "train.unknown_key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_saved_config_leaves_credentials_out():
+    cfg = load_run_config(None, data_paths=["s3://b/x"], run_dir="r", storage_options={
+        "key": "AKIA", "secret": "s3cr3t", "token": "t", "anon": False,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "aws_secret_access_key": "s",
+                          "aws_access_key_id": "a", "aws_session_token": "t"}})
+    saved = json.loads(cfg.to_json())
+    assert saved["storage_options"] == {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert "s3cr3t" not in cfg.to_json() and cfg.storage_options["secret"] == "s3cr3t"  # kept in memory

@@ -51,7 +51,12 @@ def test_a_run_checkpoints_to_s3_resumes_from_it_on_other_worker_counts_and_expo
     assert [min(r["step"] for r in rows if r["attempt"] == a) for a in range(3)] == [1, 3, 4]
     assert not any(os.path.exists(restore_dir(c, r)) for c in kept for r in range(2))  # local copies removed
 
-    out = cli("export", "--run-dir", run, "--output", tmp_path / "model.safetensors")
+    # credentials stay out of what is saved with the run, in the bucket too
+    assert opts["secret"] not in (run / "run_config.json").read_text()
+    assert opts["secret"] not in fs.cat(f"{bucket}/run/train/checkpoint_000000004/run_config.json").decode()
+
+    out = cli("export", "--run-dir", run, "--output", tmp_path / "model.safetensors", "--storage-options",
+              json.dumps(opts))
     assert f"from {root}/checkpoint_000000004" in out.stdout and "matches the training engine" in out.stdout
 
 
