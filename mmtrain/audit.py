@@ -77,15 +77,13 @@ def manifest_ids(data_dirs: list[str], storage_options: dict | None = None) -> s
     """Every sample id of preprocessed folders, from their manifests (ids as the ingest names
     them: the output shard's URL and the key)."""
     import fsspec
-    import pyarrow.parquet as pq
-
+    from pipelines.retry import read_parquet_retrying, with_retry_defaults
     from pipelines.shards import canonical_url
 
     ids: set[Id] = set()
     for folder in data_dirs:
-        fs, path = fsspec.core.url_to_fs(folder.rstrip("/"), **(storage_options or {}))
-        with fs.open(f"{path}/_manifest.parquet", "rb") as f:
-            table = pq.read_table(f, columns=["output_shard", "key"])
+        fs, path = fsspec.core.url_to_fs(folder.rstrip("/"), **with_retry_defaults(folder, storage_options))
+        table = read_parquet_retrying(fs, f"{path}/_manifest.parquet", columns=["output_shard", "key"])
         base = canonical_url(fs, path)
         ids.update((f"{base}/{s}", k) for s, k in zip(table["output_shard"].to_pylist(), table["key"].to_pylist()))
     return ids

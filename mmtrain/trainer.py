@@ -10,10 +10,9 @@ import os
 import time
 
 import fsspec
-import pyarrow.parquet as pq
 from ray.train import DataConfig
 
-from pipelines.retry import open_retrying, with_retry_defaults
+from pipelines.retry import open_retrying, read_parquet_retrying, with_retry_defaults
 from pipelines.shards import expand_shards
 
 from . import storage
@@ -33,8 +32,7 @@ def shard_counts(shards: list[str], storage_options: dict | None) -> dict[str, i
         manifest = f"{path}/_manifest.parquet"
         if not fs.exists(manifest):
             return None
-        with open_retrying(fs, manifest) as f:
-            table = pq.read_table(f, columns=["output_shard"])
+        table = read_parquet_retrying(fs, manifest, columns=["output_shard"])
         for row in table.group_by("output_shard").aggregate([("output_shard", "count")]).to_pylist():
             counts[f"{folder}/{row['output_shard']}"] = row["output_shard_count"]
     return {s: counts.get(s, 0) for s in shards}

@@ -198,6 +198,16 @@ def open_retrying(fs: fsspec.AbstractFileSystem, path: str, name: str | None = N
     return RetryingFile(lambda: fs.open(path, "rb"), name or path, policy)
 
 
+def read_parquet_retrying(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None):
+    """A parquet file (a manifest) read through `open_retrying`. Single-threaded: pyarrow 26
+    reading a Python file object on its thread pool leaves a thread that aborts the process
+    at exit ("terminate called without an active exception"), after the work is done."""
+    import pyarrow.parquet as pq
+
+    with open_retrying(fs, path) as f:
+        return pq.read_table(f, columns=columns, use_threads=False)
+
+
 def with_retry_defaults(url: str, storage_options: dict | None) -> dict:
     """The user's storage options, plus our botocore retry settings for s3:// when the user
     set none (theirs always win)."""

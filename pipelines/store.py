@@ -114,7 +114,7 @@ class OutputStore:
 
     def read_parquet(self, name: str) -> pa.Table:
         with self.open_read(name) as f:
-            return pq.read_table(f)
+            return pq.read_table(f, use_threads=False)  # see retry.read_parquet_retrying
 
     def remove_temporaries(self) -> int:
         """Delete what killed runs left behind; returns how many files."""
