@@ -194,7 +194,8 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     if result.error:
         raise result.error
     done = (result.metrics or {}).get("step", steps)
-    return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples, "resumed_from": latest,
+    return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples,
+            "resumed_from": latest,
             "seconds": round(time.time() - started, 1),
             "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
             if result.checkpoint else None}
