@@ -18,9 +18,11 @@ DUPLICATE = "duplicate"
 # --- container level (tar stream) ---
 SHARD_UNREADABLE = "shard_unreadable"            # cannot open / list the shard at all
 TRUNCATED_SHARD = "truncated_shard"              # the tar stream ends or breaks mid-way
-UNSAFE_MEMBER_NAME = "unsafe_member_name"        # absolute, '..', or not a regular file
+UNSAFE_MEMBER_NAME = "unsafe_member_name"        # absolute, '..', not a regular file, not UTF-8, control chars, too long
+TAR_HEADER_TOO_LARGE = "tar_header_too_large"    # a GNU long name/link or pax header over its cap, or too long a chain
 MEMBER_WITHOUT_EXTENSION = "member_without_extension"
-MEMBER_TOO_LARGE = "member_too_large"
+MEMBER_TOO_LARGE = "member_too_large"            # stored size, or inflated size of KEY.ext.gz, over the cap
+SAMPLE_TOO_LARGE = "sample_too_large"            # too many members or too many bytes in one sample
 MEMBER_DECOMPRESS_ERROR = "member_decompress_error"  # KEY.ext.gz that is not gzip
 DUPLICATE_KEY = "duplicate_key"                  # key seen earlier in the same shard
 
@@ -31,6 +33,12 @@ TEXT_BAD_JSON = "text_bad_json"                  # not JSON, or no "caption"/"te
 AUDIO_DECODE_ERROR = "audio_decode_error"
 AUDIO_EMPTY = "audio_empty"
 NO_USABLE_MODALITY = "no_usable_modality"
+IMAGE_TOO_LARGE = "image_too_large"              # more pixels than data.image.max_pixels (checked from the header)
+AUDIO_UNSUPPORTED = "audio_unsupported"          # channels or sample rate outside data.audio's limits (from the header)
+
+# --- the job's own failures, contained to one sample or one shard ---
+INTERNAL_ERROR = "internal_error"                # an unexpected exception on one sample (a bug; logged with its traceback)
+SHARD_CRASHED = "shard_crashed"                  # the shard's task died (OOM kill, native crash) on every retry
 
 # --- filter rules ---
 IMAGE_TOO_SMALL = "image_too_small"
