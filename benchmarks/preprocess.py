@@ -113,12 +113,13 @@ def run_floor(corpus: str) -> dict:
     from pipelines.config import DataConfig
     from pipelines.reasons import SampleError
     from pipelines.source import iter_tar_samples
+    from pipelines.tarheaders import ReadLimits
     from pipelines.transform import encode_members, transform_sample
 
     cfg, n, ok = DataConfig(), 0, 0
     with _Meter() as m:
         for url in _shards(corpus):
-            for raw in iter_tar_samples(url, max_member_bytes=cfg.max_member_bytes):
+            for raw in iter_tar_samples(url, limits=ReadLimits.from_config(cfg)):
                 n += 1
                 try:
                     encode_members(transform_sample(raw, cfg), cfg)

@@ -13,6 +13,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from .source import RAW_MODALITIES, RawSample, iter_tar_samples, split_modalities
+from .tarheaders import ReadLimits
 
 
 def sample_schema(modalities: dict[str, tuple[str, ...]]) -> pa.Schema:
@@ -54,7 +55,7 @@ class WebDatasetDatasource(Datasource):
         *,
         modalities: dict[str, tuple[str, ...]] | None = None,
         storage_options: dict | None = None,
-        max_member_bytes: int = 256 * 1024 * 1024,
+        limits: ReadLimits | None = None,
         include_errors: bool = True,
         rows_per_block: int = 128,
         shard_sizes: dict[str, int | None] | None = None,
@@ -65,7 +66,7 @@ class WebDatasetDatasource(Datasource):
         self.shards = list(shards)
         self.modalities = dict(modalities or RAW_MODALITIES)
         self.storage_options = storage_options or {}
-        self.max_member_bytes = max_member_bytes
+        self.limits = limits or ReadLimits.from_config()  # what a shard may make a reader hold or do
         self.include_errors = include_errors
         self.rows_per_block = rows_per_block
         self.shard_sizes = shard_sizes or {}
@@ -94,14 +95,14 @@ class WebDatasetDatasource(Datasource):
         return None
 
     def _reader(self, group: list[str], schema: pa.Schema):
-        modalities, opts, limit = self.modalities, self.storage_options, self.max_member_bytes
+        modalities, opts, limits = self.modalities, self.storage_options, self.limits
         keep_errors, rows_per_block = self.include_errors, self.rows_per_block
         skip = self._skip(group)
 
         def read() -> Iterator[pa.Table]:
             rows: list[dict] = []
             for url in group:
-                for raw in iter_tar_samples(url, storage_options=opts, max_member_bytes=limit):
+                for raw in iter_tar_samples(url, storage_options=opts, limits=limits):
                     if raw.error is not None and not keep_errors:
                         continue
                     if skip is not None and skip(raw.source, raw.key):

@@ -28,6 +28,7 @@ from . import modalities as M
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, DataConfig
 from .reasons import SampleError
 from .datasource import WebDatasetDatasource
+from .tarheaders import ReadLimits
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed
     source = EpochShuffledDatasource(shards, seed=seed, preprocessed=preprocessed, clock_name=clock_name,
                                      storage_options=storage_options,
                                      shard_sizes=shard_sizes(shards, storage_options), rows_per_block=16,
-                                     shard_counts=shard_counts, rank=rank, world=world)
+                                     shard_counts=shard_counts, rank=rank, world=world,
+                                     limits=ReadLimits.from_config(cfg))
     ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=read_cpus)
     # small blocks (16 rows, ~5 MB decoded): the split hands blocks to whichever worker asks
     # first, so block size is the granularity of load balance between training workers

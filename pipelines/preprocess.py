@@ -41,6 +41,7 @@ from .config import DataConfig
 from .shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names, process_shard, rewrite_without
 from .shards import expand_shards
 from .store import OutputStore
+from .transform import DROPPED
 
 FORMAT_VERSION = 1
 JOB_FILE, STATS_FILE = "_job.json", "_stats.json"
@@ -219,6 +220,8 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
         "bytes_in": sum(s["bytes_in"] for s in per_shard),
         "bytes_out": sum(s["bytes_out"] for s in per_shard),
         "worker_seconds": round(sum(s["seconds"] for s in per_shard), 3),
+        # extras of written samples left out of the output (not in data.extra_exts), by extension
+        "dropped_members": {k[len(DROPPED):]: n for k, n in sorted(counts.items()) if k.startswith(DROPPED)},
         "data": cfg.to_dict(),
     }
     store.write_json(STATS_FILE, stats)
@@ -259,6 +262,12 @@ def format_summary(stats: dict, output: str) -> str:
     for title, table in (("quarantined", stats["quarantined"]), ("filtered", stats["filtered"])):
         for reason, n in table.items():
             lines.append(f"    {title:<11} {reason:<26} {n}")
+    dropped = stats.get("dropped_members") or {}
+    if dropped:
+        top = sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f".{ext} {n}" for ext, n in top[:8]) + (", ..." if len(top) > 8 else "")
+        lines.append(f"  dropped     {sum(dropped.values())} extra member(s) not in data.extra_exts, "
+                     f"left out of kept samples: {shown}")
     mb_in, mb_out = stats["bytes_in"] / 1e6, stats["bytes_out"] / 1e6
     lines.append(f"  bytes       in {mb_in:.1f} MB, out {mb_out:.1f} MB")
     secs = run.get("seconds") or 0.0

@@ -22,7 +22,8 @@ from .config import DataConfig
 from .reasons import SampleError
 from .source import RawSample, base_plus_ext, iter_tar_samples
 from .store import OutputStore
-from .transform import encode_members, manifest_fields, transform_sample
+from .tarheaders import ReadLimits
+from .transform import count_dropped_members, encode_members, manifest_fields, transform_sample
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("position", pa.int64()),
@@ -195,7 +196,7 @@ def process_shard(
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             tar.copybufsize = _COPY_BUFSIZE
             for raw in iter_tar_samples(source, storage_options=storage_options,
-                                        max_member_bytes=cfg.max_member_bytes):
+                                        limits=ReadLimits.from_config(cfg)):
                 counts["read"] += 1
                 bytes_in += sum(len(v) for v in raw.members.values())
                 try:
@@ -216,6 +217,7 @@ def process_shard(
                     add_member(tar, f"{sample.key}.{ext}", data)
                 manifest.append({**manifest_fields(sample), "output_shard": shard_name})
                 counts["written"] += 1
+                count_dropped_members(counts, sample.dropped)
     parts = part_names(shard_name)
     store.write_parquet(parts["manifest"], rows_to_table(manifest, MANIFEST_SCHEMA))
     store.write_parquet(parts["quarantine"], rows_to_table(quarantine, QUARANTINE_SCHEMA))

@@ -13,10 +13,12 @@ one sample's members are held at a time.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import posixpath
 import re
 import tarfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -24,8 +26,9 @@ import fsspec
 
 from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
-from .reasons import SampleError
+from .reasons import SampleError, SampleFiltered
 from .retry import ReadRetriesExhausted, open_retrying, with_retry_defaults
+from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage
 
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
@@ -59,39 +62,54 @@ class RawSample:
     error: SampleError | None = None
 
 
-class _RecordingTarInfo(tarfile.TarInfo):
-    """Remembers why `tarfile` stopped: only an all-zero block (`EOFHeaderError`) is a
-    normal end.
-
-    `TarFile.next()` swallows a bad checksum, a short header and a missing end-of-archive
-    block (`EmptyHeaderError`: no bytes at all) and just ends the iteration; this subclass
-    keeps the reason on the TarFile.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tf)
-        except tarfile.EOFHeaderError:
-            raise
-        except tarfile.HeaderError as e:
-            tf._stop_reason = f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
-            raise
+_CHUNK = 1 << 20  # member data is read, inflated and skipped in pieces of this size
+# what `tarfile`'s "r|*" would decompress besides gzip (its own magic checks): shards are
+# plain or gzip tars, and these formats have no bound on what one read call inflates to
+_OTHER_COMPRESSION = ((b"BZh", b"1AY&SY", "bzip2"), (b"\xfd7zXZ", b"", "xz"), (b"\x5d\x00\x00\x80", b"", "lzma"),
+                      (b"\x28\xb5\x2f\xfd", b"", "zstd"))
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def unsafe_reason(info: tarfile.TarInfo) -> str | None:
+def _printable(name: str, limit: int = 200) -> str:
+    """`name` on one printable line: bytes that are not UTF-8 (surrogate-escaped by tarfile)
+    as \\xNN, control and other unprintable characters escaped, cut after `limit` characters."""
+    try:
+        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        text = ascii(name)[1:-1]
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quoted(name: str) -> str:
+    return f"'{_printable(name)}'"
+
+
+def unsafe_reason(info: tarfile.TarInfo, limits: ReadLimits) -> str | None:
     """Why a member must not be used, or None. Anything that could point outside the
-    sample (links, devices, absolute or parent paths) is refused, never resolved."""
-    name = info.name
+    sample (links, devices, absolute or parent paths) is refused, never resolved; so is a
+    name that is not UTF-8, holds control characters (it would break every line it is
+    printed on) or is over `limits.name_bytes`."""
+    name, shown = info.name, _quoted(info.name)
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"member name {shown} is not valid UTF-8"
+    if size > limits.name_bytes:
+        return f"member name of {size} bytes > {limits.name_bytes} (data.max_name_bytes): {shown}"
+    if _CONTROL.search(name):
+        return f"member name {shown} holds control characters"
+    if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE:
+        return f"{shown} is a sparse file"
     if not info.isreg():
-        return f"{name!r} is not a regular file (type {info.type!r})"
+        return f"{shown} is not a regular file (type {info.type!r})"
     if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        return f"{name!r} is an absolute or non-POSIX path"
+        return f"{shown} is an absolute or non-POSIX path"
     parts = name.split("/")
     if ".." in parts or any(p == "" for p in parts[:-1]):
-        return f"{name!r} climbs out of the shard or has an empty path part"
+        return f"{shown} climbs out of the shard or has an empty path part"
     if posixpath.normpath(name) != name:
-        return f"{name!r} is not a normalized path"
+        return f"{shown} is not a normalized path"
     return None
 
 
@@ -99,17 +117,21 @@ def iter_tar_samples(
     url: str,
     *,
     storage_options: dict | None = None,
-    max_member_bytes: int = 256 * 1024 * 1024,
+    limits: ReadLimits | None = None,
 ) -> Iterator[RawSample]:
     """Every sample of one shard, in order; errors come as samples with `error` set.
 
     A damaged shard yields every sample completed before the damage, then one record
-    with `TRUNCATED_SHARD` for the sample that was being read (or for the shard).
+    with the damage (`TRUNCATED_SHARD`, or `TAR_HEADER_TOO_LARGE` for an extended header
+    over its limits) for the sample that was being read (or for the shard). Nothing in a
+    shard's bytes raises: `limits` (default: `DataConfig()`'s) bound what it can make the
+    reader hold or do.
 
     Transient store faults (throttling, a connection dropped mid-body) are retried under
     the reader, resuming at the same byte, so they change nothing in what is yielded (see
     `retry.py`). If the store keeps failing, `ReadRetriesExhausted` is raised: an outage is
-    the job's problem, never recorded as a damaged shard or an unreadable sample.
+    the job's problem, never recorded as a damaged shard or an unreadable sample; so is any
+    other exception raised by the store while the shard is read.
     """
     try:
         fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
@@ -120,87 +142,236 @@ def iter_tar_samples(
         yield RawSample("", url, 0, error=SampleError(reasons.SHARD_UNREADABLE, _one_line(e)))
         return
     with f:
-        yield from _iter_stream(f, url, max_member_bytes)
+        yield from _iter_stream(f, url, limits)
 
 
-def _iter_stream(fileobj, url: str, max_member_bytes: int) -> Iterator[RawSample]:
-    seen: set[str] = set()
-    current: RawSample | None = None
-    position = 0
+def _iter_stream(fileobj, url: str, limits: ReadLimits | None = None) -> Iterator[RawSample]:
+    return _ShardReader(fileobj, url, limits or ReadLimits.from_config()).samples()
 
-    def new_sample(key: str, error: SampleError | None = None) -> RawSample:
-        nonlocal position
-        sample = RawSample(key, url, position, error=error)
-        position += 1
+
+class _SourceFile:
+    """The shard's bytes on their way to tarfile. The first bytes can be looked at before
+    tarfile sees them (to choose the decompressor), and an exception of the store is kept:
+    it is the job's problem, re-raised as it is, never taken for damage in the shard."""
+
+    def __init__(self, f):
+        self._f, self._head, self.error = f, b"", None
+
+    def peek(self, n: int) -> bytes:
+        while len(self._head) < n:
+            chunk = self._read(n - len(self._head))
+            if not chunk:
+                break
+            self._head += chunk
+        return self._head[:n]
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._read(n)
+        cut = len(self._head) if n is None or n < 0 else n
+        data, self._head = self._head[:cut], self._head[cut:]
+        return data
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self._f.read(n)
+        except Exception as e:
+            self.error = e
+            raise
+
+
+class _ShardReader:
+    """One pass over one shard: groups members into samples, checks every limit before it
+    reads, and turns whatever the tar stream makes `tarfile` raise into a record."""
+
+    def __init__(self, fileobj, url: str, limits: ReadLimits):
+        self.source, self.url, self.limits = _SourceFile(fileobj), url, limits
+        self.position = 0           # records yielded so far
+        self.count = 0              # members of the current sample
+        self.seen: set[bytes] = set()  # digests of the keys so far: 16 bytes each, whatever a key's length
+
+    def samples(self) -> Iterator[RawSample]:
+        current: RawSample | None = None
+        try:
+            tf = self._open()
+            while (info := self._next(tf)) is not None:
+                problem = None if info.isdir() else unsafe_reason(info, self.limits)
+                key, ext = (None, None) if info.isdir() or problem else base_plus_ext(info.name)
+                if problem or (key is None and not info.isdir()):
+                    if current is not None:
+                        yield current
+                        current = None
+                    error = SampleError(reasons.UNSAFE_MEMBER_NAME, problem) if problem else SampleError(
+                        reasons.MEMBER_WITHOUT_EXTENSION, f"{_quoted(info.name)} has no extension")
+                    shown = _printable(info.name)
+                    record = self._new(shown, error)
+                    record.names.append(shown)
+                    yield record
+                elif key is not None:
+                    if current is None or key != current.key:
+                        if current is not None:
+                            yield current
+                        current = self._start(key)
+                    self.count += 1
+                    if self.count <= self.limits.sample_members + 1:  # the names of a huge sample stay few
+                        current.names.append(info.name)
+                    if current.error is None:  # once rejected, a sample's members are skipped unread
+                        current.error = self._read_member(tf, info, current, ext.lower())
+                self._skip_to_next_header(tf)
+            self._check_end(tf)
+        except ShardDamage as e:
+            detail = e.detail if e.reason == reasons.SHARD_UNREADABLE else \
+                f"damaged after {self.position} record(s): {e.detail}"
+            if current is not None:
+                current.error = SampleError(e.reason, detail)
+                yield current
+            else:
+                yield self._new("", SampleError(e.reason, detail))
+            return
+        if current is not None:
+            yield current
+
+    def _new(self, key: str, error: SampleError | None = None) -> RawSample:
+        sample = RawSample(key, self.url, self.position, error=error)
+        self.position += 1
         return sample
 
-    try:
-        tf = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_RecordingTarInfo)
-        tf._stop_reason = None  # type: ignore[attr-defined]
-        for info in tf:
-            tf.members = []  # streaming mode would otherwise keep every header in memory
-            if info.isdir():
-                continue
-            problem = unsafe_reason(info)
-            if problem:
-                if current is not None:
-                    yield current
-                    current = None
-                refused = new_sample(info.name, SampleError(reasons.UNSAFE_MEMBER_NAME, problem))
-                refused.names.append(info.name)
-                yield refused
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is None:
-                if current is not None:
-                    yield current
-                    current = None
-                bad = new_sample(info.name, SampleError(
-                    reasons.MEMBER_WITHOUT_EXTENSION, f"{info.name!r} has no extension"))
-                bad.names.append(info.name)
-                yield bad
-                continue
-            ext = ext.lower()
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                dup = None
-                if key in seen:
-                    dup = SampleError(reasons.DUPLICATE_KEY, f"key {key!r} appears again later in the shard")
-                seen.add(key)
-                current = new_sample(key, dup)
-            current.names.append(info.name)
-            if current.error is not None:
-                continue  # the sample is already rejected: don't spend time reading it
-            if info.size > max_member_bytes:
-                current.error = SampleError(
-                    reasons.MEMBER_TOO_LARGE, f"{info.name!r} is {info.size} bytes > {max_member_bytes}")
-                continue
-            data = tf.extractfile(info).read()
-            if ext == "gz" or ext.endswith(".gz"):
-                ext = ext[:-3].rstrip(".")
-                try:
-                    data = gzip.decompress(data)
-                except (OSError, EOFError, zlib.error) as e:
-                    current.error = SampleError(reasons.MEMBER_DECOMPRESS_ERROR, f"{info.name!r}: {_one_line(e)}")
-                    continue
-            if ext in current.members:
-                current.error = SampleError(reasons.DUPLICATE_KEY, f"{key}.{ext} appears twice")
-                continue
-            current.members[ext] = data
-        stop = getattr(tf, "_stop_reason", None)
+    def _start(self, key: str) -> RawSample:
+        digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+        dup = SampleError(reasons.DUPLICATE_KEY, f"key {key!r} appears again later in the shard") \
+            if digest in self.seen else None
+        self.seen.add(digest)
+        self.count = 0
+        return self._new(key, dup)
+
+    @contextmanager
+    def _tar_errors(self):
+        """Whatever tarfile raises on the shard's bytes is damage in the shard (a header
+        parse gone wrong, a short read, bad compressed data, a RecursionError, a
+        MemoryError...); the store's own exceptions go to the job unchanged."""
+        try:
+            yield
+        except ShardDamage:
+            raise
+        except Exception as e:
+            if self.source.error is not None:
+                raise self.source.error
+            if isinstance(e, ReadRetriesExhausted):
+                raise
+            too_large = isinstance(e, (RecursionError, MemoryError))
+            raise ShardDamage(reasons.TAR_HEADER_TOO_LARGE if too_large else reasons.TRUNCATED_SHARD,
+                              _one_line(e)) from e
+
+    def _open(self) -> tarfile.TarFile:
+        with self._tar_errors():
+            head = self.source.peek(10)
+            for magic, at4, name in _OTHER_COMPRESSION:
+                if head.startswith(magic) and head[4:4 + len(at4)] == at4:
+                    raise ShardDamage(reasons.SHARD_UNREADABLE,
+                                      f"{name}-compressed: a shard is a tar file, plain or gzip-compressed")
+            # encoding fixed (not the worker's locale): a name that is not UTF-8 arrives
+            # surrogate-escaped and is refused by name
+            return tarfile.open(fileobj=self.source, mode="r|gz" if head.startswith(b"\x1f\x8b") else "r|",
+                                tarinfo=GuardedTarInfo.with_limits(self.limits),
+                                encoding="utf-8", errors="surrogateescape")
+
+    def _next(self, tf: tarfile.TarFile) -> tarfile.TarInfo | None:
+        with self._tar_errors():
+            info = tf.next()
+        tf.members.clear()  # streaming mode would otherwise keep every header in memory
+        if info is not None and info.size < 0:
+            raise ShardDamage(reasons.TRUNCATED_SHARD, f"header at byte {info.offset} has a negative size")
+        return info
+
+    def _skip_to_next_header(self, tf: tarfile.TarFile) -> None:
+        """Advance to the next header in pieces, stopping at the end of the stream.
+
+        tarfile's own skip (`_Stream.seek`) loops once per 10 KiB up to the offset that the
+        size field claims, even past the end of the data: a size of 2**80 would never end."""
+        with self._tar_errors():
+            remaining = tf.offset - tf.fileobj.tell()
+            while remaining > 0:
+                chunk = tf.fileobj.read(min(remaining, _CHUNK))
+                if not chunk:
+                    raise tarfile.ReadError("unexpected end of data")
+                remaining -= len(chunk)
+
+    def _check_end(self, tf: tarfile.TarFile) -> None:
+        """A shard ends at an all-zero block followed by nothing but zeros. tarfile stops at
+        the first all-zero block: samples behind a zero-filled block mid-shard, or in a second
+        tar appended to the first, would be lost without a word."""
+        stop = getattr(tf, "stop_reason", None)
         if stop is not None:
-            raise tarfile.ReadError(f"tar stream ends without an end-of-archive block ({stop})")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        detail = f"damaged after {position} record(s): {_one_line(e)}"
-        if current is not None:
-            current.error = SampleError(reasons.TRUNCATED_SHARD, detail)
-            yield current
-        else:
-            yield new_sample("", SampleError(reasons.TRUNCATED_SHARD, detail))
-        return
-    if current is not None:
-        yield current
+            raise ShardDamage(reasons.TRUNCATED_SHARD, f"tar stream ends without an end-of-archive block ({stop})")
+        with self._tar_errors():
+            at = tf.fileobj.tell()
+            while chunk := tf.fileobj.read(_CHUNK):
+                if chunk.count(0) != len(chunk):
+                    raise ShardDamage(reasons.TRUNCATED_SHARD,
+                                      f"data after the end-of-archive block at byte {at} is not read "
+                                      "(a zero-filled block mid-shard, or tars concatenated)")
+                at += len(chunk)
+
+    def _read_member(self, tf: tarfile.TarFile, info: tarfile.TarInfo, sample: RawSample,
+                     ext: str) -> SampleError | None:
+        """Read one member into `sample.members`, or say why not. Every limit is checked on
+        the header's size before reading; a gzip member is inflated to at most its limit + 1
+        bytes, in pieces, whatever it would inflate to."""
+        lim, name = self.limits, _quoted(info.name)
+        gz = ext == "gz" or ext.endswith(".gz")
+        ext = ext[:-3].rstrip(".") if gz else ext
+        if self.count > lim.sample_members:
+            return SampleError(reasons.SAMPLE_TOO_LARGE,
+                               f"more than {lim.sample_members} members (data.max_sample_members)")
+        if ext in sample.members:
+            return SampleError(reasons.DUPLICATE_KEY, f"{sample.key}.{ext} appears twice")
+        if info.size > lim.member_bytes:
+            return SampleError(reasons.MEMBER_TOO_LARGE,
+                               f"{name} is {info.size} bytes > {lim.member_bytes} (data.max_member_bytes)")
+        held = sum(len(v) for v in sample.members.values())
+        caps = [(lim.member_bytes, reasons.MEMBER_TOO_LARGE, "data.max_member_bytes")]
+        if ext in TEXT_EXTS:
+            caps.append((lim.text_bytes, reasons.CAPTION_TOO_LONG, "data.text.max_bytes"))
+        caps.append((lim.sample_bytes - held, reasons.SAMPLE_TOO_LARGE, "data.max_sample_bytes"))
+        cap, reason, setting = min(caps, key=lambda c: c[0])  # the first of equal caps: member, text, sample
+        if not gz and info.size > cap:
+            return _too_large(reason, f"{name} is {info.size} bytes", cap, lim, setting)
+        with self._tar_errors(), tf.extractfile(info) as f:
+            if not gz:
+                data = f.read(info.size)
+            else:
+                try:
+                    data = _inflate(f, cap)
+                except (OSError, EOFError, zlib.error) as e:
+                    if self.source.error is not None:
+                        raise
+                    return SampleError(reasons.MEMBER_DECOMPRESS_ERROR, f"{name}: {_one_line(e)}")
+                if data is None:
+                    return _too_large(reason, f"{name} inflates to", cap, lim, setting)
+        sample.members[ext] = data
+        return None
+
+
+def _too_large(reason: str, what: str, cap: int, lim: ReadLimits, setting: str) -> SampleError:
+    if reason == reasons.SAMPLE_TOO_LARGE:
+        return SampleError(reason, f"{what} > the {cap} bytes left of {lim.sample_bytes} per sample ({setting})")
+    cls = SampleFiltered if reason == reasons.CAPTION_TOO_LONG else SampleError
+    return cls(reason, f"{what} > {cap} bytes ({setting})")
+
+
+def _inflate(f, limit: int) -> bytes | None:
+    """The content of a gzip member (several gzip members in a row are one content, as for
+    `gzip.decompress`), or None if it is over `limit` bytes. At most limit + 1 bytes are
+    inflated: `GzipFile.read(n)` hands zlib n as its output limit."""
+    parts, n = [], 0
+    with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+        while n <= limit:
+            chunk = gz.read(min(_CHUNK, limit + 1 - n))
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            n += len(chunk)
+    return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -215,8 +386,8 @@ RAW_MODALITIES: dict[str, tuple[str, ...]] = {"image": IMAGE_EXTS, "text": TEXT_
 def split_modalities(
     members: dict[str, bytes], modalities: dict[str, tuple[str, ...]]
 ) -> tuple[dict[str, tuple[str, bytes]], list[tuple[str, bytes]]]:
-    """Pick each modality's member (first extension by preference); the rest are extras,
-    which are carried along, never dropped."""
+    """Pick each modality's member (first extension by preference); the rest are extras
+    (which of them travel into clean output is `DataConfig.extra_exts`' business)."""
     chosen: dict[str, tuple[str, bytes]] = {}
     used: set[str] = set()
     for name, exts in modalities.items():

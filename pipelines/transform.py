@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,8 @@ class Processed:
     image_size: tuple[int, int] | None = None  # original (width, height)
     audio_seconds: float | None = None     # original duration
     content_hash: str = ""
-    extras: list[tuple[str, bytes]] = field(default_factory=list)
+    extras: list[tuple[str, bytes]] = field(default_factory=list)  # other members, in data.extra_exts
+    dropped: list[str] = field(default_factory=list)  # extensions of the other members left out
 
     @property
     def modalities(self) -> list[str]:
@@ -71,7 +73,12 @@ def transform_sample(raw: RawSample, cfg: DataConfig) -> Processed:
     if raw.error is not None:
         raise raw.error
     chosen, extras = split_modalities(raw.members, RAW_MODALITIES)
-    out = Processed(raw.key, raw.source, raw.position, extras=extras)
+    # Clean output carries only plain-data extras: .pyd/.pickle/.pth and friends are unpickled
+    # by webdataset's default `.decode()`, so a member outside the allow-list would be code run
+    # by whoever reads our output. It is left out and counted; the sample itself is kept.
+    allowed = set(cfg.extra_exts)
+    out = Processed(raw.key, raw.source, raw.position, extras=[(e, d) for e, d in extras if e in allowed],
+                    dropped=[e for e, _ in extras if e not in allowed])
     if not chosen:
         have = ", ".join(sorted(raw.members)) or "nothing"
         raise SampleError(reasons.NO_USABLE_MODALITY, f"no image, text or audio member (found: {have})")
@@ -89,6 +96,20 @@ def transform_sample(raw: RawSample, cfg: DataConfig) -> Processed:
         out.mel_frames = M.mel_frames_for(valid, cfg.audio)
     out.content_hash = content_hash(chosen)
     return out
+
+
+DROPPED = "dropped_member:"  # stats counts key prefix: extras left out of the output, by extension
+_DROPPED_KINDS = 32           # distinct extensions counted per shard; the rest count as "(other)"
+
+
+def count_dropped_members(counts: Counter, exts: list[str]) -> None:
+    """Count the extras left out of a written sample, by extension: a shard cannot grow the
+    stats without bound by naming its members in ever new ways."""
+    for ext in exts:
+        key = DROPPED + ext
+        if key not in counts and sum(k.startswith(DROPPED) for k in counts) >= _DROPPED_KINDS:
+            key = DROPPED + "(other)"
+        counts[key] += 1
 
 
 def manifest_fields(p: Processed) -> dict:
@@ -120,7 +141,7 @@ def encode_members(p: Processed, cfg: DataConfig) -> dict[str, bytes]:
     meta["mel_frames"] = p.mel_frames
     members[OUT_META] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     for ext, data in p.extras:
-        # the user's other members travel along; a name that clashes with ours is kept
-        # under an `orig.` prefix rather than overwritten
+        # the user's other members (those in data.extra_exts) travel along; a name that
+        # clashes with ours is kept under an `orig.` prefix rather than overwritten
         members[f"orig.{ext}" if ext in members or ext in OUTPUT_EXTS else ext] = data
     return members

@@ -1,18 +1,22 @@
 """The tar reader and the Ray Data datasource, on real tars: ours and other tools'."""
+import dataclasses
 import gzip
 import io
+import tracemalloc
 
 import pytest
 
 from conftest import REALDATA
 from pipelines import reasons
+from pipelines.config import DataConfig, TextConfig
 from pipelines.datasource import read_webdataset
 from pipelines.source import _iter_stream, iter_tar_samples
-from tarutil import tar_bytes, write_tar
+from pipelines.tarheaders import ReadLimits
+from tarutil import pax_records, raw_header, raw_long_name, raw_member, raw_pax, raw_tar, tar_bytes, write_tar
 
 
 def samples_of(data: bytes):
-    return list(_iter_stream(io.BytesIO(data), "mem://x.tar", 1 << 30))
+    return list(_iter_stream(io.BytesIO(data), "mem://x.tar"))
 
 
 def test_realdata_gzip_shard_png_and_cls():
@@ -121,7 +125,8 @@ def test_bad_gzip_member_and_member_without_extension():
 
 
 def test_member_too_large_is_refused_unread():
-    got = list(_iter_stream(io.BytesIO(tar_bytes([("a.bin", b"x" * 5000), ("b.txt", b"ok")])), "x", 1000))
+    limits = dataclasses.replace(ReadLimits.from_config(), member_bytes=1000)
+    got = list(_iter_stream(io.BytesIO(tar_bytes([("a.bin", b"x" * 5000), ("b.txt", b"ok")])), "x", limits))
     assert got[0].error.reason == reasons.MEMBER_TOO_LARGE and not got[0].members
     assert got[1].members == {"txt": b"ok"}
 
@@ -155,3 +160,203 @@ def test_ray_datasource_reads_realdata(ray_cluster):
     rows = ds.take_all()
     assert len(rows) == 93 and not [r for r in rows if r["error"]]
     assert sum(r["image_ext"] == "png" for r in rows) == 90
+
+
+# ------------------------------------------------------------------ limits (README "Hostile input")
+
+def limited(**kw) -> ReadLimits:
+    return dataclasses.replace(ReadLimits.from_config(), **kw)
+
+
+def read(data: bytes, **kw):
+    return [(s.key, s.error.reason if s.error else None) for s in
+            _iter_stream(io.BytesIO(data), "mem://x.tar", limited(**kw))]
+
+
+def good(key: str) -> bytes:
+    return raw_member(f"{key}.txt".encode(), f"a photo of {key}".encode())
+
+
+def test_limits_come_from_the_data_config():
+    cfg = DataConfig(max_member_bytes=5, max_sample_bytes=6, max_sample_members=7, max_name_bytes=8,
+                     max_header_bytes=9, max_header_chain=10, text=TextConfig(max_bytes=11))
+    assert ReadLimits.from_config(cfg) == ReadLimits(5, 6, 7, 8, 9, 10, 11)
+    assert ReadLimits.from_config() == ReadLimits.from_config(DataConfig())
+
+
+def test_sample_member_count_cap_keeps_few_names():
+    members = [raw_member(f"m.{i}".encode(), b"x") for i in range(50)]
+    got = list(_iter_stream(io.BytesIO(raw_tar(good("a"), *members, good("b"))), "x", limited(sample_members=10)))
+    assert [(s.key, s.error.reason if s.error else None) for s in got] == [
+        ("a", None), ("m", reasons.SAMPLE_TOO_LARGE), ("b", None)]
+    assert len(got[1].names) == 11 and "data.max_sample_members" in got[1].error.detail
+    assert read(raw_tar(*members[:10]), sample_members=10) == [("m", None)]
+
+
+def test_sample_bytes_cap_counts_every_member_stored_or_inflated():
+    parts = [raw_member(b"s.a", b"x" * 400), raw_member(b"s.b", b"y" * 400),
+             raw_member(b"s.c.gz", gzip.compress(b"z" * 400))]
+    assert read(raw_tar(*parts[:2], good("t")), sample_bytes=800) == [("s", None), ("t", None)]
+    assert read(raw_tar(*parts, good("t")), sample_bytes=1000) == [("s", reasons.SAMPLE_TOO_LARGE), ("t", None)]
+    assert read(raw_tar(*parts[1:], parts[0]), sample_bytes=799) == [("s", reasons.SAMPLE_TOO_LARGE)]
+
+
+def test_member_cap_holds_for_inflated_members():
+    bomb = gzip.compress(b"\0" * 100_000)
+    got = read(raw_tar(raw_member(b"b.jpg.gz", bomb), good("c")), member_bytes=50_000)
+    assert got == [("b", reasons.MEMBER_TOO_LARGE), ("c", None)]
+    assert read(raw_tar(raw_member(b"b.jpg.gz", bomb)), member_bytes=100_000) == [("b", None)]
+
+
+def test_text_cap_filters_stored_and_inflated_captions():
+    for member in (raw_member(b"t.txt", b"w" * 2000), raw_member(b"t.json.gz", gzip.compress(b"w" * 2000))):
+        got = list(_iter_stream(io.BytesIO(raw_tar(member, good("u"))), "x", limited(text_bytes=1000)))
+        assert got[0].error.reason == reasons.CAPTION_TOO_LONG and got[0].error.kind == reasons.FILTER
+        assert "data.text.max_bytes" in got[0].error.detail and got[1].error is None
+    assert read(raw_tar(raw_member(b"t.txt", b"w" * 1000)), text_bytes=1000) == [("t", None)]
+
+
+def _gzip_of_zeros(total: int, piece: int = 64 << 20) -> bytes:
+    """gzip members in a row (one content for `gzip`) inflating to `total` zero bytes, made
+    without holding `total` bytes."""
+    one = gzip.compress(b"\0" * piece, compresslevel=9)
+    return one * (total // piece)
+
+
+def test_a_gzip_bomb_is_never_inflated_past_its_cap():
+    bomb = _gzip_of_zeros(1536 << 20)  # ~1.5 MB inflating to 1.5 GB
+    data = raw_tar(raw_member(b"b.txt.gz", bomb), raw_member(b"c.jpg.gz", bomb), good("d"))
+    tracemalloc.start()
+    try:
+        got = read(data, member_bytes=8 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [("b", reasons.CAPTION_TOO_LONG), ("c", reasons.MEMBER_TOO_LARGE), ("d", None)]
+    assert peak < (8 << 20) + 2 * len(data) + (16 << 20), peak  # the cap, the input, and pieces
+
+
+def test_long_names_and_pax_names_are_checked_like_any_name():
+    long_ok = b"d/" + b"n" * 300 + b".txt"
+    got = read(raw_tar(raw_long_name(long_ok), raw_member(long_ok[:99], b"a caption"), good("z")))
+    assert got == [(long_ok[:-4].decode(), None), ("z", None)]
+    too_long = b"n" * 1100 + b".txt"
+    got = list(_iter_stream(io.BytesIO(raw_tar(raw_long_name(too_long), raw_member(b"x.txt", b"c"), good("z"))), "x"))
+    assert got[0].error.reason == reasons.UNSAFE_MEMBER_NAME and "data.max_name_bytes" in got[0].error.detail
+    assert len(got[0].key) < 300 and got[1].key == "z"
+    got = list(_iter_stream(io.BytesIO(raw_tar(raw_pax(pax_records({b"path": b"k\xff\x01.txt"})),
+                                               raw_member(b"p.txt", b"c"), good("z"))), "x"))
+    assert got[0].error.reason == reasons.UNSAFE_MEMBER_NAME and got[0].key == "k\\xff\\x01.txt"
+    assert got[0].error.detail.isprintable() and got[1].key == "z"
+
+
+@pytest.mark.parametrize("name", [b"k\xff.jpg", b"k\x1b[2J.txt", b"k\nx.txt", b"k\x7f.txt", "k\u2028.txt".encode()])
+def test_names_not_utf8_or_with_control_characters_are_refused_printably(name):
+    got = list(_iter_stream(io.BytesIO(raw_tar(good("a"), raw_member(name, b"data"), good("b"))), "x"))
+    assert [s.error.reason if s.error else None for s in got] == [None, reasons.UNSAFE_MEMBER_NAME, None]
+    bad = got[1]
+    assert bad.key.isprintable() and bad.error.detail.isprintable() and bad.names == [bad.key]
+    bad.key.encode("utf-8")  # storable in parquet
+
+
+def test_extended_headers_are_capped_in_size_before_they_are_read():
+    big = 10 ** 10  # no 10 GB is read: the header is refused from its size field
+    for hostile in (raw_long_name(b"x.txt", size=big), raw_pax(pax_records({b"path": b"y.txt"}), size=big),
+                    raw_header(b"././@LongLink", 0, b"K", size_field=b"\x80" + b"\xff" * 11)):
+        got = list(_iter_stream(io.BytesIO(raw_tar(good("a"), good("b"), hostile, good("c"))), "x"))
+        assert [(s.key, s.error.reason if s.error else None) for s in got] == [
+            ("a", None), ("b", reasons.TAR_HEADER_TOO_LARGE)]
+        assert "data.max_header_bytes" in got[1].error.detail
+    pax_2k = raw_pax(pax_records({b"comment": b"c" * 2000}))
+    assert read(raw_tar(pax_2k, good("a")), header_bytes=2100) == [("a", None)]
+    assert read(raw_tar(good("z"), pax_2k, good("a")), header_bytes=1000) == [("z", reasons.TAR_HEADER_TOO_LARGE)]
+
+
+def test_a_chain_of_400_long_name_headers_is_damage_not_a_recursion_error():
+    chain = [raw_long_name(b"x" * 200 + b".txt") for _ in range(400)]
+    got = list(_iter_stream(io.BytesIO(raw_tar(good("a"), good("b"), *chain, good("c"))), "x"))
+    assert [(s.key, s.error.reason if s.error else None) for s in got] == [
+        ("a", None), ("b", reasons.TAR_HEADER_TOO_LARGE)]
+    assert "data.max_header_chain" in got[1].error.detail
+    assert read(raw_tar(*chain[:3], good("c")), header_chain=3) == [("x" * 200, None)]  # the last name wins
+    assert read(raw_tar(*chain[:4], good("c")), header_chain=3)[0][1] == reasons.TAR_HEADER_TOO_LARGE
+
+
+def test_global_pax_headers_are_capped_in_total():
+    globals_ = [raw_pax(pax_records({b"comment%d" % i: b"g" * 500}), b"g") for i in range(8)]
+    sep = [x for g in globals_ for x in (g, good(f"k{len(g)}{g[600:602].hex()}"))]
+    got = read(raw_tar(*sep), header_bytes=2000)
+    assert got[-1][1] == reasons.TAR_HEADER_TOO_LARGE and all(r is None for _, r in got[:-1])
+
+
+def test_malformed_pax_records_are_damage():
+    for records in (b"2 " * 20_000 + b"=\n",        # 3.11's regex would keep ~400 MB of keywords
+                    b"99 path=a.txt\n",               # a length beyond the header
+                    b"9" * 5000 + b" path=a\n",       # int() of 5000 digits raises ValueError
+                    b"12 path a.txt\n"):              # no "="
+        got = read(raw_tar(good("a"), good("b"), raw_pax(records), raw_member(b"p.txt", b"x"), good("c")))
+        assert got == [("a", None), ("b", reasons.TRUNCATED_SHARD)], records[:20]
+
+
+@pytest.mark.parametrize("header, why, complete", [
+    (raw_header(b"n.txt", size_field=b"\xff" * 12), "negative size", ["a"]),
+    (raw_header(b"n.txt", size_field=b"zzzzzzzzzzz\0"), "InvalidHeaderError", ["a"]),
+    (raw_header(b"n.txt", 3, checksum=b"0000000\0"), "bad checksum", ["a"]),
+    # 2**88 bytes: refused unread, then the skip over it finds the end of the data
+    (raw_header(b"n.txt", size_field=b"\x80" + b"\xff" * 11), "unexpected end of data", ["a", "b"]),
+    (raw_pax(pax_records({b"size": b"-5"})) + raw_header(b"n.txt", 0), "negative size", ["a"]),
+    (b"\0" * 1024, "after the end-of-archive block", ["a"]),
+])
+def test_bad_header_fields_are_damage_with_a_reason(header, why, complete):
+    got = list(_iter_stream(io.BytesIO(raw_tar(good("a"), good("b"), header, good("c"))), "x"))
+    assert [s.key for s in got if not s.error] == complete  # the sample still open at the damage is not
+    assert got[-1].error.reason == reasons.TRUNCATED_SHARD and why in got[-1].error.detail
+
+
+def test_devices_fifos_hard_links_and_sparse_files_are_refused_unread():
+    kinds = [raw_header(b"d.txt", 0, t, linkname=b"a.txt") for t in (b"1", b"3", b"4", b"6", b"S", b"Z")]
+    got = read(raw_tar(good("a"), *kinds, good("b")))
+    assert got == [("a", None)] + [("d.txt", reasons.UNSAFE_MEMBER_NAME)] * 6 + [("b", None)]
+
+
+def test_gzip_shards_hold_the_same_limits():
+    inner = raw_tar(good("a"), raw_member(b"b.txt.gz", _gzip_of_zeros(256 << 20)), raw_member(b"k\xff.txt", b"x"),
+                    good("c"), raw_long_name(b"x.txt", size=5 << 30), good("d"))
+    got = read(gzip.compress(inner))
+    assert got == [("a", None), ("b", reasons.CAPTION_TOO_LONG), ("k\\xff.txt", reasons.UNSAFE_MEMBER_NAME),
+                   ("c", reasons.TAR_HEADER_TOO_LARGE)]
+
+
+def test_other_compressions_are_refused_not_inflated():
+    import bz2
+    import lzma
+
+    for packed in (bz2.compress(raw_tar(good("a"))), lzma.compress(raw_tar(good("a")))):
+        got = list(_iter_stream(io.BytesIO(packed), "x"))
+        assert len(got) == 1 and got[0].error.reason == reasons.SHARD_UNREADABLE
+
+
+def test_a_store_error_mid_shard_is_raised_not_recorded_as_damage():
+    data = raw_tar(good("a"), good("b"), good("c"))
+
+    class Flaky(io.RawIOBase):
+        pos = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if self.pos >= 1024:
+                raise PermissionError("403 Forbidden")
+            n = min(len(b), 1024 - self.pos)
+            b[:n] = data[self.pos:self.pos + n]
+            self.pos += n
+            return n
+
+    with pytest.raises(PermissionError, match="403"):
+        list(_iter_stream(Flaky(), "s3://b/x.tar"))
+
+
+def test_unread_member_data_is_skipped_and_the_next_samples_come_out():
+    got = read(raw_tar(raw_member(b"a.jpg", b"j" * 5000), raw_member(b"a.txt", b"t" * 3000), good("b")), member_bytes=4000)
+    assert got == [("a", reasons.MEMBER_TOO_LARGE), ("b", None)]
