@@ -7,8 +7,12 @@ as keys, and neither says which sample a failure belongs to. We keep webdataset'
 key/extension rule (`base_plus_ext`) so keys mean the same thing everywhere, and add:
 damage detection, name safety, duplicate keys, gzip members, per-sample error records.
 
-A shard is read as a stream (`tarfile` mode "r|*", gzip detected from the bytes): only
-one sample's members are held at a time.
+A shard is read as a stream (`tarfile` mode "r|" or "r|gz", gzip detected from the
+bytes): only one sample's members are held at a time, and what a shard can make the reader
+hold or do is bounded by `ReadLimits` (from `DataConfig`), each limit checked on a header's
+size fields before anything is read (headers themselves: `tarheaders.py`). Nothing in a
+shard's bytes raises: whatever `tarfile` raises on them becomes a record against the
+sample or the shard.
 """
 from __future__ import annotations
 
