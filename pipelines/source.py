@@ -16,7 +16,6 @@ sample or the shard.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import posixpath
 import re
@@ -71,6 +70,8 @@ _CHUNK = 1 << 20  # member data is read, inflated and skipped in pieces of this 
 # plain or gzip tars, and these formats have no bound on what one read call inflates to
 _OTHER_COMPRESSION = ((b"BZh", b"1AY&SY", "bzip2"), (b"\xfd7zXZ", b"", "xz"), (b"\x5d\x00\x00\x80", b"", "lzma"),
                       (b"\x28\xb5\x2f\xfd", b"", "zstd"))
+_GZIP_NAME_MAX = 4096  # a .tar.gz header's file name or comment, NUL included
+_GZIP_HEADER_PEEK = 12 + 65535 + 2 * _GZIP_NAME_MAX  # fixed part, FEXTRA, file name, comment
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -273,9 +274,12 @@ class _ShardReader:
                 if head.startswith(magic) and head[4:4 + len(at4)] == at4:
                     raise ShardDamage(reasons.SHARD_UNREADABLE,
                                       f"{name}-compressed: a shard is a tar file, plain or gzip-compressed")
+            gz = head.startswith(b"\x1f\x8b")
+            if gz:
+                _check_gzip_header(self.source.peek(_GZIP_HEADER_PEEK))
             # encoding fixed (not the worker's locale): a name that is not UTF-8 arrives
             # surrogate-escaped and is refused by name
-            return tarfile.open(fileobj=self.source, mode="r|gz" if head.startswith(b"\x1f\x8b") else "r|",
+            return tarfile.open(fileobj=self.source, mode="r|gz" if gz else "r|",
                                 tarinfo=GuardedTarInfo.with_limits(self.limits),
                                 encoding="utf-8", errors="surrogateescape")
 
@@ -356,6 +360,24 @@ class _ShardReader:
         return None
 
 
+def _check_gzip_header(head: bytes) -> None:
+    """tarfile reads a .tar.gz's gzip header file name and comment one byte per call, each
+    call copying its 10 KiB buffer: a 1 MB name is 5 s of CPU, a 100 MB one hours. Refuse a
+    name or comment over `_GZIP_NAME_MAX` bytes (RFC 1952 layout; gzip writes a file name)."""
+    if len(head) < 12:
+        return  # too short to be anything: tarfile says so
+    flags, end = head[3], 10
+    if flags & 4:  # FEXTRA: a length, then that many bytes
+        end += 2 + int.from_bytes(head[10:12], "little")
+    for flag in (8, 16):  # FNAME, FCOMMENT: NUL-terminated
+        if flags & flag:
+            nul = head.find(b"\0", end, end + _GZIP_NAME_MAX)
+            if nul < 0:
+                raise ShardDamage(reasons.TAR_HEADER_TOO_LARGE,
+                                  f"the gzip header's file name or comment is over {_GZIP_NAME_MAX} bytes")
+            end = nul + 1
+
+
 def _too_large(reason: str, what: str, cap: int, lim: ReadLimits, setting: str) -> SampleError:
     if reason == reasons.SAMPLE_TOO_LARGE:
         return SampleError(reason, f"{what} > the {cap} bytes left of {lim.sample_bytes} per sample ({setting})")
@@ -364,17 +386,32 @@ def _too_large(reason: str, what: str, cap: int, lim: ReadLimits, setting: str) 
 
 
 def _inflate(f, limit: int) -> bytes | None:
-    """The content of a gzip member (several gzip members in a row are one content, as for
-    `gzip.decompress`), or None if it is over `limit` bytes. At most limit + 1 bytes are
-    inflated: `GzipFile.read(n)` hands zlib n as its output limit."""
+    """The content of a gzip member (gzip streams in a row, zero padding between them, are one
+    content, as for `gzip.decompress`), or None if it is over `limit` bytes. At most
+    limit + 1 bytes are inflated, `limit + 1 - n` being zlib's output limit. zlib parses the
+    gzip header itself: `gzip.GzipFile` reads a header's file name one Python call per byte
+    (a 64 MB name is a minute of CPU)."""
     parts, n = [], 0
-    with gzip.GzipFile(fileobj=f, mode="rb") as gz:
-        while n <= limit:
-            chunk = gz.read(min(_CHUNK, limit + 1 - n))
-            if not chunk:
+    d, pending, fresh, streams = zlib.decompressobj(31), b"", True, 0
+    while n <= limit:
+        if not pending:
+            pending = f.read(_CHUNK)
+            if not pending:
+                if not fresh:
+                    raise EOFError("the data ends inside a gzip stream")
                 return b"".join(parts)
-            parts.append(chunk)
-            n += len(chunk)
+        if fresh and streams:
+            pending = pending.lstrip(b"\0")
+            if not pending:
+                continue
+        fresh = False
+        piece = d.decompress(pending, limit + 1 - n)
+        parts.append(piece)
+        n += len(piece)
+        pending = d.unconsumed_tail
+        if d.eof:
+            pending = d.unused_data + pending
+            d, fresh, streams = zlib.decompressobj(31), True, streams + 1
     return None
 
 

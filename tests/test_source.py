@@ -2,7 +2,9 @@
 import dataclasses
 import gzip
 import io
+import struct
 import tracemalloc
+import zlib
 
 import pytest
 
@@ -360,3 +362,34 @@ def test_a_store_error_mid_shard_is_raised_not_recorded_as_damage():
 def test_unread_member_data_is_skipped_and_the_next_samples_come_out():
     got = read(raw_tar(raw_member(b"a.jpg", b"j" * 5000), raw_member(b"a.txt", b"t" * 3000), good("b")), member_bytes=4000)
     assert got == [("a", reasons.MEMBER_TOO_LARGE), ("b", None)]
+
+
+def _gzip_with_name(body: bytes, name: bytes) -> bytes:
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = deflate.compress(body) + deflate.flush()
+    return b"\x1f\x8b\x08\x08\0\0\0\0\x00\x03" + name + b"\0" + data + struct.pack("<II", zlib.crc32(body), len(body))
+
+
+def test_a_gzip_shard_header_with_a_megabyte_file_name_is_refused():
+    # tarfile reads that name a byte per call, copying its buffer each time: minutes of CPU
+    tar = raw_tar(good("a"))
+    assert read(_gzip_with_name(tar, b"shard.tar")) == [("a", None)]
+    got = list(_iter_stream(io.BytesIO(_gzip_with_name(tar, b"n" * (1 << 20))), "x"))
+    assert [(s.key, s.error.reason) for s in got] == [("", reasons.TAR_HEADER_TOO_LARGE)]
+
+
+@pytest.mark.parametrize("member", [
+    gzip.compress(b"one ") + b"\0" * 600 + gzip.compress(b"two"),   # streams in a row, zero padding
+    b"", _gzip_with_name(b"named", b"n" * 100_000),                   # empty; a long header name
+    gzip.compress(b"x")[:-1], gzip.compress(b"x") + b"junk", b"\0" + gzip.compress(b"x"),
+])
+def test_gzip_members_inflate_as_gzip_decompress_does(member):
+    try:
+        expected = gzip.decompress(member)
+    except (OSError, EOFError, zlib.error):
+        expected = None
+    got = list(_iter_stream(io.BytesIO(raw_tar(raw_member(b"k.txt.gz", member))), "x"))[0]
+    if expected is None:
+        assert got.error.reason == reasons.MEMBER_DECOMPRESS_ERROR
+    else:
+        assert got.error is None and got.members == {"txt": expected}
