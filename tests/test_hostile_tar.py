@@ -13,6 +13,8 @@ import gzip
 import io
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,6 +44,13 @@ def _pickle_extra(ext: str):
     return lambda: [raw_member(b"x.txt", f"a caption with a .{ext} extra".encode()),
                     raw_member(f"x.{ext}".encode(), payload),
                     raw_member(b"x.json", b'{"source": "user metadata"}'), raw_member(b"x.cls", b"7")]
+
+
+def _gzip_named(tar: bytes, name: bytes) -> bytes:
+    """A .tar.gz whose gzip header carries a file name (tarfile reads it a byte per call)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(tar) + deflate.flush()
+    return b"\x1f\x8b\x08\x08\0\0\0\0\x00\x03" + name + b"\0" + body + struct.pack("<II", zlib.crc32(tar), len(tar))
 
 
 def _one(*parts: bytes):
@@ -99,6 +108,10 @@ KINDS = {
     "bzip2_shard": (lambda: bz2.compress(raw_tar(raw_member(b"z.txt", b"a bzip2 caption"))), R.SHARD_UNREADABLE,
                     NONE, ".tar"),
     "empty_file": (lambda: b"", R.TRUNCATED_SHARD, NONE, ".tar"),
+    "tars_concatenated": (_one(b"\0" * 1024 + raw_member(b"h.txt", b"a hidden caption")), R.TRUNCATED_SHARD, BEFORE,
+                          ".tar"),
+    "gz_header_file_name_8mb": (lambda: _gzip_named(raw_tar(raw_member(b"z.txt", b"a caption")), b"n" * (8 * MIB)),
+                                R.TAR_HEADER_TOO_LARGE, NONE, ".tar.gz"),
     "gz_shard_gzip_bomb_member": (_one(raw_member(b"b.jpg.gz", _ZEROS_GZ)), R.MEMBER_TOO_LARGE, SAMPLE, ".tar.gz"),
     "gz_shard_name_not_utf8": (_one(raw_member(b"k\xff.jpg", b"x")), R.UNSAFE_MEMBER_NAME, SAMPLE, ".tar.gz"),
     "gz_shard_long_name_5gb": (_one(raw_long_name(b"x.txt", size=5 << 30)), R.TAR_HEADER_TOO_LARGE, BEFORE,
@@ -119,9 +132,10 @@ def hostile_run(ray_cluster, tmp_path_factory):
     corpus.mkdir()
     for i, (kind, (build, _, _, suffix)) in enumerate(KINDS.items()):
         hostile = build()
-        data = hostile if isinstance(hostile, bytes) else raw_tar(_good(kind, 0), _good(kind, 1), *hostile,
-                                                                 _good(kind, 2))
-        (corpus / f"{i:02d}-{kind}{suffix}").write_bytes(gzip.compress(data) if suffix == ".tar.gz" else data)
+        if not isinstance(hostile, bytes):  # parts of a tar, between good samples; else the whole file
+            hostile = raw_tar(_good(kind, 0), _good(kind, 1), *hostile, _good(kind, 2))
+            hostile = gzip.compress(hostile) if suffix == ".tar.gz" else hostile
+        (corpus / f"{i:02d}-{kind}{suffix}").write_bytes(hostile)
     before = _listing(base)
     stats = preprocess([str(corpus)], str(out), cfg=CFG, progress=False)
     return base, out, stats, before
