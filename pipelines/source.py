@@ -17,7 +17,6 @@ sample or the shard.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import re
 import tarfile
 import zlib
@@ -31,7 +30,7 @@ from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
 from .reasons import SampleError, SampleFiltered
 from .retry import ReadRetriesExhausted, open_retrying, with_retry_defaults
-from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage
+from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage, printable, quoted, unsafe_reason
 
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
@@ -72,50 +71,6 @@ _OTHER_COMPRESSION = ((b"BZh", b"1AY&SY", "bzip2"), (b"\xfd7zXZ", b"", "xz"), (b
                       (b"\x28\xb5\x2f\xfd", b"", "zstd"))
 _GZIP_NAME_MAX = 4096  # a .tar.gz header's file name or comment, NUL included
 _GZIP_HEADER_PEEK = 12 + 65535 + 2 * _GZIP_NAME_MAX  # fixed part, FEXTRA, file name, comment
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _printable(name: str, limit: int = 200) -> str:
-    """`name` on one printable line: bytes that are not UTF-8 (surrogate-escaped by tarfile)
-    as \\xNN, control and other unprintable characters escaped, cut after `limit` characters."""
-    try:
-        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeError:
-        text = ascii(name)[1:-1]
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _quoted(name: str) -> str:
-    return f"'{_printable(name)}'"
-
-
-def unsafe_reason(info: tarfile.TarInfo, limits: ReadLimits) -> str | None:
-    """Why a member must not be used, or None. Anything that could point outside the
-    sample (links, devices, absolute or parent paths) is refused, never resolved; so is a
-    name that is not UTF-8, holds control characters (it would break every line it is
-    printed on) or is over `limits.name_bytes`."""
-    name, shown = info.name, _quoted(info.name)
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"member name {shown} is not valid UTF-8"
-    if size > limits.name_bytes:
-        return f"member name of {size} bytes > {limits.name_bytes} (data.max_name_bytes): {shown}"
-    if _CONTROL.search(name):
-        return f"member name {shown} holds control characters"
-    if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE:
-        return f"{shown} is a sparse file"
-    if not info.isreg():
-        return f"{shown} is not a regular file (type {info.type!r})"
-    if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        return f"{shown} is an absolute or non-POSIX path"
-    parts = name.split("/")
-    if ".." in parts or any(p == "" for p in parts[:-1]):
-        return f"{shown} climbs out of the shard or has an empty path part"
-    if posixpath.normpath(name) != name:
-        return f"{shown} is not a normalized path"
-    return None
 
 
 def iter_tar_samples(
@@ -207,8 +162,8 @@ class _ShardReader:
                         yield current
                         current = None
                     error = SampleError(reasons.UNSAFE_MEMBER_NAME, problem) if problem else SampleError(
-                        reasons.MEMBER_WITHOUT_EXTENSION, f"{_quoted(info.name)} has no extension")
-                    shown = _printable(info.name)
+                        reasons.MEMBER_WITHOUT_EXTENSION, f"{quoted(info.name)} has no extension")
+                    shown = printable(info.name)
                     record = self._new(shown, error)
                     record.names.append(shown)
                     yield record
@@ -325,7 +280,7 @@ class _ShardReader:
         """Read one member into `sample.members`, or say why not. Every limit is checked on
         the header's size before reading; a gzip member is inflated to at most its limit + 1
         bytes, in pieces, whatever it would inflate to."""
-        lim, name = self.limits, _quoted(info.name)
+        lim, name = self.limits, quoted(info.name)
         gz = ext == "gz" or ext.endswith(".gz")
         ext = ext[:-3].rstrip(".") if gz else ext
         if self.count > lim.sample_members:

@@ -24,10 +24,12 @@ base-256 sizes, pax records applied by `_apply_pax_info`) and intercept it where
   (capped) and the 1.0 map is never read.
 
 Violations raise `ShardDamage`, which is not a `tarfile.HeaderError`, so `tarfile` neither
-swallows it nor turns it into "end of archive".
+swallows it nor turns it into "end of archive". What a parsed header may name is
+`unsafe_reason`'s business: a member refused by name or type is a record, not damage.
 """
 from __future__ import annotations
 
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
              tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 # a pax record: "LENGTH KEYWORD=VALUE\n"; 20 digits bound int() and any real length
 _PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+# characters that break the line a name is printed on (C0, DEL, C1, line/paragraph separators)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,49 @@ class GuardedTarInfo(tarfile.TarInfo):
                     end += following._block(max(following.size, 0))
                 tf.offset = end
         return following
+
+
+def printable(name: str, limit: int = 200) -> str:
+    """`name` on one printable line: bytes that are not UTF-8 (surrogate-escaped by tarfile)
+    as \\xNN, control and other unprintable characters escaped, cut after `limit` characters."""
+    try:
+        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        text = ascii(name)[1:-1]
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def quoted(name: str) -> str:
+    return f"'{printable(name)}'"
+
+
+def unsafe_reason(info: tarfile.TarInfo, limits: ReadLimits) -> str | None:
+    """Why a member must not be used, or None. Anything that could point outside the
+    sample (links, devices, absolute or parent paths) is refused, never resolved; so is a
+    name that is not UTF-8, holds control characters (it would break every line it is
+    printed on) or is over `limits.name_bytes`."""
+    name, shown = info.name, quoted(info.name)
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"member name {shown} is not valid UTF-8"
+    if size > limits.name_bytes:
+        return f"member name of {size} bytes > {limits.name_bytes} (data.max_name_bytes): {shown}"
+    if _CONTROL.search(name):
+        return f"member name {shown} holds control characters"
+    if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE:
+        return f"{shown} is a sparse file"
+    if not info.isreg():
+        return f"{shown} is not a regular file (type {info.type!r})"
+    if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        return f"{shown} is an absolute or non-POSIX path"
+    parts = name.split("/")
+    if ".." in parts or any(p == "" for p in parts[:-1]):
+        return f"{shown} climbs out of the shard or has an empty path part"
+    if posixpath.normpath(name) != name:
+        return f"{shown} is not a normalized path"
+    return None
 
 
 def _pax_records(buf: bytes, offset: int) -> list[tuple[bytes, bytes]]:

@@ -185,6 +185,7 @@ def test_the_reader_survives_every_mutation(bases, tmp_path):
             r.key.encode("utf-8")  # a lone surrogate here would fail the parquet write
             assert "\n" not in r.key and (r.error is None or "\n" not in r.error.detail), _where(i, what)
         done += 1
+    print(f"{done} mutations under FUZZ_SEED={SEED}")
     assert done >= MIN_MUTATIONS
 
 
@@ -213,4 +214,5 @@ def test_every_sample_read_is_written_or_quarantined_exactly_once(bases, tmp_pat
             keys = {base_plus_ext(m.name)[0] for m in t.getmembers()}
         assert keys == {r["key"] for r in written}, _where(i, what)
         done += 1
+    print(f"{done} mutations under FUZZ_SEED={SEED}")
     assert done >= MIN_MUTATIONS
