@@ -220,3 +220,36 @@ def test_no_pickle_like_member_reaches_the_output_and_the_drops_are_counted(host
     for s in kept:  # the allowed extras travel along; ours keeps its name, the user's gets orig.
         assert s["cls"] == 7 and s["orig.json"] == {"source": "user metadata"}
         assert s["json"]["key"] == "x" and s["txt"].startswith("a caption with a .")
+
+
+def test_extras_outside_the_allow_list_are_left_out_and_ours_keep_their_names():
+    from collections import Counter
+
+    from pipelines.source import RawSample
+    from pipelines.transform import count_dropped_members, encode_members, transform_sample
+
+    members = {"txt": b"a caption of the sample", "json": b'{"user": 1}', "cls": b"3", "pyd": b"\x80\x04.",
+               "mel.npy": _npy_object(), "orig.json": b"{}", "pth": b"\x80\x04."}
+    sample = transform_sample(RawSample("k", "s.tar", 0, members=members), DataConfig())
+    out = encode_members(sample, DataConfig())
+    assert set(out) == {"txt", "json", "orig.json", "cls"}
+    assert out["orig.json"] == b'{"user": 1}' and json.loads(out["json"])["key"] == "k" and out["cls"] == b"3"
+    assert sorted(sample.dropped) == ["mel.npy", "orig.json", "pth", "pyd"]
+    counts = Counter()
+    count_dropped_members(counts, sample.dropped)
+    assert counts == {f"dropped_member:{e}": 1 for e in sample.dropped}
+    # an allow-list of the user's own
+    cfg = DataConfig(extra_exts=("pyd",))
+    assert set(encode_members(transform_sample(RawSample("k", "s.tar", 0, members=members), cfg), cfg)) == {
+        "txt", "json", "pyd"}
+
+
+def test_dropped_member_counts_stay_bounded_per_shard():
+    from collections import Counter
+
+    from pipelines.transform import count_dropped_members
+
+    counts = Counter({"read": 5})
+    count_dropped_members(counts, [f"x{i}" for i in range(100)])
+    dropped = {k: n for k, n in counts.items() if k.startswith("dropped_member:")}
+    assert len(dropped) == 33 and dropped["dropped_member:(other)"] == 68 and sum(dropped.values()) == 100
