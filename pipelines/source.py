@@ -343,7 +343,7 @@ def _too_large(reason: str, what: str, cap: int, lim: ReadLimits, setting: str) 
 def _inflate(f, limit: int) -> bytes | None:
     """The content of a gzip member (gzip streams in a row, zero padding between them, are one
     content, as for `gzip.decompress`), or None if it is over `limit` bytes. At most
-    limit + 1 bytes are inflated, `limit + 1 - n` being zlib's output limit. zlib parses the
+    limit + 1 bytes are inflated, 1 MiB per call at most. zlib parses the
     gzip header itself: `gzip.GzipFile` reads a header's file name one Python call per byte
     (a 64 MB name is a minute of CPU)."""
     parts, n = [], 0
@@ -360,7 +360,7 @@ def _inflate(f, limit: int) -> bytes | None:
             if not pending:
                 continue
         fresh = False
-        piece = d.decompress(pending, limit + 1 - n)
+        piece = d.decompress(pending, min(_CHUNK, limit + 1 - n))
         parts.append(piece)
         n += len(piece)
         pending = d.unconsumed_tail
