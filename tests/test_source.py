@@ -235,7 +235,7 @@ def test_a_gzip_bomb_is_never_inflated_past_its_cap():
     finally:
         tracemalloc.stop()
     assert got == [("b", reasons.CAPTION_TOO_LONG), ("c", reasons.MEMBER_TOO_LARGE), ("d", None)]
-    assert peak < (8 << 20) + 2 * len(data) + (16 << 20), peak  # the cap, the input, and pieces
+    assert peak < (8 << 20) + 2 * len(data) + (4 << 20), peak  # the cap, the input, and a few pieces
 
 
 def test_long_names_and_pax_names_are_checked_like_any_name():
