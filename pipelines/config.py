@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "json")
 AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
-# Members besides the modalities that travel into clean output: plain data only. Everything
+# Members besides the modalities that travel into clean output: plain data only (labels, ids,
+# JSON, text, and other images or audio, e.g. a .png beside the .jpg that was used). Everything
 # else (notably .pyd/.pickle/.pkl/.pth/.pt/.npy/.npz, which webdataset's default `.decode()`
 # unpickles or loads) is left out of the output and counted in `_stats.json`.
-EXTRA_EXTS = ("cls", "cls2", "class", "label", "id", "index", "count", "url", "uid", "json", "txt")
+EXTRA_EXTS = ("cls", "cls2", "class", "label", "id", "index", "count", "url", "uid", "json", "txt",
+              *IMAGE_EXTS, *AUDIO_EXTS)
 
 
 @dataclass(frozen=True)
