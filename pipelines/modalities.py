@@ -116,6 +116,8 @@ def decode_image(data: bytes, ext: str, cfg: ImageConfig) -> tuple[np.ndarray, t
         if orientation in _ORIENT:
             img = img.transpose(_ORIENT[orientation])
         out = np.asarray(img, dtype=np.uint8)
+    except MemoryError:
+        raise  # under the pixel cap this is the machine's state, not the sample's: the job's catch-all
     except Exception as e:  # truncated data ("image file is truncated"), corrupt stream, ...
         raise SampleError(IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}") from None
     if out.shape != (size, size, 3):
@@ -131,13 +133,11 @@ _STRIP_PIXELS = 1 << 18
 def _center_square(img: Image.Image, size: int) -> Image.Image:
     """The centered square of a loaded image resized to size x size: RGB, or RGBA with alpha.
 
-    What `_to_rgb_or_rgba(img).resize((size, size), box=square, reducing_gap=3)` computes,
-    without its full-size copies: Pillow's resize converts the whole image (to RGB, or to
-    premultiplied RGBa for alpha) before it reduces, i.e. one more full-size copy at 4 bytes a
-    pixel, and a 16-bit grey PNG went through int64. Here only the region the filter reads
-    (Pillow's own "safe box") is converted and box-reduced, strip by strip, so the only
-    full-size buffer is the decoded image itself. Strips are whole multiples of the reduction
-    factor, so every reduced pixel averages the same source pixels as Pillow's one-step reduce.
+    What `_to_rgb_or_rgba(img).resize((size, size), box=square, reducing_gap=3)` computes (up to
+    rounding: Pillow orders its two passes by the image's shape), without the full-size copy that
+    converting the whole image first makes. Only the region the filter reads (Pillow's "safe box")
+    is converted and box-reduced, strip by strip, whole multiples of the factor high, so the one
+    full-size buffer is the decoded image and every reduced pixel averages the same source pixels.
     """
     dw, dh = img.size
     side = min(dw, dh)

@@ -20,7 +20,9 @@ from PIL import Image
 from pipelines import modalities as M
 from pipelines import reasons as R
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
-from pipelines.modalities import _NFC_MAX_SHRINK, _center_square, _to_rgb_or_rgba, decode_audio, decode_image, decode_text
+from pipelines.modalities import (
+    _NFC_MAX_SHRINK, _center_square, _to_rgb_or_rgba, decode_audio, decode_image, decode_text,
+)
 from test_modalities import ACFG, ICFG, TCFG, _audio_bytes, _img_bytes, _reason, _tone
 
 
