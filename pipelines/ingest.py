@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -143,9 +144,16 @@ class EpochShuffledDatasource(WebDatasetDatasource):
         return read_epoch
 
 
+# Rows dropped in this process for an unexpected exception, by exception type: the first of each
+# type is logged with its traceback, every one with a warning naming its id and this count.
+internal_errors: Counter = Counter()
+
+
 def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
     """Raw or preprocessed rows -> fixed-shape arrays; a row that fails to decode is dropped
-    with a warning naming its id (on preprocessed shards this does not happen)."""
+    with a warning naming its id (on preprocessed shards this does not happen). An unexpected
+    exception on a row (a bug, or a preprocessed member that is not what we wrote) drops that
+    row the same way, is counted in `internal_errors` and logged; it never ends the run."""
     size, n_mels, frames = cfg.image.size, cfg.audio.n_mels, cfg.audio.num_frames
     rows = batch.to_pylist()
     out = {
@@ -161,6 +169,9 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
             image, text, mel, mel_frames = _decode_row(row, cfg)
         except SampleError as e:
             log.warning("skipping sample %s#%s: %s", row["source"], row["key"], e)
+            continue
+        except Exception as e:  # MemoryError too; KeyboardInterrupt and SystemExit go through
+            _log_internal_error(e, row)
             continue
         out["key"].append(row["key"])
         out["source"].append(row["source"])
@@ -180,6 +191,18 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
         out[k] = np.array(out[k], dtype=object)
     out["epoch"] = np.array(out["epoch"], dtype=np.int32)
     return out
+
+
+def _log_internal_error(e: Exception, row: dict) -> None:
+    name = type(e).__name__
+    internal_errors[name] += 1
+    n = internal_errors[name]
+    if n == 1:
+        log.error("unexpected %s decoding sample %s#%s (the row is dropped; a bug, please report)",
+                  name, row.get("source"), row.get("key"), exc_info=e)
+    message = " ".join(str(e).split())[:300]
+    log.warning("skipping sample %s#%s: internal error %s: %s (%d %s so far in this process)",
+                row.get("source"), row.get("key"), name, message, n, name)
 
 
 def _decode_row(row: dict, cfg: DataConfig):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import re
 import unicodedata
 import warnings
@@ -26,8 +27,9 @@ from PIL import JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401  
 
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
 from pipelines.reasons import (
-    AUDIO_DECODE_ERROR, AUDIO_EMPTY, AUDIO_TOO_LONG, CAPTION_TOO_LONG, CAPTION_TOO_SHORT,
-    IMAGE_DECODE_ERROR, IMAGE_TOO_SMALL, TEXT_BAD_JSON, TEXT_NOT_UTF8, SampleError, SampleFiltered,
+    AUDIO_DECODE_ERROR, AUDIO_EMPTY, AUDIO_TOO_LONG, AUDIO_UNSUPPORTED, CAPTION_TOO_LONG, CAPTION_TOO_SHORT,
+    IMAGE_DECODE_ERROR, IMAGE_TOO_LARGE, IMAGE_TOO_SMALL, TEXT_BAD_JSON, TEXT_NOT_UTF8, SampleError,
+    SampleFiltered,
 )
 
 # CLIP's normalization constants (RGB, for [0, 1] inputs), applied later on the model side.
@@ -64,7 +66,8 @@ def _open_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise SampleError(IMAGE_DECODE_ERROR, f"decompression bomb: {e}") from None
+        # Pillow's process-wide cap (Image.MAX_IMAGE_PIXELS) is a second pixel limit beside ours
+        raise SampleError(IMAGE_TOO_LARGE, f"decompression bomb: {e}") from None
     except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, struct.error ...
         raise SampleError(IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}") from None
 
@@ -80,10 +83,13 @@ def decode_image(data: bytes, ext: str, cfg: ImageConfig) -> tuple[np.ndarray, t
     """Decode, resize the shorter side to cfg.size, center-crop: uint8 [size, size, 3] RGB.
 
     Also returns the original (width, height) as displayed, i.e. after EXIF orientation.
-    `ext` is unused: the format is sniffed from the bytes.
+    `ext` is unused: the format is sniffed from the bytes. The pixel count is checked from the
+    header, before any pixel is decoded.
     """
     img = _open_image(data)
     w, h = img.size
+    if w * h > cfg.max_pixels:
+        raise SampleError(IMAGE_TOO_LARGE, f"{w}x{h} = {w * h} pixels > {cfg.max_pixels}")
     is_jpeg = img.format in ("JPEG", "MPO")  # MPO: multi-picture JPEG from phone cameras
     orientation = _exif_orientation(img) if is_jpeg else 1
     shown = (h, w) if orientation >= 5 else (w, h)  # 5..8 swap the axes
@@ -97,13 +103,7 @@ def decode_image(data: bytes, ext: str, cfg: ImageConfig) -> tuple[np.ndarray, t
             # strongest reduction that keeps both sides >= the request, hence shorter side >= size.
             img.draft("RGB", (max(size, round(w * size / short)), max(size, round(h * size / short))))
         img.load()
-        img = _to_rgb_or_rgba(img)
-        # Crop box in (possibly drafted) source coordinates: resize only the pixels we keep.
-        dw, dh = img.size
-        side = min(dw, dh)
-        left, top = (dw - side) / 2, (dh - side) / 2
-        img = img.resize((size, size), _RESAMPLE, box=(left, top, left + side, top + side),
-                         reducing_gap=_REDUCING_GAP)
+        img = _center_square(img, size)
         if img.mode == "RGBA":
             # Composite on white rather than dropping alpha: the RGB under transparent pixels is
             # arbitrary (often black), which would turn a dark logo on a transparent background
@@ -116,6 +116,8 @@ def decode_image(data: bytes, ext: str, cfg: ImageConfig) -> tuple[np.ndarray, t
         if orientation in _ORIENT:
             img = img.transpose(_ORIENT[orientation])
         out = np.asarray(img, dtype=np.uint8)
+    except MemoryError:
+        raise  # under the pixel cap this is the machine's state, not the sample's: the job's catch-all
     except Exception as e:  # truncated data ("image file is truncated"), corrupt stream, ...
         raise SampleError(IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}") from None
     if out.shape != (size, size, 3):
@@ -123,14 +125,67 @@ def decode_image(data: bytes, ext: str, cfg: ImageConfig) -> tuple[np.ndarray, t
     return out, shown
 
 
+# Pixels converted per step while a decoded image is brought down to the working size: a few MB
+# of temporaries, however large the image.
+_STRIP_PIXELS = 1 << 18
+
+
+def _center_square(img: Image.Image, size: int) -> Image.Image:
+    """The centered square of a loaded image resized to size x size: RGB, or RGBA with alpha.
+
+    What `_to_rgb_or_rgba(img).resize((size, size), box=square, reducing_gap=3)` computes (up to
+    rounding: Pillow orders its two passes by the image's shape), without the full-size copy that
+    converting the whole image first makes. Only the region the filter reads (Pillow's "safe box")
+    is converted and box-reduced, strip by strip, whole multiples of the factor high, so the one
+    full-size buffer is the decoded image and every reduced pixel averages the same source pixels.
+    """
+    dw, dh = img.size
+    side = min(dw, dh)
+    left, top = (dw - side) / 2, (dh - side) / 2
+    box = (left, top, left + side, top + side)
+    factor = int(side / size / _REDUCING_GAP) or 1  # as Image.resize(reducing_gap=...) picks it
+    if factor == 1 and dw * dh <= 16 * _STRIP_PIXELS:
+        # a small image: its full-size conversion is a few MB, not worth a crop and a paste
+        return _to_rgb_or_rgba(img).resize((size, size), _RESAMPLE, box=box)
+    support = (_BICUBIC_SUPPORT - 0.5) * side / size  # Image._get_safe_box
+    safe = (max(0, int(box[0] - support)), max(0, int(box[1] - support)),
+            min(dw, math.ceil(box[2] + support)), min(dh, math.ceil(box[3] + support)))
+    small = _reduce_in_strips(img, factor, safe)
+    box = tuple((b - o) / factor for b, o in zip(box, safe[:2] * 2))
+    out = small.resize((size, size), _RESAMPLE, box=box)
+    return out.convert("RGBA") if out.mode == "RGBa" else out
+
+
+_BICUBIC_SUPPORT = 2.0  # the kernel's half-width in source pixels at scale 1 (Pillow's _filters_support)
+
+
+def _reduce_in_strips(img: Image.Image, factor: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """`box` of img as RGB or premultiplied RGBa, box-reduced by `factor` (1: just converted)."""
+    left, top, right, bottom = box
+    rows = max(1, _STRIP_PIXELS // max(1, right - left) // factor) * factor
+    out = None
+    for y in range(top, bottom, rows):
+        strip = _to_rgb_or_rgba(img.crop((left, y, right, min(bottom, y + rows))))
+        if strip.mode == "RGBA":
+            strip = strip.convert("RGBa")  # what resize and reduce do to RGBA first
+        if factor > 1:
+            strip = strip.reduce(factor)
+        if out is None:
+            out = Image.new(strip.mode, (-(-(right - left) // factor), -(-(bottom - top) // factor)))
+        out.paste(strip, (0, (y - top) // factor))
+    return out
+
+
 def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("RGB", "RGBA"):
         return img
     if mode.startswith("I"):
-        # 16-bit grey (PNG): convert("RGB") would clip at 255 and turn it white; keep the top byte.
-        arr = np.asarray(img).astype(np.int64) >> 8
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+        # 16-bit grey (PNG: I;16, big- or little-endian variants; I from older Pillows):
+        # convert("RGB") would clip at 255 and turn it white; keep the top byte. Called on
+        # strips, so the integer temporaries stay small.
+        arr = np.asarray(img)
+        return Image.fromarray(np.clip(arr >> 8, 0, 255).astype(np.uint8)).convert("RGB")
     if mode in ("LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in img.info):
         return img.convert("RGBA")
     return img.convert("RGB")  # L, P, 1, CMYK (Pillow inverts Adobe CMYK), YCbCr, ...
@@ -166,11 +221,22 @@ _WS = re.compile(r"\s+")  # str patterns are Unicode-aware: NBSP, U+3000 ideogra
 _BOM = b"\xef\xbb\xbf"
 
 
+# NFC maps at most this many code points to one (U+1F82 is the longest canonical composition;
+# Hangul LVT syllables take 3), so a text longer than this many times max_chars before NFC is
+# still too long after it.
+_NFC_MAX_SHRINK = 4
+
+
 def decode_text(data: bytes, ext: str, cfg: TextConfig) -> str:
     """UTF-8 .txt or .json ({"caption": ...} preferred, else {"text": ...}) -> normalized caption.
 
-    Length limits count code points after NFC + whitespace collapsing.
+    Length limits count code points after NFC + whitespace collapsing. The member's size is
+    checked first (cfg.max_bytes), and the code points before NFC: CPython's NFC puts a run of
+    combining marks in canonical order by insertion, quadratic in the run's length (64 KiB of
+    marks in descending classes measured 3.3 s), so only a text that can pass goes through it.
     """
+    if len(data) > cfg.max_bytes:
+        raise SampleFiltered(CAPTION_TOO_LONG, f"{len(data)} bytes > {cfg.max_bytes}")
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     try:
@@ -187,7 +253,13 @@ def decode_text(data: bytes, ext: str, cfg: TextConfig) -> str:
         text = next((obj[k] for k in ("caption", "text") if isinstance(obj.get(k), str)), None)
         if text is None:
             raise SampleError(TEXT_BAD_JSON, 'no string "caption" or "text" field')
-    text = _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    # Collapsing whitespace before NFC gives the same text as after it (no whitespace character
+    # composes with anything, and the two with canonical decompositions, U+2000 and U+2001,
+    # map to whitespace), and the length check below then sees the shorter text.
+    text = _WS.sub(" ", text).strip()
+    if len(text) > _NFC_MAX_SHRINK * cfg.max_chars:
+        raise SampleFiltered(CAPTION_TOO_LONG, f"{len(text)} > {cfg.max_chars} chars even after NFC")
+    text = unicodedata.normalize("NFC", text)
     try:
         text.encode("utf-8")  # JSON "\ud800" escapes yield lone surrogates that no writer accepts
     except UnicodeEncodeError:
@@ -206,37 +278,77 @@ def decode_text(data: bytes, ext: str, cfg: TextConfig) -> str:
 _SOXR_QUALITY = "HQ"
 
 
+# Frames read per step: memory while reading is this many frames x channels float32 (at most
+# 2 MB at the default 8 channels) besides the mono result.
+_AUDIO_BLOCK = 1 << 16
+_UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream doesn't say its length
+
+
 def decode_audio(data: bytes, ext: str, cfg: AudioConfig) -> tuple[np.ndarray, float]:
     """wav/flac/mp3/ogg bytes -> (float32 mono waveform at cfg.sample_rate, source seconds).
 
-    The container's frame count is checked before any sample is decoded, and the read is
-    capped at the limit as well, so a header that under-reports still cannot make us decode
-    a two-hour file.
+    Channels, sample rate and frame count are checked from the header before any sample is
+    decoded. The audio is then read in blocks and mixed down to mono block by block, so memory
+    is about the mono waveform whatever the channel count, and the read stops at the frame
+    limit whatever the header said.
     """
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            sr, frames = int(f.samplerate), int(f.frames)
-            if sr <= 0:
-                raise SampleError(AUDIO_DECODE_ERROR, f"sample rate {sr}")
+            sr, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
+            if channels > cfg.max_channels:
+                raise SampleError(AUDIO_UNSUPPORTED, f"{channels} channels > {cfg.max_channels}")
+            if not 0 < sr <= cfg.max_source_rate:
+                raise SampleError(AUDIO_UNSUPPORTED, f"sample rate {sr} Hz outside 1..{cfg.max_source_rate}")
+            if frames >= _UNKNOWN_FRAMES:
+                raise SampleError(AUDIO_UNSUPPORTED, "the stream does not say its length")
             limit = int(np.floor(cfg.max_source_seconds * sr))
             if frames > limit:
                 raise SampleFiltered(AUDIO_TOO_LONG, f"{frames / sr:.1f} s > {cfg.max_source_seconds} s")
-            wave = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+            mono, n = _read_mono(f, frames, limit)
     except SampleError:
         raise
+    except MemoryError:
+        raise  # not this sample's fault: left to the job's catch-all
     except Exception as e:  # LibsndfileError ("Format not recognised"), truncated streams, ...
         raise SampleError(AUDIO_DECODE_ERROR, f"{type(e).__name__}: {e}") from None
-    n = wave.shape[0]
     if n > limit:
         raise SampleFiltered(AUDIO_TOO_LONG, f"> {cfg.max_source_seconds} s (header said {frames / sr:.1f} s)")
     if n == 0:
         raise SampleError(AUDIO_EMPTY, "0 frames")
-    mono = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1, dtype=np.float32)
     if not np.isfinite(mono).all():
         raise SampleError(AUDIO_DECODE_ERROR, "NaN or inf samples")
     if sr != cfg.sample_rate:
-        mono = soxr.resample(mono, sr, cfg.sample_rate, quality=_SOXR_QUALITY)
+        try:
+            mono = soxr.resample(mono, sr, cfg.sample_rate, quality=_SOXR_QUALITY)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise SampleError(AUDIO_DECODE_ERROR, f"resampling {sr} Hz: {type(e).__name__}: {e}") from None
     return np.ascontiguousarray(mono, dtype=np.float32), n / sr
+
+
+def _read_mono(f: sf.SoundFile, frames: int, limit: int) -> tuple[np.ndarray, int]:
+    """Up to limit + 1 frames of f mixed down to mono (the mean of the channels), and how many.
+
+    soundfile clamps a read to the frames the header announced, and we ask for at most one
+    frame past the limit, so the loop ends either way.
+    """
+    mono = np.empty(min(frames, limit) + 1, dtype=np.float32)
+    n = 0
+    while n <= limit:
+        block = f.read(min(_AUDIO_BLOCK, limit + 1 - n), dtype="float32", always_2d=True)
+        got = block.shape[0]
+        if got == 0:
+            break
+        if n + got > mono.size:  # a decoder that delivers more than its header said
+            mono = np.concatenate([mono[:n], np.empty(min(limit + 1, 2 * (n + got)) - n, np.float32)])
+        dest = mono[n:n + got]
+        if block.shape[1] == 1:
+            dest[:] = block[:, 0]
+        else:
+            np.mean(block, axis=1, dtype=np.float32, out=dest)
+        n += got
+    return mono[:n], n
 
 
 def fit_length(wave: np.ndarray, cfg: AudioConfig) -> tuple[np.ndarray, int]:

@@ -9,6 +9,7 @@ a re-run after a kill produces byte-identical output.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 import time
@@ -24,6 +25,8 @@ from .source import RawSample, base_plus_ext, iter_tar_samples
 from .store import OutputStore
 from .tarheaders import ReadLimits
 from .transform import count_dropped_members, encode_members, manifest_fields, transform_sample
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("position", pa.int64()),
@@ -141,6 +144,18 @@ def quarantine_row(raw: RawSample, err: SampleError) -> dict:
     }
 
 
+def internal_error(e: Exception, raw: RawSample, source: str, logged: Counter) -> SampleError:
+    """The quarantine record of an unexpected exception on one sample. Its traceback is logged
+    the first time its type occurs in this shard; later ones are counted (see process_shard)."""
+    name = type(e).__name__
+    logged[name] += 1
+    if logged[name] == 1:
+        log.error("unexpected %s on sample %r of %s (quarantined as %s; a bug, please report)",
+                  name, raw.key, source, reasons.INTERNAL_ERROR, exc_info=e)
+    message = " ".join(str(e).split())[:300]
+    return SampleError(reasons.INTERNAL_ERROR, f"{name}: {message}" if message else name)
+
+
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -189,6 +204,7 @@ def process_shard(
     manifest: list[dict] = []
     quarantine: list[dict] = []
     first_with_hash: dict[str, str] = {}  # within-shard dedup; cross-shard happens at commit
+    logged: Counter = Counter()  # unexpected exceptions by type: the first of each is logged
     bytes_in = 0
 
     with store.open_atomic(shard_name) as f:
@@ -201,23 +217,32 @@ def process_shard(
                 bytes_in += sum(len(v) for v in raw.members.values())
                 try:
                     sample = transform_sample(raw, cfg)
+                    if cfg.dedup and sample.content_hash in first_with_hash:
+                        raise SampleError(reasons.DUPLICATE_CONTENT,
+                                          f"same content as {first_with_hash[sample.content_hash]!r} in this shard",
+                                          kind=reasons.DUPLICATE)
+                    members = encode_members(sample, cfg)
+                    row = {**manifest_fields(sample), "output_shard": shard_name}
                 except SampleError as e:
                     quarantine.append(quarantine_row(raw, e))
                     counts[f"{e.kind}:{e.reason}"] += 1
                     continue
-                if cfg.dedup and sample.content_hash in first_with_hash:
-                    err = SampleError(reasons.DUPLICATE_CONTENT,
-                                      f"same content as {first_with_hash[sample.content_hash]!r} in this shard",
-                                      kind=reasons.DUPLICATE)
+                except Exception as e:  # a bug met on this sample (MemoryError too): never the job's end
+                    err = internal_error(e, raw, source, logged)
                     quarantine.append(quarantine_row(raw, err))
                     counts[f"{err.kind}:{err.reason}"] += 1
                     continue
+                # Writing is outside the catch-all: a failing store is the job's error, and a member
+                # half-written into the tar must never be followed by more.
                 first_with_hash[sample.content_hash] = sample.key
-                for ext, data in encode_members(sample, cfg).items():
+                for ext, data in members.items():
                     add_member(tar, f"{sample.key}.{ext}", data)
-                manifest.append({**manifest_fields(sample), "output_shard": shard_name})
+                manifest.append(row)
                 counts["written"] += 1
                 count_dropped_members(counts, sample.dropped)
+    for name, n in logged.items():
+        if n > 1:
+            log.error("%d more sample(s) of %s hit %s (traceback above, not repeated)", n - 1, source, name)
     parts = part_names(shard_name)
     store.write_parquet(parts["manifest"], rows_to_table(manifest, MANIFEST_SCHEMA))
     store.write_parquet(parts["quarantine"], rows_to_table(quarantine, QUARANTINE_SCHEMA))
