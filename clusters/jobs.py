@@ -25,6 +25,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+from mmtrain import credentials
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # what is never uploaded as the job's working dir (gitwildmatch patterns, relative to ROOT;
@@ -42,7 +44,11 @@ NOT_ALLOWED_INSIDE = {"submit", "status", "logs", "stop", "list"}
 OUTPUT_ARGS = {"out": "OUT", "output": "--output", "run_dir": "--run-dir", "workdir": "--workdir",
                "checkpoint_storage": "--checkpoint-storage"}
 INPUT_ARGS = {"inputs": "INPUT", "data": "--data", "config": "--config"}
-SECRET_KEY = re.compile(r"secret|password|token|passwd|credential|private|(^|_)key$", re.I)
+# how to give a job credentials instead of on its command line
+CREDENTIALS_HINT = ("give the cluster's nodes the credentials instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_SESSION_TOKEN in their environment, an instance profile or workload identity; for "
+                    "clusters.local, export them before `python -m clusters.local start`) and keep only "
+                    "non-secret options (endpoint_url, region_name) in --storage-options")
 
 
 class JobCommandError(Exception):
@@ -280,29 +286,20 @@ def path_problems(ns, root: str = ROOT, excludes: list[str] | None = None) -> li
     return problems
 
 
-def secret_options(ns) -> list[str]:
-    raw = getattr(ns, "storage_options", None)
-    if not raw:
-        return []
-    try:
-        opts = json.loads(raw)
-    except json.JSONDecodeError:
-        return []
-    found = []
-
-    def walk(d, prefix=""):
-        if isinstance(d, dict):
-            for k, v in d.items():
-                if isinstance(v, (dict, list)):
-                    walk(v, f"{prefix}{k}.")
-                elif SECRET_KEY.search(str(k)) and v:
-                    found.append(prefix + str(k))
-        elif isinstance(d, list):
-            for x in d:
-                walk(x, prefix)
-
-    walk(opts)
-    return found
+def refuse_secrets(argv: list[str], env_vars: list[str] = (), name: str | None = None) -> None:
+    """A job's entrypoint, runtime_env and metadata are stored with it and shown by `list`,
+    `status` and the dashboard to every token holder: credentials never go there. One line
+    naming where they are (never their values), and how to pass them instead."""
+    found = credentials.secret_arguments(list(argv))
+    for item in env_vars:
+        k, _, v = item.partition("=")
+        if credentials.looks_like_secret(v):
+            found.append(f"--env {k} (its value looks like a credential)")
+    if name and credentials.looks_like_secret(name):
+        found.append("--name (looks like a credential)")
+    if found:
+        raise JobCommandError(f"{'; '.join(found)}: a job's command line is stored with the job and shown by `list`, "
+                              f"`status` and the dashboard; {CREDENTIALS_HINT}")
 
 
 def pip_packages(specs: list[str], project: bool, root: str = ROOT) -> list[str]:
@@ -334,7 +331,7 @@ def build_runtime_env(*, env_vars: list[str], pip: list[str], excludes: list[str
         k, v = item.split("=", 1)
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             raise JobCommandError(f"--env {item}: {k!r} is not a valid variable name")
-        if k.startswith("RAY_AUTH") or SECRET_KEY.search(k):
+        if k.startswith("RAY_AUTH") or credentials.is_secret_name(k):
             raise JobCommandError(f"--env {k}=...: a job's environment is stored with the job and shown in the "
                                   "dashboard; give secrets to the cluster's nodes instead (their environment, "
                                   "an instance role, a Kubernetes Secret)")
@@ -445,6 +442,7 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
     if argv[0] in NOT_ALLOWED_INSIDE:
         raise JobCommandError(f"`{argv[0]}` talks to a cluster from your machine; submit a step instead "
                               "(make-corpus, preprocess, train, evaluate, export, plot, demo)")
+    refuse_secrets(argv, list(env_vars), name)
     if entrypoint_num_cpus < 0 or entrypoint_num_gpus < 0:
         raise JobCommandError("--entrypoint-num-cpus and --entrypoint-num-gpus must not be negative")
     excludes = DEFAULT_EXCLUDES + list(exclude)
@@ -460,11 +458,6 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
             if strict:
                 raise JobCommandError(line)
             print(f"warning: {line} (--strict refuses)", file=err)
-        secrets_in = secret_options(parsed)
-        if secrets_in:
-            print(f"warning: --storage-options has {', '.join(secrets_in)}: a job's command line is stored with the "
-                  "job and shown in the dashboard; prefer credentials from the nodes (instance role, AWS_* env)",
-                  file=err)
     size = check_package(ROOT, excludes)
     renv = build_runtime_env(env_vars=list(env_vars), pip=pip_packages(list(pip), pip_project), excludes=excludes)
     cmd = entrypoint(argv)
