@@ -1,9 +1,10 @@
 """Cluster jobs: `ray_job.py submit|status|logs|stop|list`, over the Ray Jobs API.
 
 A job is this project's own command line run on the cluster: the entrypoint is
-`python ray_job.py SUBCOMMAND ARGS...`, its working directory is this project folder packaged and
-uploaded by Ray (code and configs; no virtualenv, git history, data or run outputs), and it runs
-in the cluster's Python environment (installing packages is opt-in: `--pip`).
+`python ray_job.py SUBCOMMAND ARGS...`, its working directory is an allow-list of this project's
+code and configs (UPLOAD) packaged and uploaded by Ray, and it runs in the cluster's Python
+environment (installing packages is opt-in: `--pip`). Credentials never go on a job's command
+line, environment or metadata (`refuse_secrets`): they belong to the cluster's nodes.
 
 Security. Ray 2.60 clusters here run with token authentication (RAY_AUTH_MODE=token). The token
 is read from RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
@@ -21,7 +22,9 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -29,12 +32,12 @@ from mmtrain import credentials
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# what is never uploaded as the job's working dir (gitwildmatch patterns, relative to ROOT;
-# .gitignore is honoured on top of these)
-DEFAULT_EXCLUDES = [
-    ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "build", "dist",
-    "/data/", "/runs/", "/demo_out/", "/bench_out/", "/out/", "*.safetensors", "*.ckpt",
-]
+# the job's working dir is an allow-list: these, copied from the project (with the project's
+# .gitignore, which Ray honours). Anything else in a checkout (.git, .venv, data, run outputs,
+# a local .env or credentials file) never leaves this machine, whatever its name.
+UPLOAD = ("ray_job.py", "pyproject.toml", "pipelines", "mmtrain", "clusters", "configs")
+# and inside them never (gitwildmatch, as Ray's `excludes`; --exclude adds more)
+DEFAULT_EXCLUDES = ["__pycache__", "*.pyc", "*.egg-info", "*.safetensors", "*.ckpt"]
 # the Jobs API takes a working_dir upload of at most 100 MiB (the dashboard's request limit;
 # GCS would take 512 MiB)
 PACKAGE_LIMIT = 100 * 1024 * 1024
@@ -246,6 +249,33 @@ def _mib(n: float) -> str:
     return f"{n / 1024 / 1024:.1f} MiB"
 
 
+def _not_uploaded(folder: str, names: list[str]) -> set[str]:
+    # hidden files (.env, editor and tool state) and links (they may point anywhere, ~/.aws
+    # included) inside the allowed folders
+    return {n for n in names if n.startswith(".") or n == "__pycache__" or n.endswith(".pyc")
+            or os.path.islink(os.path.join(folder, n))}
+
+
+@contextmanager
+def project_package(root: str = ROOT):
+    """A temporary folder holding the allow-listed part of the project (UPLOAD): the job's
+    working_dir, which Ray zips and uploads. A copy rather than `excludes` alone: a deny-list
+    misses whatever a checkout grows next (a .env, a credentials file, a new data folder)."""
+    staging = tempfile.mkdtemp(prefix="raymm-job-")
+    try:
+        for name in (*UPLOAD, ".gitignore"):
+            src = os.path.join(root, name)
+            if os.path.islink(src) or not os.path.exists(src):
+                continue
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(staging, name), ignore=_not_uploaded)
+            else:
+                shutil.copy2(src, os.path.join(staging, name))
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def check_package(root: str, excludes: list[str]) -> int:
     total, per_top = package_size(root, excludes)
     if total > PACKAGE_LIMIT:
@@ -256,12 +286,11 @@ def check_package(root: str, excludes: list[str]) -> int:
     return total
 
 
-def path_problems(ns, root: str = ROOT, excludes: list[str] | None = None) -> list[str]:
+def path_problems(ns, root: str = ROOT) -> list[str]:
     """Arguments of a parsed ray_job.py command that name a relative local path: on the cluster
     the job runs in a temporary copy of the project on whichever node runs the driver, so such
     a path is either missing there or (for outputs) written into a folder nobody will see again.
     A relative *input* that is part of the uploaded package (e.g. configs/base.json) is fine."""
-    excludes = DEFAULT_EXCLUDES if excludes is None else excludes
     problems = []
 
     def values(dest):
@@ -272,9 +301,8 @@ def path_problems(ns, root: str = ROOT, excludes: list[str] | None = None) -> li
         full = os.path.normpath(os.path.join(root, p))
         if not full.startswith(root + os.sep) or not os.path.exists(full):
             return False
-        rel = os.path.relpath(full, root)
-        first = rel.split(os.sep)[0]
-        return not any(first == e.strip("/") for e in excludes if "*" not in e)
+        parts = os.path.relpath(full, root).split(os.sep)
+        return parts[0] in UPLOAD and not any(part.startswith(".") for part in parts)
 
     for dest, flag in {**OUTPUT_ARGS, **INPUT_ARGS}.items():
         for v in values(dest):
@@ -450,7 +478,7 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
         raise JobCommandError(f"drop --address {parsed.address} after --: on the cluster the step joins the "
                               "cluster it runs on (Ray sets RAY_ADDRESS for the job)")
     if parsed is not None:
-        problems = path_problems(parsed, ROOT, excludes)
+        problems = path_problems(parsed, ROOT)
         if problems:
             line = (f"{', '.join(problems)}: relative path(s) resolve inside the job's temporary copy of the project "
                     "on the node that runs the driver, not on storage the cluster shares; use absolute paths every "
@@ -458,30 +486,33 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
             if strict:
                 raise JobCommandError(line)
             print(f"warning: {line} (--strict refuses)", file=err)
-    size = check_package(ROOT, excludes)
-    renv = build_runtime_env(env_vars=list(env_vars), pip=pip_packages(list(pip), pip_project), excludes=excludes)
     cmd = entrypoint(argv)
     submission_id = _submission_id(name)
-    if dry_run:
-        print(json.dumps({"entrypoint": cmd, "runtime_env": renv, "package_bytes": size,
-                          "submission_id": submission_id, "entrypoint_num_cpus": entrypoint_num_cpus,
-                          "entrypoint_num_gpus": entrypoint_num_gpus}, indent=1), file=out)
-        return 0
-    cluster = Cluster(address)
-    metadata = {"submitted_by": "ray_job.py", "command": argv[0]}
-    if name:
-        metadata["name"] = name
-    kwargs = {}
-    if entrypoint_num_cpus:
-        kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
-    if entrypoint_num_gpus:
-        kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
-    with cluster.translate():
-        try:
-            job_id = cluster.client.submit_job(entrypoint=cmd, runtime_env=renv, submission_id=submission_id,
-                                               metadata=metadata, **kwargs)
-        except ValueError as e:  # e.g. the package is over Ray's limit after all
-            raise JobCommandError(" ".join(str(e).split())[:400]) from None
+    pip_list = pip_packages(list(pip), pip_project)
+    with project_package(ROOT) as package:
+        size = check_package(package, excludes)
+        renv = build_runtime_env(env_vars=list(env_vars), pip=pip_list, excludes=excludes, root=package)
+        if dry_run:
+            print(json.dumps({"entrypoint": cmd, "runtime_env": {**renv, "working_dir": ROOT},
+                              "uploaded": sorted(os.listdir(package)), "package_bytes": size,
+                              "submission_id": submission_id, "entrypoint_num_cpus": entrypoint_num_cpus,
+                              "entrypoint_num_gpus": entrypoint_num_gpus}, indent=1), file=out)
+            return 0
+        cluster = Cluster(address)
+        metadata = {"submitted_by": "ray_job.py", "command": argv[0]}
+        if name:
+            metadata["name"] = name
+        kwargs = {}
+        if entrypoint_num_cpus:
+            kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
+        if entrypoint_num_gpus:
+            kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
+        with cluster.translate():
+            try:  # Ray zips and uploads the package here
+                job_id = cluster.client.submit_job(entrypoint=cmd, runtime_env=renv, submission_id=submission_id,
+                                                   metadata=metadata, **kwargs)
+            except ValueError as e:  # e.g. the package is over Ray's limit after all
+                raise JobCommandError(" ".join(str(e).split())[:400]) from None
     if not wait:
         print(job_id, file=out)
         print(f"submitted job {job_id} to {cluster.url} ({_mib(size)} working dir); follow it: "

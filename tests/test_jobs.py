@@ -172,7 +172,9 @@ def test_relative_paths_warn_and_strict_refuses():
     plan = json.loads(r.stdout)
     assert plan["entrypoint"].startswith("python ray_job.py train")
     renv = plan["runtime_env"]
-    assert renv["working_dir"] == str(ROOT) and ".venv" in renv["excludes"] and ".git" in renv["excludes"]
+    assert renv["working_dir"] == str(ROOT) and "__pycache__" in renv["excludes"]
+    assert plan["uploaded"] == [".gitignore", "clusters", "configs", "mmtrain", "pipelines", "pyproject.toml",
+                                "ray_job.py"]
     assert "pip" not in renv  # installing is opt-in
     assert plan["package_bytes"] < 20 * 1024 * 1024
 

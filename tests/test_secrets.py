@@ -83,6 +83,7 @@ def test_a_credential_given_to_train_is_nowhere_and_a_restarted_worker_group_sti
         ours = [r for r in json.loads(shown["train_v2_runs"])["train_runs"]
                 if (r["run_settings"]["train_loop_config"] or {}).get("storage") == f"s3://{bucket}/run/train"]
         assert len(ours) == 1  # the Train API serves our run's config (so the check below means something)
+        assert not any(n.decode() in shown["train_v2_runs"] for n in needles), "a credential is in the Train API"
         config = ours[0]["run_settings"]["train_loop_config"]
         assert config["storage_options"].startswith("ObjectRef(")
         assert set(config["run"]["storage_options"]) == {"client_kwargs"}  # deeper levels are shown as "..."
