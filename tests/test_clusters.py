@@ -252,3 +252,54 @@ def test_the_job_upload_is_an_allow_list_of_project_folders(tmp_path):
         assert {"ray_job.py", "mmtrain", "pipelines", "clusters", "configs"} <= uploaded
         assert jobs.check_package(package, jobs.DEFAULT_EXCLUDES) < 5 * 1024 * 1024
     assert not set(uploaded) & {".git", ".venv", "runs", "tests", "benchmarks", ".env"}
+
+
+def pod_templates(path):
+    """(where, pod spec) of every pod a KubeRay manifest makes: head, worker groups, submitter."""
+    doc = load(path)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    found = [("head", spec["headGroupSpec"]["template"])]
+    found += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    if "submitterPodTemplate" in doc["spec"]:
+        found.append(("submitter", doc["spec"]["submitterPodTemplate"]))
+    return spec, found
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_pods_run_unprivileged_without_a_token_or_a_client_port(name):
+    spec, templates = pod_templates(CLUSTERS / "kuberay" / name)
+    assert len(templates) == 3  # raycluster: head, cpu, gpu; rayjob: head, gpu, submitter
+    for where, tpl in templates:
+        pod = tpl["spec"]
+        assert pod["automountServiceAccountToken"] is False, where
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] != 0, where
+        assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in pod["containers"] + pod.get("initContainers", []):
+            cc = c["securityContext"]
+            assert cc["allowPrivilegeEscalation"] is False and cc["capabilities"]["drop"] == ["ALL"], (where, c["name"])
+            assert not cc.get("privileged") and cc.get("runAsUser", 1) != 0 and "add" not in cc["capabilities"]
+            assert all(p["containerPort"] != 10001 and p.get("name") != "client" for p in c.get("ports", []))
+        if where != "submitter":
+            assert tpl["metadata"]["labels"]["app.kubernetes.io/part-of"] == "raymm"  # networkpolicy.yaml's selector
+    assert "ray-client-server-port" not in spec["headGroupSpec"]["rayStartParams"]
+    autoscaler = spec.get("autoscalerOptions")
+    if spec.get("enableInTreeAutoscaling"):
+        # the sidecar alone gets a service account token, from a projected volume of the head pod
+        assert autoscaler["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        (mount,) = autoscaler["volumeMounts"]
+        assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" and mount["readOnly"] is True
+        (volume,) = [v for v in spec["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert any("serviceAccountToken" in s for s in volume["projected"]["sources"])
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert mount["name"] not in {m["name"] for m in head["volumeMounts"]}
+
+
+def test_kuberay_network_policy_admits_other_pods_to_the_dashboard_only():
+    doc = load(CLUSTERS / "kuberay" / "networkpolicy.yaml")
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    selector = doc["spec"]["podSelector"]["matchLabels"]
+    assert selector == {"app.kubernetes.io/part-of": "raymm", "ray.io/is-ray-node": "yes"}
+    peers, public = doc["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": selector}}]}  # Ray pods: every port
+    assert public == {"ports": [{"protocol": "TCP", "port": 8265}]}  # anyone else: the Jobs API only
