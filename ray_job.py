@@ -373,12 +373,12 @@ def _hide_credentials_from_process_title() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("submit", "status", "logs", "stop", "list"):
-        _hide_credentials_from_process_title()
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
         from pipelines.runtime import local_mode_env
 
         local_mode_env()
+    if args.command not in ("submit", "status", "logs", "stop", "list"):
+        _hide_credentials_from_process_title()  # imports ray: after local_mode_env
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -194,3 +194,21 @@ def test_values_that_look_like_credentials_and_values_that_do_not():
     assert secret_arguments(argv) == ["--storage-options secret", "--aws-session-token"]
     assert redacted_argv(argv) == ["train", "--storage-options", '{"secret": "<redacted>"}',
                                    "--aws-session-token=<redacted>", "--data", "/d"]
+
+
+def test_the_run_config_keeps_credentials_out_of_what_it_shows_and_refuses_them_in_paths():
+    from mmtrain.config import ConfigError, load_run_config
+
+    creds = fake_credentials()
+    cfg = load_run_config(None, data_paths=["s3://b/clean"], run_dir="/r",
+                          storage_options={**creds, "client_kwargs": {"endpoint_url": "http://h:9000"}})
+    public = cfg.to_public_dict()
+    assert public["storage_options"] == {"client_kwargs": {"endpoint_url": "http://h:9000"}}
+    assert not any(v in json.dumps(public) or v in cfg.to_json() for v in creds.values())
+    assert cfg.storage_options["secret"] == creds["secret"]  # the workers still get them (by reference)
+    for paths, storage in ((["https://me:hunter2@example.com/shard.tar"], ""),
+                           (["https://b.s3.amazonaws.com/s.tar?X-Amz-Signature=0a1b&X-Amz-Credential=AKIA"], ""),
+                           (["s3://b/clean"], "ftp://me:hunter2@example.com/run")):
+        with pytest.raises(ConfigError, match="carries a credential") as e:
+            load_run_config(None, data_paths=paths, run_dir="/r", checkpoint_storage=storage)
+        assert "hunter2" not in str(e.value) and "0a1b" not in str(e.value)
