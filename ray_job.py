@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+
+from mmtrain import credentials
 
 
 class CliError(Exception):
@@ -175,6 +178,8 @@ def cmd_submit(args) -> int:
     argv = list(args.job_args)
     if argv and argv[0] == "--":
         argv = argv[1:]
+    # before parsing: argparse's own errors would echo a credential given to an unknown flag
+    _job_call(jobs.refuse_secrets, argv, args.env, args.name)
     parsed = None
     if argv and argv[0] not in jobs.NOT_ALLOWED_INSIDE:
         # check the step's own arguments here, before anything is uploaded (argparse exits 2 on a bad one)
@@ -354,12 +359,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hide_credentials_from_process_title() -> None:
+    """Ray records a driver's command line (from /proc, not sys.argv) as its job's entrypoint,
+    which `list`, `status` and the dashboard show, and `ps` shows it to every local user: with
+    credentials in it (--storage-options '{"secret": ...}'), the process title is rewritten with
+    them redacted before Ray starts. Ray's own setproctitle (it titles its workers with it)."""
+    if not credentials.secret_arguments(sys.orig_argv):
+        return
+    import ray._raylet
+
+    ray._raylet.setproctitle(shlex.join(credentials.redacted_argv(sys.orig_argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
         from pipelines.runtime import local_mode_env
 
         local_mode_env()
+    if args.command not in ("submit", "status", "logs", "stop", "list"):
+        _hide_credentials_from_process_title()  # imports ray: after local_mode_env
     try:
         return args.fn(args)
     except KeyboardInterrupt:

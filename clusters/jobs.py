@@ -1,9 +1,10 @@
 """Cluster jobs: `ray_job.py submit|status|logs|stop|list`, over the Ray Jobs API.
 
 A job is this project's own command line run on the cluster: the entrypoint is
-`python ray_job.py SUBCOMMAND ARGS...`, its working directory is this project folder packaged and
-uploaded by Ray (code and configs; no virtualenv, git history, data or run outputs), and it runs
-in the cluster's Python environment (installing packages is opt-in: `--pip`).
+`python ray_job.py SUBCOMMAND ARGS...`, its working directory is an allow-list of this project's
+code and configs (UPLOAD) packaged and uploaded by Ray, and it runs in the cluster's Python
+environment (installing packages is opt-in: `--pip`). Credentials never go on a job's command
+line, environment or metadata (`refuse_secrets`): they belong to the cluster's nodes.
 
 Security. Ray 2.60 clusters here run with token authentication (RAY_AUTH_MODE=token). The token
 is read from RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
@@ -19,34 +20,17 @@ import json
 import logging
 import os
 import re
-import secrets
-import shlex
 import sys
 import time
 from contextlib import contextmanager
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what a job carries (re-exported: callers and tests use them as jobs.NAME)
+from .job_package import (DEFAULT_EXCLUDES, ROOT, UPLOAD, JobCommandError, _mib, _submission_id,  # noqa: F401
+                          build_runtime_env, check_package, entrypoint, path_problems, pip_packages,
+                          project_package, refuse_secrets)
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# what is never uploaded as the job's working dir (gitwildmatch patterns, relative to ROOT;
-# .gitignore is honoured on top of these)
-DEFAULT_EXCLUDES = [
-    ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "build", "dist",
-    "/data/", "/runs/", "/demo_out/", "/bench_out/", "/out/", "*.safetensors", "*.ckpt",
-]
-# the Jobs API takes a working_dir upload of at most 100 MiB (the dashboard's request limit;
-# GCS would take 512 MiB)
-PACKAGE_LIMIT = 100 * 1024 * 1024
 NOT_ALLOWED_INSIDE = {"submit", "status", "logs", "stop", "list"}
-# argparse destinations of ray_job.py subcommands that name paths: outputs (state written there
-# must outlive the job) and inputs (fine if relative *and* shipped in the package)
-OUTPUT_ARGS = {"out": "OUT", "output": "--output", "run_dir": "--run-dir", "workdir": "--workdir",
-               "checkpoint_storage": "--checkpoint-storage"}
-INPUT_ARGS = {"inputs": "INPUT", "data": "--data", "config": "--config"}
-SECRET_KEY = re.compile(r"secret|password|token|passwd|credential|private|(^|_)key$", re.I)
-
-
-class JobCommandError(Exception):
-    """A one-line, user-facing problem (exit code 2)."""
 
 
 # --- address and token ------------------------------------------------------------------
@@ -192,171 +176,6 @@ class Cluster:
             return self.client.list_jobs()
 
 
-# --- what a job carries -----------------------------------------------------------------
-
-def _gitignore_aware_size(root: str, excludes: list[str]) -> tuple[int, dict[str, int]]:
-    """Bytes Ray would package from `root` (Ray's own walk: excludes + .gitignore/.rayignore),
-    and per top-level entry."""
-    from pathlib import Path
-
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-
-    total = 0
-    per_top: dict[str, int] = {}
-    base = Path(root).absolute()
-
-    def handler(path: Path) -> None:
-        nonlocal total
-        if path.is_file() and not path.is_symlink():
-            size = path.stat().st_size
-            total += size
-            top = path.relative_to(base).parts[0]
-            per_top[top] = per_top.get(top, 0) + size
-
-    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    _dir_travel(base, [_get_excludes(base, excludes)], handler, include_gitignore=include_gitignore)
-    return total, per_top
-
-
-def package_size(root: str, excludes: list[str]) -> tuple[int, dict[str, int]]:
-    try:
-        return _gitignore_aware_size(root, excludes)
-    except ImportError:  # Ray's internals moved: a plain walk without .gitignore
-        total, per_top = 0, {}
-        skip = {e.strip("/") for e in excludes if "*" not in e}
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in skip]
-            for n in filenames:
-                p = os.path.join(dirpath, n)
-                if os.path.isfile(p):
-                    s = os.path.getsize(p)
-                    total += s
-                    top = os.path.relpath(p, root).split(os.sep)[0]
-                    per_top[top] = per_top.get(top, 0) + s
-        return total, per_top
-
-
-def _mib(n: float) -> str:
-    return f"{n / 1024 / 1024:.1f} MiB"
-
-
-def check_package(root: str, excludes: list[str]) -> int:
-    total, per_top = package_size(root, excludes)
-    if total > PACKAGE_LIMIT:
-        big = ", ".join(f"{k} ({_mib(v)})" for k, v in sorted(per_top.items(), key=lambda kv: -kv[1])[:3])
-        raise JobCommandError(f"the job's working dir would upload {_mib(total)} from {root} (the Jobs API takes "
-                              f"at most {_mib(PACKAGE_LIMIT)}); largest: {big}. Keep data outside the project "
-                              "folder or leave it out with --exclude PATTERN")
-    return total
-
-
-def path_problems(ns, root: str = ROOT, excludes: list[str] | None = None) -> list[str]:
-    """Arguments of a parsed ray_job.py command that name a relative local path: on the cluster
-    the job runs in a temporary copy of the project on whichever node runs the driver, so such
-    a path is either missing there or (for outputs) written into a folder nobody will see again.
-    A relative *input* that is part of the uploaded package (e.g. configs/base.json) is fine."""
-    excludes = DEFAULT_EXCLUDES if excludes is None else excludes
-    problems = []
-
-    def values(dest):
-        v = getattr(ns, dest, None)
-        return [] if v is None else [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-
-    def in_package(p: str) -> bool:
-        full = os.path.normpath(os.path.join(root, p))
-        if not full.startswith(root + os.sep) or not os.path.exists(full):
-            return False
-        rel = os.path.relpath(full, root)
-        first = rel.split(os.sep)[0]
-        return not any(first == e.strip("/") for e in excludes if "*" not in e)
-
-    for dest, flag in {**OUTPUT_ARGS, **INPUT_ARGS}.items():
-        for v in values(dest):
-            if "://" in v or os.path.isabs(v) or v.startswith("~"):
-                continue
-            if dest in INPUT_ARGS and in_package(v):
-                continue
-            problems.append(f"{flag} {v}")
-    return problems
-
-
-def secret_options(ns) -> list[str]:
-    raw = getattr(ns, "storage_options", None)
-    if not raw:
-        return []
-    try:
-        opts = json.loads(raw)
-    except json.JSONDecodeError:
-        return []
-    found = []
-
-    def walk(d, prefix=""):
-        if isinstance(d, dict):
-            for k, v in d.items():
-                if isinstance(v, (dict, list)):
-                    walk(v, f"{prefix}{k}.")
-                elif SECRET_KEY.search(str(k)) and v:
-                    found.append(prefix + str(k))
-        elif isinstance(d, list):
-            for x in d:
-                walk(x, prefix)
-
-    walk(opts)
-    return found
-
-
-def pip_packages(specs: list[str], project: bool, root: str = ROOT) -> list[str]:
-    """--pip values (a requirement, or a requirements .txt file) plus, with --pip-project, the
-    project's own dependencies from pyproject.toml except Ray (which must match the cluster's)."""
-    pkgs: list[str] = []
-    for spec in specs:
-        if spec.endswith(".txt") and os.path.isfile(spec):
-            with open(spec) as f:
-                pkgs += [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
-        else:
-            pkgs.append(spec)
-    if project:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            raise JobCommandError("--pip-project needs Python 3.11+ (tomllib); list the packages with --pip")
-        with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-            deps = tomllib.load(f)["project"]["dependencies"]
-        pkgs += [d for d in deps if not re.match(r"^ray(\[|[<>=!~ ]|$)", d)]
-    return pkgs
-
-
-def build_runtime_env(*, env_vars: list[str], pip: list[str], excludes: list[str], root: str = ROOT) -> dict:
-    variables = {"PYTHONUNBUFFERED": "1"}
-    for item in env_vars:
-        if "=" not in item:
-            raise JobCommandError(f"--env {item}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
-            raise JobCommandError(f"--env {item}: {k!r} is not a valid variable name")
-        if k.startswith("RAY_AUTH") or SECRET_KEY.search(k):
-            raise JobCommandError(f"--env {k}=...: a job's environment is stored with the job and shown in the "
-                                  "dashboard; give secrets to the cluster's nodes instead (their environment, "
-                                  "an instance role, a Kubernetes Secret)")
-        variables[k] = v
-    renv: dict = {"working_dir": root, "excludes": list(excludes), "env_vars": variables}
-    if pip:
-        # a virtualenv per distinct list, built on every node by Ray (needs the nodes to reach the index)
-        renv["pip"] = {"packages": pip, "pip_check": False}
-    return renv
-
-
-def entrypoint(argv: list[str], python: str = "python") -> str:
-    return shlex.join([python, "ray_job.py", *argv])
-
-
-def _submission_id(name: str | None) -> str | None:
-    if not name:
-        return None
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:48] or "job"
-    return f"{slug}-{secrets.token_hex(4)}"
-
-
 # --- following a job --------------------------------------------------------------------
 
 def _write(out, text: str) -> None:
@@ -445,6 +264,7 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
     if argv[0] in NOT_ALLOWED_INSIDE:
         raise JobCommandError(f"`{argv[0]}` talks to a cluster from your machine; submit a step instead "
                               "(make-corpus, preprocess, train, evaluate, export, plot, demo)")
+    refuse_secrets(argv, list(env_vars), name)
     if entrypoint_num_cpus < 0 or entrypoint_num_gpus < 0:
         raise JobCommandError("--entrypoint-num-cpus and --entrypoint-num-gpus must not be negative")
     excludes = DEFAULT_EXCLUDES + list(exclude)
@@ -452,7 +272,7 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
         raise JobCommandError(f"drop --address {parsed.address} after --: on the cluster the step joins the "
                               "cluster it runs on (Ray sets RAY_ADDRESS for the job)")
     if parsed is not None:
-        problems = path_problems(parsed, ROOT, excludes)
+        problems = path_problems(parsed, ROOT)
         if problems:
             line = (f"{', '.join(problems)}: relative path(s) resolve inside the job's temporary copy of the project "
                     "on the node that runs the driver, not on storage the cluster shares; use absolute paths every "
@@ -460,35 +280,33 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
             if strict:
                 raise JobCommandError(line)
             print(f"warning: {line} (--strict refuses)", file=err)
-        secrets_in = secret_options(parsed)
-        if secrets_in:
-            print(f"warning: --storage-options has {', '.join(secrets_in)}: a job's command line is stored with the "
-                  "job and shown in the dashboard; prefer credentials from the nodes (instance role, AWS_* env)",
-                  file=err)
-    size = check_package(ROOT, excludes)
-    renv = build_runtime_env(env_vars=list(env_vars), pip=pip_packages(list(pip), pip_project), excludes=excludes)
     cmd = entrypoint(argv)
     submission_id = _submission_id(name)
-    if dry_run:
-        print(json.dumps({"entrypoint": cmd, "runtime_env": renv, "package_bytes": size,
-                          "submission_id": submission_id, "entrypoint_num_cpus": entrypoint_num_cpus,
-                          "entrypoint_num_gpus": entrypoint_num_gpus}, indent=1), file=out)
-        return 0
-    cluster = Cluster(address)
-    metadata = {"submitted_by": "ray_job.py", "command": argv[0]}
-    if name:
-        metadata["name"] = name
-    kwargs = {}
-    if entrypoint_num_cpus:
-        kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
-    if entrypoint_num_gpus:
-        kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
-    with cluster.translate():
-        try:
-            job_id = cluster.client.submit_job(entrypoint=cmd, runtime_env=renv, submission_id=submission_id,
-                                               metadata=metadata, **kwargs)
-        except ValueError as e:  # e.g. the package is over Ray's limit after all
-            raise JobCommandError(" ".join(str(e).split())[:400]) from None
+    pip_list = pip_packages(list(pip), pip_project)
+    with project_package(ROOT) as package:
+        size = check_package(package, excludes)
+        renv = build_runtime_env(env_vars=list(env_vars), pip=pip_list, excludes=excludes, root=package)
+        if dry_run:
+            print(json.dumps({"entrypoint": cmd, "runtime_env": {**renv, "working_dir": ROOT},
+                              "uploaded": sorted(os.listdir(package)), "package_bytes": size,
+                              "submission_id": submission_id, "entrypoint_num_cpus": entrypoint_num_cpus,
+                              "entrypoint_num_gpus": entrypoint_num_gpus}, indent=1), file=out)
+            return 0
+        cluster = Cluster(address)
+        metadata = {"submitted_by": "ray_job.py", "command": argv[0]}
+        if name:
+            metadata["name"] = name
+        kwargs = {}
+        if entrypoint_num_cpus:
+            kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
+        if entrypoint_num_gpus:
+            kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
+        with cluster.translate():
+            try:  # Ray zips and uploads the package here
+                job_id = cluster.client.submit_job(entrypoint=cmd, runtime_env=renv, submission_id=submission_id,
+                                                   metadata=metadata, **kwargs)
+            except ValueError as e:  # e.g. the package is over Ray's limit after all
+                raise JobCommandError(" ".join(str(e).split())[:400]) from None
     if not wait:
         print(job_id, file=out)
         print(f"submitted job {job_id} to {cluster.url} ({_mib(size)} working dir); follow it: "

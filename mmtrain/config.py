@@ -21,6 +21,7 @@ import fsspec
 
 from pipelines.config import DataConfig
 
+from .credentials import looks_like_secret, without_secrets
 from .model import PRESETS, ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -122,6 +123,11 @@ class RunConfig:
             raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         self.train.validate()
         self.scale.validate()
+        for url in (*self.data_paths, self.checkpoint_storage):
+            if looks_like_secret(url):
+                # paths are saved with the run, shown by Ray's dashboard and in job entrypoints
+                raise ConfigError("a --data or --checkpoint-storage path carries a credential (a password, token or "
+                                  "signature in the URL): pass credentials with --storage-options or the environment")
         if self.checkpoint_storage:
             try:
                 fsspec.get_filesystem_class(fsspec.utils.get_protocol(self.checkpoint_storage))
@@ -142,13 +148,17 @@ class RunConfig:
         d["data_paths"] = list(self.data_paths)
         return d
 
+    def to_public_dict(self) -> dict:
+        """to_dict() without credentials in the storage options: what may be stored or shown."""
+        d = self.to_dict()
+        d["storage_options"] = without_secrets(d["storage_options"])
+        return d
+
     def to_json(self) -> str:
         """The config as saved with the run and in every checkpoint (which may sit in a bucket):
         credentials in the storage options are left out; pass them again, or through the
         environment, to commands that read the run's storage."""
-        d = self.to_dict()
-        d["storage_options"] = without_secrets(d["storage_options"])
-        return json.dumps(d, indent=1, sort_keys=True)
+        return json.dumps(self.to_public_dict(), indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -185,19 +195,6 @@ class RunConfig:
                 d[name] = value
         d["model"] = {k: v for k, v in d["model"].items()}
         return RunConfig.from_dict(d)
-
-
-SECRET_WORDS = ("secret", "token", "password", "credential")
-
-
-def without_secrets(options):
-    """fsspec storage options minus anything that looks like a credential (s3fs's key and
-    secret, botocore's aws_* keys, tokens and passwords), at any depth."""
-    if isinstance(options, dict):
-        return {k: without_secrets(v) for k, v in options.items()
-                if not (k in ("key", "username") or "access_key" in k.lower()
-                        or any(w in k.lower() for w in SECRET_WORDS))}
-    return options
 
 
 def _reject_unknown(cls, d: dict, prefix: str) -> None:

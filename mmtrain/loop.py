@@ -47,7 +47,8 @@ def lockstep(batches, empty_batch):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = RunConfig.from_dict(config["run"])
+    # the config without credentials; they come as an object reference (see trainer.train)
+    cfg = RunConfig.from_dict({**config["run"], "storage_options": ray.get(config["storage_options"])})
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

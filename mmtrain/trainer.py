@@ -168,9 +168,13 @@ def train(cfg: RunConfig, *, log=print) -> dict:
     else:
         datasets = {"train": build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)}
         dataset_config = ExactSplit(datasets_to_split=["train"])
+    # Ray Train's dashboard (Train state API) serves train_loop_config to every token holder: the
+    # credentials in the storage options reach the workers as an object reference instead (owned
+    # by this driver, so it resolves for every worker group Ray Train starts while the run lives)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "deepspeed": ds_config, "clock": clock_name,
+        train_loop_config={"run": cfg.to_public_dict(), "storage_options": ray.put(cfg.storage_options),
+                           "deepspeed": ds_config, "clock": clock_name,
                            "storage": checkpoints, "per_rank_data": cfg.train.deterministic,
                            "epochs_per_pass": per_pass, "samples_per_epoch": n_samples,
                            "fault_pause": os.environ.get("MMTRAIN_FAULT_PAUSE")},

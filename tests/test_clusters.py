@@ -2,8 +2,9 @@
 schema check `ray up` does before touching a cloud), the KubeRay manifests validate against the
 RayCluster / RayJob CRDs' openAPIV3Schema, and every definition keeps the security defaults."""
 import copy
-import os
 import functools
+import json
+import os
 import re
 
 import jsonschema
@@ -57,9 +58,65 @@ def test_launcher_yaml_passes_rays_validation_and_is_secure(name, provider):
     # the token travels as a file from the user's machine, never in the YAML
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
     assert not re.search(r"RAY_AUTH_TOKEN\s*=", open(CLUSTERS / name).read())
-    # the project is installed on every node
+    # the project is installed on every node, copied from an allow-list (never the whole checkout)
     assert any("pip install" in c and "raymm" in c for c in config["setup_commands"])
-    assert "~/raymm" in config["file_mounts"]
+    project = {k: v for k, v in raw["file_mounts"].items() if k.startswith("~/raymm")}
+    assert project == {f"~/raymm/{n}": f"./{n}" for n in LAUNCHER_UPLOAD}
+    assert ".*" in config["rsync_exclude"]  # no hidden files (.env) from inside those folders, at any depth
+
+
+# what the launcher YAMLs copy to the nodes: the job upload's allow-list plus pyproject's readme
+LAUNCHER_UPLOAD = ("ray_job.py", "pyproject.toml", "README.md", "pipelines", "mmtrain", "clusters", "configs")
+
+
+def test_aws_nodes_get_least_privilege_profiles_imdsv2_and_no_world_open_ssh():
+    _, config = ray_up_config("aws.yaml")
+    types = config["available_node_types"]
+    for name, t in types.items():
+        nc = t["node_config"]
+        # IMDSv2 only: the instance profile's credentials need a session token
+        assert nc["MetadataOptions"]["HttpTokens"] == "required", name
+        assert nc["MetadataOptions"]["HttpPutResponseHopLimit"] == 1, name
+        # a security group the user made: Ray creates none (its own admits ssh from 0.0.0.0/0)
+        assert nc["SecurityGroupIds"] and all(g.startswith("sg-") for g in nc["SecurityGroupIds"]), name
+        role = "raymm-head" if name == config["head_node_type"] else "raymm-worker"
+        assert nc["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{role}"), name
+    assert "security_group" not in config["provider"]
+
+    head = json.load(open(CLUSTERS / "aws-iam" / "raymm-head-policy.json"))
+    worker = json.load(open(CLUSTERS / "aws-iam" / "raymm-worker-policy.json"))
+    for policy in (head, worker):
+        for st in policy["Statement"]:
+            assert st["Effect"] == "Allow"
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert not any(a == "*" or a.endswith(":*") for a in actions), st  # no wildcard actions
+            if any(a.startswith("s3:") for a in actions):
+                assert st["Resource"] in ("arn:aws:s3:::DATA_BUCKET", "arn:aws:s3:::DATA_BUCKET/*",
+                                          "arn:aws:s3:::RUNS_BUCKET", "arn:aws:s3:::RUNS_BUCKET/RUNS_PREFIX/*"), st
+                writes = {"s3:PutObject", "s3:DeleteObject"} & set(actions)
+                assert not writes or st["Resource"] == "arn:aws:s3:::RUNS_BUCKET/RUNS_PREFIX/*", st
+            if any(a in ("ec2:TerminateInstances", "ec2:StopInstances") for a in actions):
+                assert st["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == config["cluster_name"]
+            if "iam:PassRole" in actions:
+                assert st["Resource"].endswith(":role/raymm-worker")
+    assert not any(a.startswith(("ec2:", "iam:")) for st in worker["Statement"] for a in st["Action"])
+    assert {st["Sid"] for st in worker["Statement"]} < {st["Sid"] for st in head["Statement"]}
+
+
+def test_gcp_nodes_run_as_their_own_service_accounts_on_a_firewalled_network():
+    _, config = ray_up_config("gcp.yaml")
+    for name, t in config["available_node_types"].items():
+        nc = t["node_config"]
+        account = "raymm-head" if name == config["head_node_type"] else "raymm-worker"
+        assert [a["email"].split("@")[0] for a in nc["serviceAccounts"]] == [account], name
+        # not the project's default network (its default-allow-ssh admits 0.0.0.0/0): a subnetwork
+        # whose firewall admits ssh from the user's range, and the tag the rules target
+        (nic,) = nc["networkInterfaces"]
+        assert nic["subnetwork"].endswith("/subnetworks/raymm-us-central1") and "network" not in nic, name
+        assert nc["tags"]["items"] == ["raymm"], name
+        assert nc["shieldedInstanceConfig"]["enableSecureBoot"] is True, name
+    readme = open(CLUSTERS / "README.md").read()
+    assert "--source-ranges" in readme and "--target-tags raymm" in readme
 
 
 def test_launcher_validation_catches_mistakes():
@@ -78,6 +135,8 @@ def test_launcher_validation_catches_mistakes():
 
 @functools.lru_cache(maxsize=None)
 def _crd(file):
+    if not (CRDS / file).exists():
+        pytest.skip(f"the KubeRay CRD {file} is not in {CRDS} (../shared)")
     return load(CRDS / file)
 
 
@@ -216,3 +275,96 @@ def test_local_cluster_refuses_a_temp_dir_too_long_for_unix_sockets(tmp_path):
 
     with pytest.raises(local.LocalClusterError, match="too long"):
         local.start(str(tmp_path / ("x" * 80)))
+
+
+def test_the_job_upload_is_an_allow_list_of_project_folders(tmp_path):
+    """What Ray zips for a job (its own packaging, on our package folder) holds only the
+    project's code and configs: decoys for everything a checkout accumulates stay behind."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from clusters import jobs
+
+    root = tmp_path / "checkout"
+    for name in ("ray_job.py", "pyproject.toml", "mmtrain/loop.py", "pipelines/source.py", "clusters/jobs.py",
+                 "configs/tiny.json", "README.md", ".env", ".git/config", ".venv/bin/python", "runs/r/run_config.json",
+                 "data/shard-000000.tar", "notes/aws_credentials", "mmtrain/.env", "configs/.secrets.json",
+                 "pipelines/__pycache__/source.cpython-311.pyc", "configs/local.json"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("decoy" if "." in name.rsplit("/", 1)[-1][1:] or "/" in name else "x")
+    (root / ".gitignore").write_text("configs/local.json\n")
+    (root / "configs" / "aws").symlink_to(root / "notes")  # a link inside an allowed folder: not followed
+    with jobs.project_package(str(root)) as package:
+        zipped = tmp_path / "job.zip"
+        create_package(package, zipped, include_gitignore=True, excludes=jobs.DEFAULT_EXCLUDES)
+        names = sorted(n for n in zipfile.ZipFile(zipped).namelist() if not n.endswith("/"))
+    assert not os.path.exists(package)  # the copy is gone once the job is submitted
+    assert names == [".gitignore", "clusters/jobs.py", "configs/tiny.json", "mmtrain/loop.py", "pipelines/source.py",
+                     "pyproject.toml", "ray_job.py"]
+
+    # the real project: the allow-list matches its layout (everything a job needs is there)
+    with jobs.project_package() as package:
+        uploaded = set(os.listdir(package))
+        assert {"ray_job.py", "mmtrain", "pipelines", "clusters", "configs"} <= uploaded
+        assert jobs.check_package(package, jobs.DEFAULT_EXCLUDES) < 5 * 1024 * 1024
+    assert not set(uploaded) & {".git", ".venv", "runs", "tests", "benchmarks", ".env"}
+
+
+def pod_templates(path):
+    """(where, pod spec) of every pod a KubeRay manifest makes: head, worker groups, submitter."""
+    doc = load(path)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    found = [("head", spec["headGroupSpec"]["template"])]
+    found += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    if "submitterPodTemplate" in doc["spec"]:
+        found.append(("submitter", doc["spec"]["submitterPodTemplate"]))
+    return spec, found
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_pods_run_unprivileged_without_a_token_or_a_client_port(name):
+    spec, templates = pod_templates(CLUSTERS / "kuberay" / name)
+    assert len(templates) == 3  # raycluster: head, cpu, gpu; rayjob: head, gpu, submitter
+    for where, tpl in templates:
+        pod = tpl["spec"]
+        assert pod["automountServiceAccountToken"] is False, where
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] != 0, where
+        assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in pod["containers"] + pod.get("initContainers", []):
+            cc = c["securityContext"]
+            assert cc["allowPrivilegeEscalation"] is False and cc["capabilities"]["drop"] == ["ALL"], (where, c["name"])
+            assert not cc.get("privileged") and cc.get("runAsUser", 1) != 0 and "add" not in cc["capabilities"]
+            assert all(p["containerPort"] != 10001 and p.get("name") != "client" for p in c.get("ports", []))
+        if where != "submitter":
+            assert tpl["metadata"]["labels"]["app.kubernetes.io/part-of"] == "raymm"  # networkpolicy.yaml's selector
+    assert "ray-client-server-port" not in spec["headGroupSpec"]["rayStartParams"]
+    autoscaler = spec.get("autoscalerOptions")
+    if spec.get("enableInTreeAutoscaling"):
+        # the sidecar alone gets a service account token, from a projected volume of the head pod
+        assert autoscaler["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        (mount,) = autoscaler["volumeMounts"]
+        assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" and mount["readOnly"] is True
+        (volume,) = [v for v in spec["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert any("serviceAccountToken" in s for s in volume["projected"]["sources"])
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert mount["name"] not in {m["name"] for m in head["volumeMounts"]}
+
+
+def test_kuberay_network_policy_admits_other_pods_to_the_dashboard_only():
+    doc = load(CLUSTERS / "kuberay" / "networkpolicy.yaml")
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    selector = doc["spec"]["podSelector"]["matchLabels"]
+    assert selector == {"app.kubernetes.io/part-of": "raymm", "ray.io/is-ray-node": "yes"}
+    peers, public = doc["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": selector}}]}  # Ray pods: every port
+    assert public == {"ports": [{"protocol": "TCP", "port": 8265}]}  # anyone else: the Jobs API only
+
+
+def test_the_image_build_context_is_an_allow_list():
+    lines = [ln.strip() for ln in open(CLUSTERS / "kuberay" / "Dockerfile.dockerignore")
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*"  # everything out, then back in by name
+    assert tuple(ln[1:] for ln in lines if ln.startswith("!")) == LAUNCHER_UPLOAD
+    assert "**/.*" in lines[lines.index("!configs"):]  # hidden files stay out of the allowed folders too

@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from pipelines.corpus import make_corpus
 
 # conftest puts the session's token in os.environ at import; the cluster is started with it
@@ -52,8 +52,9 @@ def no_token_env(tmp_path, **extra):
 def cluster():
     # short: Ray's unix socket paths live under it
     folder = tempfile.mkdtemp(prefix="rjc-", dir="/tmp")
+    # not the default 8265: every embedded Ray on the machine (other test sessions) tries that one
     r = run(["start", "--workers", 2, "--cpus-per-node", 2, "--head-cpus", 0, "--object-store-mb", 256,
-             "--temp-dir", folder, "--json"], module="clusters.local", timeout=240)
+             "--dashboard-port", free_port(), "--temp-dir", folder, "--json"], module="clusters.local", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads(r.stdout)
     yield state
@@ -172,7 +173,9 @@ def test_relative_paths_warn_and_strict_refuses():
     plan = json.loads(r.stdout)
     assert plan["entrypoint"].startswith("python ray_job.py train")
     renv = plan["runtime_env"]
-    assert renv["working_dir"] == str(ROOT) and ".venv" in renv["excludes"] and ".git" in renv["excludes"]
+    assert renv["working_dir"] == str(ROOT) and "__pycache__" in renv["excludes"]
+    assert plan["uploaded"] == [".gitignore", "clusters", "configs", "mmtrain", "pipelines", "pyproject.toml",
+                                "ray_job.py"]
     assert "pip" not in renv  # installing is opt-in
     assert plan["package_bytes"] < 20 * 1024 * 1024
 
