@@ -25,7 +25,7 @@ import fsspec
 from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
 from .reasons import SampleError
-from .retry import ReadRetriesExhausted, open_retrying, with_retry_defaults
+from .retry import NOT_FOUND, open_retrying, store_error_kind, with_retry_defaults
 
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
@@ -114,9 +114,12 @@ def iter_tar_samples(
     try:
         fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
         f = open_retrying(fs, path, name=url)
-    except ReadRetriesExhausted:
-        raise
-    except Exception as e:  # any other open failure is this shard's problem, not the job's
+    except Exception as e:
+        # only "not found" is this shard's problem; a refused credential or a store that stays
+        # down is the job's (a StoreError, one line), and anything else is a bug: both propagate,
+        # so nothing is recorded against the shard and a re-run reads it
+        if store_error_kind(e) != NOT_FOUND:
+            raise
         yield RawSample("", url, 0, error=SampleError(reasons.SHARD_UNREADABLE, _one_line(e)))
         return
     with f:
