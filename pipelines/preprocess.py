@@ -232,6 +232,8 @@ def _result(ref, t: ShardTask, store: OutputStore, shard_retries: int) -> dict:
             raise  # a bug: keeps its traceback
         # a refused credential, a store that stays down, reading the shard or writing its
         # output: one line, nothing marked done for it, so a re-run processes it
+        if isinstance(cause, StoreError) and t.source in str(cause):
+            raise StoreError(str(cause)) from None
         raise store_failure(cause, f"{t.source} -> {store.url}/{t.name}") from None
     except _crash_errors() as e:
         return record_crashed(store, t, e, shard_retries)

@@ -61,10 +61,15 @@ class OutputStore:
     def list(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of the files below `prefix`."""
         base = self.path(prefix) if prefix else self.root
+        # other processes (the shard tasks) write here: a listing cached by fsspec (s3fs keeps
+        # one per folder) would hide their files, from this listing and from later reads
+        self.fs.invalidate_cache(base)
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(base)
         root = self.root.rstrip("/") + "/"
         return sorted(p[len(root):] if p.startswith(root) else p for p in found)
 
@@ -141,6 +146,10 @@ class OutputStore:
             except BaseException:
                 if hasattr(f, "discard"):
                     f.discard()
+                    # a discarded file is unusable: without this, its `__del__` would close it,
+                    # which flushes a buffer that `discard` dropped (an ignored AttributeError
+                    # traceback in the worker's log)
+                    f.closed = True
                 raise
             else:
                 f.close()
@@ -151,6 +160,7 @@ class OutputStore:
 
     def open_read(self, name: str) -> io.RawIOBase:
         """A read-only file that rides out transient store faults (seekable, for parquet)."""
+        self.fs.invalidate_cache(self.path(name))  # it may have been written by another process
         return open_retrying(self.fs, self.path(name), name=f"{self.url}/{name}")
 
     def read_bytes(self, name: str) -> bytes:
