@@ -136,8 +136,10 @@ def store_error_kind(e: BaseException) -> str | None:
     parser above the file: those are never this function's business)."""
     if isinstance(e, StoreError):
         return FAILED
-    if isinstance(e, ObjectChanged):
-        return None  # the data changed under us: the reader records it against the shard
+    if isinstance(e, (ObjectChanged, io.UnsupportedOperation)):
+        # the data changed under us (the reader records it against the shard), or a file
+        # used in a way it does not support (a bug): neither is the store failing
+        return None
     aiohttp = sys.modules.get("aiohttp")
     if aiohttp is not None and isinstance(e, aiohttp.ClientResponseError):
         if e.status in (404, 410):
