@@ -114,8 +114,9 @@ def check_ours(store: OutputStore, job_file: str) -> None:
 # --- the lock --------------------------------------------------------------------------
 
 def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, from /proc), or None if it doesn't
-    run or this system has no /proc. Identifies the process even after its pid is reused."""
+    """When process `pid` started (clock ticks since boot, from /proc), None if it doesn't run
+    (or is a zombie: killed, not yet reaped), "" if /proc can't tell. Identifies the process
+    even after its pid is reused."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -123,7 +124,10 @@ def _process_start(pid: int) -> str | None:
         return None
     except OSError:
         return ""
-    return stat.rsplit(b")", 1)[-1].split()[19].decode()  # field 22, after the command name
+    fields = stat.rsplit(b")", 1)[-1].split()  # after the command name, which may hold spaces
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19].decode()  # field 22 of proc(5), starttime
 
 
 def _pid_runs(pid: int, started: str | None) -> bool:
@@ -192,7 +196,11 @@ class OutputLock:
         if self._lost:
             return
         self.record.update(released=True, renewed=time.time())
-        self.store.write_json(self.name, self.record)
+        try:
+            self.store.write_json(self.name, self.record)
+        except Exception as e:  # noqa: BLE001  (the job's own error, if any, is the one to report)
+            # unreleased, the lock is taken over by the next run once this process is gone
+            log.warning("%s: releasing the lock %s failed: %s", self.store.url, self.name, e)
 
 
 def _generations(store: OutputStore) -> list[str]:
