@@ -101,6 +101,8 @@ def check_no_overlap(inputs: list[str], shards: list[str], output: str, storage_
 
 def check_ours(store: OutputStore, job_file: str) -> None:
     """Refuse a location with files that are not a preprocess output's."""
+    if store.local and os.path.exists(store.root) and not os.path.isdir(store.root):
+        raise OutputConflict(f"{store.url} is a file; --output must name a folder (new or empty)")
     if store.exists(job_file):
         return
     ours = {LOCK_DIR}

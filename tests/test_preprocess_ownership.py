@@ -104,6 +104,12 @@ def test_a_folder_with_foreign_files_is_refused(corpus, tmp_path):
     assert tree_hashes(out) == before
 
 
+def test_a_file_as_output_is_refused(corpus, tmp_path):
+    (tmp_path / "f.tar").write_bytes(b"mine")
+    line = one_error_line(run_cli("preprocess", corpus, "--output", tmp_path / "f.tar"))
+    assert "is a file" in line and (tmp_path / "f.tar").read_bytes() == b"mine"
+
+
 def test_a_prefix_with_foreign_objects_is_refused_on_s3(corpus, s3_bucket, s3_server):
     bucket, fs = s3_bucket
     fs.pipe_file(f"{bucket}/theirs/report.csv", b"a,b\n")
