@@ -48,7 +48,7 @@ def cmd_make_corpus(args) -> int:
 def cmd_preprocess(args) -> int:
     from pipelines.config import DataConfig
     from pipelines.preprocess import format_summary, preprocess
-    from pipelines.retry import StoreError, store_error_kind, store_failure
+    from pipelines.retry import NOT_FOUND, StoreError, store_error_kind, store_failure
 
     _set_address(args)
     cfg = DataConfig.from_dict(_load_json_file(args.config)) if args.config else DataConfig()
@@ -71,8 +71,9 @@ def cmd_preprocess(args) -> int:
         raise CliError(str(e)) from None
     except OSError as e:
         # the output store failed in the driver (a 403, a 503 after retries, a disk error);
-        # anything that is not a store failure keeps its traceback (a bug)
-        if store_error_kind(e) is None:
+        # anything that is not a store failure keeps its traceback (a bug); "not found" is
+        # main's one-line error as it is
+        if store_error_kind(e) in (None, NOT_FOUND):
             raise
         raise CliError(str(store_failure(e, args.output))) from None
     print(format_summary(stats, args.output))

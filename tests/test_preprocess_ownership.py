@@ -248,9 +248,14 @@ def test_the_holder_renews_its_lease_and_notices_when_its_lock_was_replaced(tmp_
     try:
         first = lock.record["renewed"]
         _wait_for(lambda: json.loads(store.read_bytes(lock.name))["renewed"] > first, "a renewal", timeout=60)
-        # a store without exclusive create let another job write over it: the holder stops
-        store.write_json(lock.name, {**lock.record, "owner": "someone-else"})
-        _wait_for(lambda: lock._lost, "the holder to notice", timeout=60)
+        # a store without exclusive create let another job write over it: the holder stops.
+        # (Written until noticed: a renewal that read the record just before may write over it.)
+        def replace():
+            if not lock._lost:
+                store.write_json(lock.name, {**lock.record, "owner": "someone-else"})
+            return lock._lost
+
+        _wait_for(replace, "the holder to notice", timeout=60)
         with pytest.raises(OutputBusy, match="replaced this job's lock"):
             lock.ensure_held()
     finally:
