@@ -51,6 +51,7 @@ def cmd_make_corpus(args) -> int:
 def cmd_preprocess(args) -> int:
     from pipelines.config import DataConfig
     from pipelines.preprocess import format_summary, preprocess
+    from pipelines.retry import NOT_FOUND, StoreError, store_error_kind, store_failure
 
     _set_address(args)
     cfg = DataConfig.from_dict(_load_json_file(args.config)) if args.config else DataConfig()
@@ -63,8 +64,21 @@ def cmd_preprocess(args) -> int:
         cfg = DataConfig.from_dict({**cfg.to_dict(), **overrides})
     if args.workers is not None and args.workers < 1:
         raise CliError("--workers must be at least 1")
-    stats = preprocess(args.inputs, args.output, cfg=cfg, workers=args.workers,
-                       storage_options=_storage_options(args), progress=not args.quiet)
+    if args.shard_retries < 0:
+        raise CliError("--shard-retries must be 0 or more")
+    try:
+        stats = preprocess(args.inputs, args.output, cfg=cfg, workers=args.workers,
+                           storage_options=_storage_options(args), progress=not args.quiet,
+                           shard_retries=args.shard_retries, say=lambda line: print(line, file=sys.stderr))
+    except StoreError as e:  # the store refused access or stayed down: not the data's fault
+        raise CliError(str(e)) from None
+    except OSError as e:
+        # the output store failed in the driver (a 403, a 503 after retries, a disk error);
+        # anything that is not a store failure keeps its traceback (a bug); "not found" is
+        # main's one-line error as it is
+        if store_error_kind(e) in (None, NOT_FOUND):
+            raise
+        raise CliError(str(store_failure(e, args.output))) from None
     print(format_summary(stats, args.output))
     return 0
 
@@ -243,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="JSON file with data settings (see pipelines/config.py)")
     sp.add_argument("--image-size", type=int)
     sp.add_argument("--no-dedup", action="store_true")
+    sp.add_argument("--shard-retries", type=int, default=3, metavar="N",
+                    help="run a shard again at most N times after its task's process dies (OOM kill, crash), "
+                         "then quarantine it whole as shard_crashed (default 3)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     common(sp)
     sp.set_defaults(fn=cmd_preprocess)

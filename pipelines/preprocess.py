@@ -6,11 +6,15 @@ Shape of a run:
      or settings into the same output is refused, not mixed in);
   2. every input shard whose `_parts/*.done.json` is missing is processed by one Ray task
      (`shard_job.process_shard`: stream in, decode, transform, filter, write one shard);
-     Ray schedules them and reruns the task of a dead worker, the driver bounds how many
+     Ray schedules them and reruns the task of a dead worker up to `shard_retries` times
+     (then the shard is quarantined whole as `shard_crashed`), the driver bounds how many
      are in flight (`_run_pending`);
   3. the commit: drop cross-shard duplicates (the first by (shard, position) wins), write
      `_manifest.parquet`, `_quarantine.parquet`, and last `_stats.json`, which marks the
      output complete.
+
+The output has one owner (`ownership.py`): it may not overlap an input or hold foreign
+files, and the driver of a running job holds its lock.
 
 Why a map over shards rather than `read_datasource(...).map_batches(...).write_*()`: a
 shard-to-shard job commits a whole output shard atomically and resumes at shard
@@ -29,27 +33,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import reasons
 from .config import DataConfig
-from .shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names, process_shard, rewrite_without
+from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, check_ours
+from .retry import StoreError, store_error_kind, store_failure
+from .shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names, process_shard, rewrite_without, rows_to_table
 from .shards import expand_shards
 from .store import OutputStore
 from .transform import DROPPED
 
+__all__ = ["OutputBusy", "OutputConflict", "StoreError", "preprocess", "format_summary"]
+
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 JOB_FILE, STATS_FILE = "_job.json", "_stats.json"
 MANIFEST_FILE, QUARANTINE_FILE = "_manifest.parquet", "_quarantine.parquet"
-
-
-class OutputConflict(ValueError):
-    """The output location holds a different job's output."""
+# a shard task whose worker process dies (OOM kill, a native crash) is run again this many
+# times, then its shard is quarantined whole as `shard_crashed` and the job goes on
+SHARD_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -75,47 +87,80 @@ def preprocess(
     workers: int | None = None,
     storage_options: dict | None = None,
     progress: bool = True,
+    shard_retries: int = SHARD_RETRIES,
+    say: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run (or finish) the job; returns the content of `_stats.json`."""
+    """Run (or finish) the job; returns the content of `_stats.json`.
+
+    Refused in one line (`OutputConflict`, `OutputBusy`): an output that overlaps an input,
+    holds someone else's files or another job's output, or that a running job holds. A store
+    that refuses access or stays down stops the job with a one-line `StoreError`; `say` gets
+    the one-line notices of the run (a dead job's lock taken over)."""
     from .runtime import init_ray
 
+    if shard_retries < 0:
+        raise ValueError(f"shard retries must be 0 or more, not {shard_retries}")
     cfg = cfg or DataConfig()
     started = time.time()
     shards = expand_shards(inputs, storage_options)
+    check_no_overlap(list(inputs), shards, output, storage_options)
     tasks = plan(shards)
-    store = OutputStore(output, storage_options)
-    store.makedirs()
     fp = fingerprint(shards, cfg)
-    _claim_output(store, fp, inputs, shards, cfg)
-    store.remove_temporaries()
-
-    if store.exists(STATS_FILE) and store.read_json(STATS_FILE).get("fingerprint") == fp:
-        stats = store.read_json(STATS_FILE)
-        stats["this_run"] = {"processed_shards": 0, "skipped_shards": len(tasks), "seconds": 0.0}
-        return stats
-
-    done = {n for n in store.list("_parts") if n.endswith(".done.json")}
-    pending = [t for t in tasks if part_names(t.name)["done"] not in done]
-    if pending:
-        init_ray()
-        _run_pending(pending, store, cfg, storage_options, workers, progress)
-    stats = commit(store, tasks, cfg, fp)
+    # the tag: this job's temporaries are the only ones it ever deletes
+    store = OutputStore(output, storage_options, tag=fp)
+    if store.exists(JOB_FILE):
+        _check_same_job(store, fp)
+        if _finished(store, fp):  # read-only: a finished job takes no lock and changes nothing
+            return _nothing_to_do(store, len(tasks))
+    check_ours(store, JOB_FILE)
+    store.makedirs()
+    lock = acquire(store, fp, say=say)
+    try:
+        _claim_output(store, fp, inputs, shards, cfg)
+        store.remove_temporaries()  # of this job's earlier runs: the lock says none is running
+        if _finished(store, fp):  # another run finished it while this one waited for the lock
+            return _nothing_to_do(store, len(tasks))
+        done = {n for n in store.list("_parts") if n.endswith(".done.json")}
+        pending = [t for t in tasks if part_names(t.name)["done"] not in done]
+        if pending:
+            init_ray()
+            _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock)
+        lock.ensure_held()
+        stats = commit(store, tasks, cfg, fp)
+        store.remove_temporaries()  # those of this run's crashed tasks
+    finally:
+        lock.release()
     stats["this_run"] = {
         "processed_shards": len(pending),
         "skipped_shards": len(tasks) - len(pending),
         "seconds": round(time.time() - started, 3),
     }
+    if lock.took_over is not None:
+        stats["this_run"]["took_over_from"] = {k: lock.took_over.get(k) for k in ("host", "pid", "started")}
     return stats
+
+
+def _finished(store: OutputStore, fp: str) -> bool:
+    return store.exists(STATS_FILE) and store.read_json(STATS_FILE).get("fingerprint") == fp
+
+
+def _nothing_to_do(store: OutputStore, n_tasks: int) -> dict:
+    stats = store.read_json(STATS_FILE)
+    stats["this_run"] = {"processed_shards": 0, "skipped_shards": n_tasks, "seconds": 0.0}
+    return stats
+
+
+def _check_same_job(store: OutputStore, fp: str) -> None:
+    if store.read_json(JOB_FILE).get("fingerprint") != fp:
+        raise OutputConflict(
+            f"{store.url} already holds the output of another preprocess job (other inputs or "
+            f"settings); choose a new --output or delete it"
+        )
 
 
 def _claim_output(store: OutputStore, fp: str, inputs: list[str], shards: list[str], cfg: DataConfig) -> None:
     if store.exists(JOB_FILE):
-        job = store.read_json(JOB_FILE)
-        if job.get("fingerprint") != fp:
-            raise OutputConflict(
-                f"{store.url} already holds the output of another preprocess job (other inputs or "
-                f"settings); choose a new --output or delete it"
-            )
+        _check_same_job(store, fp)
         return
     store.write_json(JOB_FILE, {
         "fingerprint": fp, "format": FORMAT_VERSION, "inputs": list(inputs),
@@ -123,23 +168,31 @@ def _claim_output(store: OutputStore, fp: str, inputs: list[str], shards: list[s
     })
 
 
-def _run_pending(pending, store, cfg, storage_options, workers, progress) -> None:
+# what `ray.get` raises for a task whose worker process died on every attempt
+def _crash_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rx
+
+    return (rx.WorkerCrashedError, rx.OutOfMemoryError, rx.NodeDiedError, rx.RaySystemError)
+
+
+def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock) -> None:
     import ray
 
     from .runtime import cluster_cpus
 
-    url, opts, cfg_dict = store.url, storage_options or {}, cfg.to_dict()
+    url, opts, cfg_dict, tag = store.url, storage_options or {}, cfg.to_dict(), store.tag
 
     def run_one(source: str, name: str) -> dict:
-        return process_shard(source, name, OutputStore(url, opts), DataConfig.from_dict(cfg_dict), opts)
+        return process_shard(source, name, OutputStore(url, opts, tag=tag), DataConfig.from_dict(cfg_dict), opts)
 
-    # Ray Data's settings for its map tasks: rerun a task whose worker died, however often
-    # (a shard task is idempotent: it writes its outputs atomically), and spread the tasks
-    # over the nodes.
-    task = ray.remote(num_cpus=1, max_retries=-1, retry_exceptions=[ray.exceptions.RaySystemError],
+    # A task whose worker died is run again (a shard task is idempotent: it writes its outputs
+    # atomically, its `done` part last), at most `shard_retries` times: a shard that kills
+    # every worker that reads it (an OOM kill, a decoder's segfault) would otherwise stall
+    # the job for ever. The tasks are spread over the nodes.
+    task = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
                       scheduling_strategy="SPREAD")(run_one)
     todo = list(reversed(pending))  # pop() takes them in plan order
-    running: list = []
+    running: dict = {}  # ObjectRef -> ShardTask
     bar = _progress_bar(len(pending), progress)
     totals: Counter = Counter()
     cpus = cluster_cpus()
@@ -152,9 +205,11 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress) -> Non
             limit = 2 * cpus if not workers else (2 * workers if workers >= cpus else workers)
             while todo and len(running) < limit:
                 t = todo.pop()
-                running.append(task.remote(t.source, t.name))
-            done, running = ray.wait(running, num_returns=1)
-            totals.update(ray.get(done[0])["counts"])
+                running[task.remote(t.source, t.name)] = t
+            done, _ = ray.wait(list(running), num_returns=1)
+            t = running.pop(done[0])
+            totals.update(_result(done[0], t, store, shard_retries)["counts"])
+            lock.ensure_held()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(samples=totals["read"], written=totals["written"],
@@ -164,6 +219,45 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress) -> Non
             ray.cancel(ref)
         if bar is not None:
             bar.close()
+
+
+def _result(ref, t: ShardTask, store: OutputStore, shard_retries: int) -> dict:
+    """A finished task's stats; a crashed shard is recorded; a store failure stops the job."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        if store_error_kind(cause) is None:
+            raise  # a bug: keeps its traceback
+        # a refused credential, a store that stays down, reading the shard or writing its
+        # output: one line, nothing marked done for it, so a re-run processes it
+        if isinstance(cause, StoreError) and t.source in str(cause):
+            raise StoreError(str(cause)) from None
+        raise store_failure(cause, f"{t.source} -> {store.url}/{t.name}") from None
+    except _crash_errors() as e:
+        return record_crashed(store, t, e, shard_retries)
+
+
+def record_crashed(store: OutputStore, t: ShardTask, error: BaseException, shard_retries: int) -> dict:
+    """Quarantine a whole shard whose task died on every attempt, as its parts: an empty
+    output shard (so shard i of the output exists for every input shard i), one quarantine
+    row (key "", the shard as source) and the `done` part that says so."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    detail = f"{type(error).__name__}: {first}"[:300] + f" (the task died {shard_retries + 1} times)"
+    log.warning("%s: quarantined as %s: %s", t.source, reasons.SHARD_CRASHED, detail)
+    parts = part_names(t.name)
+    with store.open_atomic(t.name) as f:
+        tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT).close()
+    store.write_parquet(parts["manifest"], rows_to_table([], MANIFEST_SCHEMA))
+    store.write_parquet(parts["quarantine"], rows_to_table([{
+        "key": "", "source": t.source, "position": 0, "reason": reasons.SHARD_CRASHED,
+        "kind": reasons.ERROR, "detail": detail, "members": []}], QUARANTINE_SCHEMA))
+    stats = {"source": t.source, "shard": t.name, "counts": {"read": 1, f"{reasons.ERROR}:{reasons.SHARD_CRASHED}": 1},
+             "bytes_in": 0, "bytes_out": 0, "seconds": 0.0, "crashed": detail}
+    store.write_json(parts["done"], stats)
+    return stats
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -222,6 +316,7 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
         "worker_seconds": round(sum(s["seconds"] for s in per_shard), 3),
         # extras of written samples left out of the output (not in data.extra_exts), by extension
         "dropped_members": {k[len(DROPPED):]: n for k, n in sorted(counts.items()) if k.startswith(DROPPED)},
+        "crashed_shards": sum(1 for s in per_shard if s.get("crashed")),
         "data": cfg.to_dict(),
     }
     store.write_json(STATS_FILE, stats)
@@ -268,6 +363,9 @@ def format_summary(stats: dict, output: str) -> str:
         shown = ", ".join(f".{ext} {n}" for ext, n in top[:8]) + (", ..." if len(top) > 8 else "")
         lines.append(f"  dropped     {sum(dropped.values())} extra member(s) not in data.extra_exts, "
                      f"left out of kept samples: {shown}")
+    if stats.get("crashed_shards"):
+        lines.append(f"  crashed     {stats['crashed_shards']} shard(s): their task died on every retry; "
+                     f"quarantined whole as {reasons.SHARD_CRASHED}")
     mb_in, mb_out = stats["bytes_in"] / 1e6, stats["bytes_out"] / 1e6
     lines.append(f"  bytes       in {mb_in:.1f} MB, out {mb_out:.1f} MB")
     secs = run.get("seconds") or 0.0

@@ -23,6 +23,13 @@ seeks back to the offset it had reached. The caller (a streaming `tarfile`) sees
 unbroken byte stream: no sample lost, none read twice. After a bounded number of attempts
 the error is one line, raised as `ReadRetriesExhausted`, deliberately *not* an `OSError` so
 that no reader mistakes an unreachable store for a damaged shard.
+
+A store error is not a data error. `store_error_kind` is the one classification every part
+of the data plane uses: only "not found" may be recorded against a shard (`shard_unreadable`);
+a refused credential or permission (403, 401, expired token), a 5xx that outlasts the
+retries, a connection that cannot be made, a disk I/O error are the store's failures, raised
+as `StoreError` (one line, naming the object), so that the job stops with nothing marked
+done and a re-run, once the store or the credentials are fixed, processes the shard.
 """
 from __future__ import annotations
 
@@ -61,8 +68,17 @@ DEFAULT_POLICY = RetryPolicy()
 S3_RETRIES = {"mode": "standard", "max_attempts": 5}
 
 
-class ReadRetriesExhausted(RuntimeError):
+class StoreError(RuntimeError):
+    """The store failed (access refused, outage), not the data: the job stops with this one
+    line, nothing is recorded against the shard, and a re-run processes it."""
+
+
+class ReadRetriesExhausted(StoreError):
     """The store kept failing transiently; the input itself may be fine (re-run to resume)."""
+
+
+class ObjectChanged(OSError):
+    """The object was replaced while being read: its bytes can't be spliced (a data error)."""
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -76,8 +92,9 @@ def _transient_types() -> tuple[type[BaseException], ...]:
         types += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
     bx = sys.modules.get("botocore.exceptions")
     if bx is not None:
-        # HTTPClientError covers ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
-        types += [bx.HTTPClientError, bx.IncompleteReadError]
+        # HTTPClientError covers ConnectionClosedError, ReadTimeoutError, ResponseStreamingError;
+        # botocore's ConnectionError covers EndpointConnectionError and ConnectTimeoutError
+        types += [bx.HTTPClientError, bx.IncompleteReadError, bx.ConnectionError]
     ux = sys.modules.get("urllib3.exceptions")
     if ux is not None:
         types += [ux.ProtocolError, ux.IncompleteRead]
@@ -97,6 +114,70 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, _transient_types()):
         return True
     return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
+
+
+# store_error_kind's answers
+NOT_FOUND = "not_found"    # the object is not there: a data error (the shard is unreadable)
+TRANSIENT = "transient"    # worth retrying; after the retries, the store is down
+DENIED = "denied"          # credentials or permissions: the job stops, a re-run with access works
+FAILED = "failed"          # any other failure of the store or disk (an I/O error, a 4xx we can't act on)
+
+# botocore error codes (when an error reaches us untranslated by s3fs)
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "ExpiredToken", "ExpiredTokenException",
+                 "InvalidAccessKeyId", "InvalidToken", "SignatureDoesNotMatch", "TokenRefreshRequired",
+                 "RequestTimeTooSkewed", "AccountProblem", "401", "403"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def store_error_kind(e: BaseException) -> str | None:
+    """What a failure of a filesystem call says about the object: NOT_FOUND, TRANSIENT, DENIED,
+    FAILED, or None when it is no store error at all (a bug, or a format error raised by a
+    parser above the file: those are never this function's business)."""
+    if isinstance(e, StoreError):
+        return FAILED
+    if isinstance(e, (ObjectChanged, io.UnsupportedOperation)):
+        # the data changed under us (the reader records it against the shard), or a file
+        # used in a way it does not support (a bug): neither is the store failing
+        return None
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None and isinstance(e, aiohttp.ClientResponseError):
+        if e.status in (404, 410):
+            return NOT_FOUND
+        if e.status in (401, 403, 407):
+            return DENIED
+        return TRANSIENT if e.status >= 500 or e.status == 429 else FAILED
+    bx = sys.modules.get("botocore.exceptions")
+    if bx is not None:
+        if isinstance(e, bx.ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in _NOT_FOUND_CODES or status == 404:
+                return NOT_FOUND
+            if code in _DENIED_CODES or status in (401, 403):
+                return DENIED
+            return TRANSIENT if status >= 500 or status == 429 else FAILED
+        if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
+            return DENIED
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return NOT_FOUND
+    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno in _DENIED_ERRNOS):
+        return DENIED
+    if is_transient(e):
+        return TRANSIENT
+    if isinstance(e, OSError):
+        return FAILED
+    return None
+
+
+def store_failure(e: BaseException, what: str) -> StoreError:
+    """The one-line `StoreError` for a failure of the store on `what` (a URL)."""
+    if isinstance(e, StoreError):
+        return e if what in str(e) else StoreError(f"{what}: {e}")
+    hint = {DENIED: "access refused: check the credentials and permissions, then re-run",
+            TRANSIENT: "the store is unreachable or failing: re-run when it is back"}.get(
+        store_error_kind(e), "the store failed: re-run when it is fixed")
+    return StoreError(f"{what}: {_one_line(e)} ({hint})")
 
 
 def _one_line(e: BaseException) -> str:
@@ -126,7 +207,7 @@ class RetryingFile(io.RawIOBase):
             self._size = size
         elif size is not None and size != self._size:
             f.close()
-            raise OSError(f"{self.name} changed while being read ({self._size} -> {size} bytes)")
+            raise ObjectChanged(f"{self.name} changed while being read ({self._size} -> {size} bytes)")
         if pos:
             f.seek(pos)
         return f
@@ -139,8 +220,13 @@ class RetryingFile(io.RawIOBase):
                     self._f = self._open_at(self._pos)
                 return fn(self._f)
             except Exception as e:
-                if not is_transient(e):
-                    raise
+                kind = store_error_kind(e)
+                if kind in (DENIED, FAILED):
+                    # e.g. a 403 mid-stream (a credential that expired during a long read):
+                    # never an OSError to the tar reader, which would call the shard truncated
+                    raise store_failure(e, f"{self.name}: {what} at byte {self._pos}") from None
+                if kind != TRANSIENT:
+                    raise  # not found (a data error), or not the store's doing
                 self._drop()
                 if attempt + 1 == self._policy.attempts:
                     raise ReadRetriesExhausted(

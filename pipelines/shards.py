@@ -12,6 +12,8 @@ from typing import Iterable
 import fsspec
 from braceexpand import braceexpand
 
+from .retry import NOT_FOUND, store_error_kind, store_failure, with_retry_defaults
+
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = "*?["
 # http(s) has no listing API worth trusting: a URL there is taken as one shard.
@@ -20,6 +22,21 @@ _UNLISTABLE = {"http", "https"}
 
 class ShardListError(ValueError):
     """The inputs name no shard, or name something that does not exist."""
+
+
+def _listing(pattern: str, call):
+    """`call()`, a listing or a lookup of `pattern`: "not found" is the user's error (one line);
+    a refused credential or a store that stays down is a `StoreError` (one line); the rest
+    (bugs) keeps its traceback."""
+    try:
+        return call()
+    except Exception as e:
+        kind = store_error_kind(e)
+        if kind == NOT_FOUND:
+            raise ShardListError(f"no such shard or folder: {pattern}") from None
+        if kind is None:
+            raise
+        raise store_failure(e, f"cannot list {pattern}") from None
 
 
 def is_shard_name(path: str) -> bool:
@@ -60,24 +77,20 @@ def expand_shards(inputs: Iterable[str], storage_options: dict | None = None) ->
 
 
 def _expand_one(pattern: str, storage_options: dict) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(pattern, **storage_options)
+    fs, path = fsspec.core.url_to_fs(pattern, **with_retry_defaults(pattern, storage_options))
     if _protocol(fs) in _UNLISTABLE:
         return [pattern]
     if any(c in path for c in _GLOB_CHARS):
-        matches = [p for p in fs.glob(path) if is_shard_name(p)]
+        matches = [p for p in _listing(pattern, lambda: fs.glob(path)) if is_shard_name(p)]
         if not matches:
             raise ShardListError(f"the pattern {pattern} matches no shard")
         return [canonical_url(fs, p) for p in matches]
-    try:
-        is_dir = fs.isdir(path)
-    except (FileNotFoundError, PermissionError) as e:
-        raise ShardListError(f"cannot read {pattern}: {e}") from None
-    if is_dir:
-        shards = [p for p in fs.find(path) if is_shard_name(p)]
+    if _listing(pattern, lambda: fs.isdir(path)):
+        shards = [p for p in _listing(pattern, lambda: fs.find(path)) if is_shard_name(p)]
         if not shards:
             raise ShardListError(f"the folder {pattern} holds no shard (.tar, .tar.gz, .tgz)")
         return [canonical_url(fs, p) for p in shards]
-    if not fs.exists(path):
+    if not _listing(pattern, lambda: fs.exists(path)):
         raise ShardListError(f"no such shard: {pattern}")
     if not path.lower().endswith(SHARD_SUFFIXES):
         raise ShardListError(f"{pattern} is not a shard (expected .tar, .tar.gz or .tgz)")

@@ -29,8 +29,8 @@ import fsspec
 from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
 from .reasons import SampleError, SampleFiltered
-from .retry import ReadRetriesExhausted, open_retrying, with_retry_defaults
-from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage, printable, quoted, unsafe_reason
+from .retry import NOT_FOUND, StoreError, open_retrying, store_error_kind, with_retry_defaults
+from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage
 
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
@@ -89,16 +89,18 @@ def iter_tar_samples(
 
     Transient store faults (throttling, a connection dropped mid-body) are retried under
     the reader, resuming at the same byte, so they change nothing in what is yielded (see
-    `retry.py`). If the store keeps failing, `ReadRetriesExhausted` is raised: an outage is
-    the job's problem, never recorded as a damaged shard or an unreadable sample; so is any
-    other exception raised by the store while the shard is read.
+    `retry.py`). If the store keeps failing or refuses access, `retry.StoreError` is raised:
+    that is the job's problem, never recorded as a damaged shard or an unreadable sample.
     """
     try:
         fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
         f = open_retrying(fs, path, name=url)
-    except ReadRetriesExhausted:
-        raise
-    except Exception as e:  # any other open failure is this shard's problem, not the job's
+    except Exception as e:
+        # only "not found" is this shard's problem; a refused credential or a store that stays
+        # down is the job's (a StoreError, one line), and anything else is a bug: both propagate,
+        # so nothing is recorded against the shard and a re-run reads it
+        if store_error_kind(e) != NOT_FOUND:
+            raise
         yield RawSample("", url, 0, error=SampleError(reasons.SHARD_UNREADABLE, _one_line(e)))
         return
     with f:
@@ -216,7 +218,7 @@ class _ShardReader:
         except Exception as e:
             if self.source.error is not None:
                 raise self.source.error
-            if isinstance(e, ReadRetriesExhausted):
+            if isinstance(e, StoreError):  # refused or down: the job's error, never the shard's
                 raise
             too_large = isinstance(e, (RecursionError, MemoryError))
             raise ShardDamage(reasons.TAR_HEADER_TOO_LARGE if too_large else reasons.TRUNCATED_SHARD,

@@ -1,8 +1,10 @@
 """An output location (local folder or object-store prefix) with all-or-nothing writes.
 
-Local disk: write `NAME.tmp-<uuid>`, fsync, rename. The rename is atomic, so a reader (or
-a re-run) sees either nothing or the whole file; a kill leaves only `*.tmp-*` files,
-which `remove_temporaries` deletes on the next run.
+Local disk: write `NAME.tmp-<tag>-<uuid>`, fsync, rename. The rename is atomic, so a reader
+(or a re-run) sees either nothing or the whole file; a kill leaves only `*.tmp-*` files,
+which `remove_temporaries(tag)` deletes on the next run. The tag names the job (the
+preprocess job's fingerprint), so a job deletes its own temporaries only, never those of
+another job writing beside or below it.
 
 Object stores (s3://, gs://): a PUT or a completed multipart upload is atomic by itself,
 so we write the final name directly and, on an exception, `discard()` the upload instead
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
@@ -29,16 +32,21 @@ import pyarrow.parquet as pq
 from .retry import open_retrying, with_retry_defaults
 
 TMP_MARK = ".tmp-"
+_TAG = re.compile(r"^[0-9A-Za-z_]{1,32}$")
 
 
 class OutputStore:
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, tag: str | None = None):
         self.url = url
         self.storage_options = storage_options or {}
         self.fs, root = fsspec.core.url_to_fs(url, **with_retry_defaults(url, self.storage_options))
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.local = protocol in ("file", "local")
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.local = self.protocol in ("file", "local")
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        if tag is not None and not _TAG.match(tag):
+            raise ValueError(f"a temporary-file tag must be 1-32 letters, digits or _, not {tag!r}")
+        # whose temporaries this store writes (see remove_temporaries); untagged: its own only
+        self.tag = tag or uuid.uuid4().hex[:12]
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -53,19 +61,72 @@ class OutputStore:
     def list(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of the files below `prefix`."""
         base = self.path(prefix) if prefix else self.root
+        # other processes (the shard tasks) write here: a listing cached by fsspec (s3fs keeps
+        # one per folder) would hide their files, from this listing and from later reads
+        self.fs.invalidate_cache(base)
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(base)
         root = self.root.rstrip("/") + "/"
         return sorted(p[len(root):] if p.startswith(root) else p for p in found)
+
+    def entries(self) -> list[str]:
+        """Names of what the root holds, one level down (files and folders); [] if it is absent."""
+        if self.local:
+            return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in found)
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write `name` only if nothing has that name yet; False if something does.
+
+        Local disk: the complete content goes to a temporary file that is hard-linked to the
+        final name: `link` fails if the name exists (atomic, on NFS too, where O_EXCL used not
+        to be), and a reader never sees a half-written file. S3: a PUT with `If-None-Match: *`
+        (s3fs `mode="create"`; AWS S3 and moto 5 honour it). Other stores: check, write, read
+        back our bytes (unique to the caller): two writers that race within one round trip may
+        both win, so callers verify again later (the lock's heartbeat does).
+        """
+        final = self.path(name)
+        if self.local:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{final}{TMP_MARK}{self.tag}-{uuid.uuid4().hex[:12]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if self.protocol in ("s3", "s3a"):
+            try:
+                self.fs.pipe_file(final, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        if self.fs.exists(final):
+            return False
+        self.write_bytes(name, data)
+        self.fs.invalidate_cache(final)
+        return self.read_bytes(name) == data
 
     @contextmanager
     def open_atomic(self, name: str) -> Iterator[io.RawIOBase]:
         final = self.path(name)
         if self.local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+            tmp = f"{final}{TMP_MARK}{self.tag}-{uuid.uuid4().hex[:12]}"
             f = open(tmp, "wb")
             try:
                 yield f
@@ -85,6 +146,10 @@ class OutputStore:
             except BaseException:
                 if hasattr(f, "discard"):
                     f.discard()
+                    # a discarded file is unusable: without this, its `__del__` would close it,
+                    # which flushes a buffer that `discard` dropped (an ignored AttributeError
+                    # traceback in the worker's log)
+                    f.closed = True
                 raise
             else:
                 f.close()
@@ -95,6 +160,7 @@ class OutputStore:
 
     def open_read(self, name: str) -> io.RawIOBase:
         """A read-only file that rides out transient store faults (seekable, for parquet)."""
+        self.fs.invalidate_cache(self.path(name))  # it may have been written by another process
         return open_retrying(self.fs, self.path(name), name=f"{self.url}/{name}")
 
     def read_bytes(self, name: str) -> bytes:
@@ -116,14 +182,20 @@ class OutputStore:
         with self.open_read(name) as f:
             return pq.read_table(f, use_threads=False)  # see retry.read_parquet_retrying
 
-    def remove_temporaries(self) -> int:
-        """Delete what killed runs left behind; returns how many files."""
-        if not self.local or not os.path.isdir(self.root):
-            return 0
+    def remove_temporaries(self, folders: tuple[str, ...] = ("", "_parts", "_lock")) -> int:
+        """Delete the temporaries that killed writers with this store's tag left in `folders`
+        (not below them: another job may write into a subfolder); returns how many files."""
+        if not self.local:
+            return 0  # object stores have no temporaries (module doc)
+        mark = f"{TMP_MARK}{self.tag}-"
         n = 0
-        for dirpath, _, files in os.walk(self.root):
-            for fn in files:
-                if TMP_MARK in fn:
-                    os.remove(os.path.join(dirpath, fn))
+        for folder in folders:
+            d = self.path(folder) if folder else self.root
+            if not os.path.isdir(d):
+                continue
+            for fn in os.listdir(d):
+                p = os.path.join(d, fn)
+                if mark in fn and os.path.isfile(p) and not os.path.islink(p):
+                    os.remove(p)
                     n += 1
         return n

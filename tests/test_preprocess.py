@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -226,7 +227,17 @@ def test_kill9_then_rerun_gives_the_uninterrupted_output(ray_cluster, tmp_path):
     result = run_cli("preprocess", str(corpus), "--output", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "already done" in result.stdout
-    ref_files, got_files = files_of(reference), files_of(out)
+    # the killed driver's lock is taken over, and the run says so in one line
+    took = [line for line in result.stderr.splitlines() if line.startswith("taking over")]
+    assert len(took) == 1 and f"(pid {proc.pid} on {socket.gethostname()}, started" in took[0], result.stderr
+    locks = sorted(n for n in files_of(out) if n.startswith("_lock/"))
+    # the lock the killed driver held stays (superseded); the re-run's says it ended
+    first, last = (json.load(open(out / n)) for n in locks)
+    assert first["pid"] == proc.pid and not first["released"]
+    assert last["pid"] != proc.pid and last["released"]
+    # the lock records pids and times, nothing else may differ
+    ref_files = {n: p for n, p in files_of(reference).items() if not n.startswith("_lock/")}
+    got_files = {n: p for n, p in files_of(out).items() if not n.startswith("_lock/")}
     assert sorted(got_files) == sorted(ref_files)  # no temporaries left, nothing missing
     for name in ref_files:
         assert comparable(got_files[name]) == comparable(ref_files[name]), name
