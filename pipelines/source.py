@@ -30,7 +30,7 @@ from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
 from .reasons import SampleError, SampleFiltered
 from .retry import NOT_FOUND, StoreError, open_retrying, store_error_kind, with_retry_defaults
-from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage
+from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage, printable, quoted, unsafe_reason
 
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
