@@ -290,7 +290,9 @@ def run_preprocess(corpus: str, out: str, log: str, args, config: str | None) ->
         q = pq.read_table(os.path.join(out, "_quarantine.parquet")).to_pylist()
         res.update(read=stats["read"], written=stats["written"], quarantined=stats["quarantined"],
                    filtered=stats["filtered"],
-                   bombs={r["key"]: r["reason"] for r in q if r["key"].startswith("bomb-")})
+                   # a header bomb is refused before its name is known: a shard-level row, key ""
+                   bombs={r["key"] or f"shard {os.path.basename(r['source'])}": r["reason"] for r in q
+                          if r["key"].startswith("bomb-") or not r["key"]})
     shutil.rmtree(out, ignore_errors=True)
     return res
 
