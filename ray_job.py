@@ -360,11 +360,18 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.runtime import local_mode_env
 
         local_mode_env()
+    from pipelines.retry import ReadRetriesExhausted
+
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ReadRetriesExhausted as e:
+        # the store stayed down. Raised in a Ray task, it arrives as Ray's RayTaskError, whose
+        # text is the worker's traceback: the cause's one line is the message
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 2
     except (CliError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
