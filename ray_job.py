@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.runtime import local_mode_env
 
         local_mode_env()
-    from pipelines.retry import ReadRetriesExhausted
+    from pipelines.retry import ReadRetriesExhausted, is_transient
 
     try:
         return args.fn(args)
@@ -374,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (CliError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_transient(e):
+            raise
+        # a store call of this process (listing the input, the output's job files) still failing
+        # after botocore's and s3fs's retries: an outage, not a problem with the data
+        print(f"error: the store kept failing ({type(e).__name__}: {e}); it is unreachable or throttling, "
+              f"try again later".replace("\n", " "), file=sys.stderr)
         return 2
 
 
