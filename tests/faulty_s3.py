@@ -21,7 +21,8 @@ match a glob can be made to fail or to hang:
   and the request is never forwarded; when the test calls `release()` (or stops the proxy)
   its connection closes without an answer. A process killed meanwhile has therefore uploaded
   exactly the first N, whatever its threads were doing.
-`heal()` ends every fault, bursts in progress included (the store is back).
+`down = True` answers every request (listings and HEADs included) with 503 SlowDown: the whole
+store is down. `heal()` ends every fault, bursts in progress included (the store is back).
 
 Stdlib only (http.server + http.client), so the fault is on the wire, not a mock in the client.
 """
@@ -64,6 +65,7 @@ class FaultyS3Proxy:
         self._lock = threading.Lock()
         self._bursts: dict[str, list] = {}  # object -> [fault, GETs of it still to fault]
         self._write_rule: tuple[str, str, int] | None = None  # (fault, glob, matching writes left to pass)
+        self.down = False  # every request answers 503
         self.held = threading.Event()  # set when the first write is held
         self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -100,6 +102,7 @@ class FaultyS3Proxy:
         """No more faults of any kind: the store is back."""
         with self._lock:
             self.slowdown_every = self.cut_every = 0
+            self.down = False
             self._bursts.clear()
             self._write_rule = None
         self._release.set()
@@ -122,6 +125,9 @@ class FaultyS3Proxy:
         """'slowdown', 'cut', 'hold' or None for this request; counts it."""
         with self._lock:
             self.counts["requests"] += 1
+            if self.down:
+                self.counts["down"] += 1
+                return "slowdown"
             write_fault = self._decide_write(method, path)
             if write_fault is not None:
                 return write_fault

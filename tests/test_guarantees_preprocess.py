@@ -188,13 +188,17 @@ def test_killed_in_the_commit(corpus, reference, shards_done, tmp_path, point):
 
 # --- object storage -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("outage", ["reads", "everything"])
 def test_a_store_that_stays_down_fails_the_job_in_one_line_and_marks_nothing_done(
-        ray_cluster, s3_bucket, faulty_s3, tmp_path):
+        ray_cluster, s3_bucket, faulty_s3, tmp_path, outage):
     bucket, fs = s3_bucket
     make_corpus(str(tmp_path / "raw"), 8, 2, seed=5)
     for p in sorted((tmp_path / "raw").glob("*.tar")):
         fs.put_file(str(p), f"{bucket}/raw/{p.name}")
-    faulty_s3.slowdown_every, faulty_s3.cut_every, faulty_s3.burst = 1, 0, 10**9  # every object read: 503
+    if outage == "reads":  # listings pass, every read of an object answers 503: the shard tasks meet it
+        faulty_s3.slowdown_every, faulty_s3.cut_every, faulty_s3.burst = 1, 0, 10**9
+    else:  # every request answers 503: the driver meets it listing the input
+        faulty_s3.down = True
     # botocore's own attempts down to 1 and s3fs's default 5: the outage is declared in seconds
     opts = {**faulty_s3.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}}}
     out = f"s3://{bucket}/clean"
@@ -204,8 +208,10 @@ def test_a_store_that_stays_down_fails_the_job_in_one_line_and_marks_nothing_don
     # the shard tasks' retry warnings come first, forwarded by Ray as "(run_one pid=...) ..."; then the error
     errors = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", r.stderr).splitlines() if not line.startswith("(")]
     assert len(errors) == 1 and errors[0].startswith("error: "), r.stderr[-3000:]
-    assert f"s3://{bucket}/raw/shard-00000" in errors[0] and "try again" in errors[0]
-    assert faulty_s3.counts["slowdown"] > 0
+    assert "try again later" in errors[0], errors[0]
+    if outage == "reads":
+        assert f"s3://{bucket}/raw/shard-00000" in errors[0], errors[0]  # the shard whose reads failed
+    assert faulty_s3.counts["slowdown" if outage == "reads" else "down"] > 0
     fs.invalidate_cache()
     written = [p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/clean")]
     assert not [n for n in written if "quarantine" in n or n.endswith(".done.json") or n.startswith("_manifest")]
