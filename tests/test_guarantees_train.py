@@ -23,7 +23,6 @@ import time
 
 import psutil
 import pytest
-import s3fs
 
 from conftest import ROOT
 from faulty_s3 import faulty_s3  # noqa: F401  (the fixture)
