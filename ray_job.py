@@ -396,13 +396,28 @@ def main(argv: list[str] | None = None) -> int:
         local_mode_env()
     if args.command not in ("submit", "status", "logs", "stop", "list"):
         _hide_credentials_from_process_title()  # imports ray: after local_mode_env
+    from pipelines.retry import StoreError, is_transient
+
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except StoreError as e:
+        # the store refused access or stayed down. Raised in a Ray task, it arrives as Ray's
+        # RayTaskError, whose text is the worker's traceback: the cause's one line is the message
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 2
     except (CliError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_transient(e):
+            raise
+        # a store call of this process (listing the input, the output's job files) still failing
+        # after botocore's and s3fs's retries: an outage, not a problem with the data
+        print(f"error: the store kept failing ({type(e).__name__}: {e}); it is unreachable or throttling, "
+              f"try again later".replace("\n", " "), file=sys.stderr)
         return 2
 
 

@@ -143,16 +143,14 @@ class OutputStore:
             f = self.fs.open(final, "wb")
             try:
                 yield f
+                f.close()  # inside: an upload whose last part or completion fails is discarded too
             except BaseException:
                 if hasattr(f, "discard"):
                     f.discard()
-                    # a discarded file is unusable: without this, its `__del__` would close it,
-                    # which flushes a buffer that `discard` dropped (an ignored AttributeError
-                    # traceback in the worker's log)
-                    f.closed = True
+                # marked closed, or its __del__ closes it, which completes the upload (fsspec's
+                # default discard() keeps the buffer) or, on s3fs, prints a traceback
+                f.closed = True
                 raise
-            else:
-                f.close()
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.open_atomic(name) as f:

@@ -13,10 +13,22 @@ the GET after a burst always passes, so progress never depends on how concurrent
 interleave. `counts` and `faulted` tell a test which faults were really injected, so a test
 that injected none can fail.
 
+Writes (PUT, POST: one-shot uploads and every step of a multipart upload) to objects that
+match a glob can be made to fail or to hang:
+- `fail_writes(glob, after=N)`: after the first N matching writes, every one answers 503
+  SlowDown (a store that goes down in the middle of an upload);
+- `hold_writes(glob, after=N)`: after the first N, every matching write is held: `held` is set,
+  and the request is never forwarded; when the test calls `release()` (or stops the proxy)
+  its connection closes without an answer. A process killed meanwhile has therefore uploaded
+  exactly the first N, whatever its threads were doing.
+`down = True` answers every request (listings and HEADs included) with 503 SlowDown: the whole
+store is down. `heal()` ends every fault, bursts in progress included (the store is back).
+
 Stdlib only (http.server + http.client), so the fault is on the wire, not a mock in the client.
 """
 from __future__ import annotations
 
+import fnmatch
 import http.client
 import socket
 import threading
@@ -52,6 +64,10 @@ class FaultyS3Proxy:
         self.storage_options: dict = {}  # fsspec options that point at the proxy (the fixture sets them)
         self._lock = threading.Lock()
         self._bursts: dict[str, list] = {}  # object -> [fault, GETs of it still to fault]
+        self._write_rule: tuple[str, str, int] | None = None  # (fault, glob, matching writes left to pass)
+        self.down = False  # every request answers 503
+        self.held = threading.Event()  # set when the first write is held
+        self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -62,13 +78,59 @@ class FaultyS3Proxy:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
 
+    def fail_writes(self, pattern: str, after: int = 0) -> None:
+        with self._lock:
+            self._write_rule = ("slowdown", pattern, after)
+
+    def hold_writes(self, pattern: str, after: int = 0) -> None:
+        with self._lock:
+            self._write_rule = ("hold", pattern, after)
+            self.held.clear()
+            self._release.clear()
+
+    def release(self) -> None:
+        """Held writes end (their connections close, nothing forwarded); later ones pass."""
+        with self._lock:
+            self._write_rule = None
+        self._release.set()
+
+    def heal(self) -> None:
+        """No more faults of any kind: the store is back."""
+        with self._lock:
+            self.slowdown_every = self.cut_every = 0
+            self.down = False
+            self._bursts.clear()
+            self._write_rule = None
+        self._release.set()
+
+    def _decide_write(self, method: str, path: str) -> str | None:
+        obj = _written_object(method, path)
+        if obj is None or self._write_rule is None:
+            return None
+        fault, pattern, left = self._write_rule
+        if not fnmatch.fnmatchcase(obj, pattern):
+            return None
+        if left > 0:
+            self._write_rule = (fault, pattern, left - 1)
+            return None
+        self.counts[f"write_{fault}"] += 1
+        self.faulted.append((f"write_{fault}", obj))
+        return fault
+
     def decide(self, method: str, path: str) -> str | None:
-        """'slowdown', 'cut' or None for this request; counts it."""
+        """'slowdown', 'cut', 'hold' or None for this request; counts it."""
         with self._lock:
             self.counts["requests"] += 1
+            if self.down:
+                self.counts["down"] += 1
+                return "slowdown"
+            write_fault = self._decide_write(method, path)
+            if write_fault is not None:
+                return write_fault
             obj = _object_of(method, path)
             if obj is None:
                 return None
@@ -106,6 +168,14 @@ def _object_of(method: str, path: str) -> str | None:
     return f"{bucket}/{key}"
 
 
+def _written_object(method: str, path: str) -> str | None:
+    """'bucket/key' if this request writes an object (a PUT, or a multipart upload's POST)."""
+    if method not in ("PUT", "POST"):
+        return None
+    bucket, _, key = urllib.parse.urlsplit(path).path.lstrip("/").partition("/")
+    return f"{bucket}/{urllib.parse.unquote(key)}" if bucket and key else None
+
+
 def _handler_for(proxy: FaultyS3Proxy):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like a real endpoint (clients pool connections)
@@ -131,6 +201,11 @@ def _handler_for(proxy: FaultyS3Proxy):
             fault = proxy.decide(self.command, self.path)
             if fault == "slowdown":
                 return self._reply(503, [("Content-Type", "application/xml")], SLOWDOWN_BODY)
+            if fault == "hold":
+                proxy.held.set()
+                proxy._release.wait()
+                self.close_connection = True  # no answer: the client sees the connection drop
+                return
             conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
