@@ -45,7 +45,7 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
     ckpt = os.path.join(out, "ckpt")
     universal = phase == "load" and mode == "full" and needs_universal(ckpt, world)
     if universal and rank == 0:
-        ensure_universal(ckpt)
+        assert ensure_universal(ckpt) is None
     dist.barrier()
     ds_config = build_deepspeed_config(cfg, world, steps=10, on_gpu=False)
     if universal:
