@@ -21,10 +21,10 @@ check, as does a file truncated or replaced later, and is never loaded: the run 
 to the previous complete one. A read that fails for another reason than a missing file stops
 the resume with one line and deletes nothing (see checkpoint_records.py).
 
-What is unpickled: our own files are JSON. DeepSpeed's (`ds/*.pt`) are pickles, and DeepSpeed
-0.19 loads them with `torch.load(weights_only=False)` in its checkpoint engine, its universal
-loader and zero_to_fp32, with no option to change that (their optimizer states hold
-DeepSpeed's own classes). So a rank loads only files whose sha256 matches what our save
+What is unpickled: our own files are JSON. DeepSpeed's (`ds/*.pt`) are pickles, which DeepSpeed
+0.19 loads with `torch.load(weights_only=False)`; restores load them with weights_only=True
+through its checkpoint engine (weights_only.py), but its universal loader and zero_to_fp32
+offer no hook. So, everywhere, a rank loads only files whose sha256 matches what our save
 recorded: files this run wrote, not whatever else landed in the storage.
 
 Checkpoint paths are local paths or fsspec URLs (see storage.py); `storage_options` reach the
@@ -53,6 +53,7 @@ from . import storage
 from .checkpoint_records import (CheckpointUnreadable, all_records, guarded, guarded_listing,  # noqa: F401
                                  local_problem, read_bytes, read_record, record_of, size_problem)
 from .data_position import DataPosition
+from .weights_only import use_weights_only_loads
 
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's world-size-free format, made on an elastic resume
@@ -155,6 +156,7 @@ def restore(engine, directory: str, rank: int, world_size: int, universal: bool 
     with load_universal)."""
     local = storage.filesystem(directory, None)[1] if storage.is_local(directory) else restore_dir(directory, rank)
     try:
+        use_weights_only_loads(engine)
         load_path, _ = engine.load_checkpoint(local, tag=UNIVERSAL_TAG if universal else DS_TAG)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")

@@ -3,16 +3,19 @@ universal checkpoint) for ZeRO 1-3 with real DeepSpeed processes on gloo, and th
 completeness check that keeps a half-written or damaged checkpoint from being loaded."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, free_port
 from mmtrain.checkpoint import (ABANDONED, UNIVERSAL_TAG, checkpoint_folders, checkpoint_name, discard_newer, fetch,
                                 list_checkpoints, latest_complete, problem, select, step_of)
 from mmtrain.export import load_latest
+from mmtrain.weights_only import load_weights_only
 
 SCRIPT = ROOT / "tests" / "ds_elastic.py"
 
@@ -128,3 +131,17 @@ def test_a_same_size_change_to_a_real_file_is_caught_before_it_is_unpickled(tmp_
     checkpoint, run, weights = load_latest(str(storage), None, log=said.append)
     assert checkpoint == str(storage / "checkpoint_000000002") and weights and run["model"]
     assert len(said) == 1 and "checkpoint_000000004 is incomplete (ds/mp_rank_00_model_states.pt does not" in said[0]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled > /dev/null",))
+
+
+def test_deepspeed_files_load_weights_only_and_a_foreign_pickle_is_refused(tmp_path, saved):
+    for f in sorted((saved / "ds").glob("*.pt")):
+        assert load_weights_only(str(f), map_location="cpu")
+    planted = tmp_path / "optim_states.pt"
+    torch.save({"optimizer_state_dict": RunsCode()}, planted)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        load_weights_only(str(planted))

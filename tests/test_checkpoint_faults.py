@@ -259,5 +259,8 @@ def test_train_on_s3_stops_on_a_store_error_and_falls_back_past_a_replaced_file(
     assert ("checkpoint checkpoint_000000002 is incomplete (rank 0: ds/mp_rank_00_model_states.pt does not match "
             "the sha256 it was written with)") in out
     assert f"rank 0: resuming from {root}/checkpoint_000000001" in out
+    # the replaced checkpoint is abandoned (emptied to its marker), its step saved again under a new
+    # name; Ray Train's keep-3 rotation dropped checkpoint 1 once 2_r1 and 3 were registered
+    assert fs.ls(f"{bucket}/run/train/checkpoint_000000002") == [f"{bucket}/run/train/checkpoint_000000002/{ABANDONED}"]
     names = [os.path.basename(c) for c in list_checkpoints(root, opts)]
-    assert names == ["checkpoint_000000001", "checkpoint_000000002_r1", "checkpoint_000000003"]
+    assert names == ["checkpoint_000000002_r1", "checkpoint_000000003"]
