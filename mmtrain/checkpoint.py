@@ -130,7 +130,7 @@ def fetch(directory: str, rank: int, universal: bool = False, storage_options: d
     cannot be loaded (the copy is then removed), or None. Run it, on every rank, before
     `restore`; a reason on any rank means falling back (see loop._resume_point)."""
     wanted = read_by(rank, universal)
-    expected, _ = all_records(directory, storage_options)
+    expected = all_records(directory, storage_options)
     tags = (UNIVERSAL_TAG,) if universal else (DS_TAG,)
     if storage.is_local(directory):
         return local_problem(storage.filesystem(directory, None)[1], expected, wanted, tags)
@@ -206,8 +206,9 @@ def problem(directory: str, storage_options: dict | None = None) -> str | None:
         return "train_state.json is missing"
     try:
         world = TrainState(**json.loads(data)).world_size
-        assert isinstance(world, int) and world >= 1
-    except (ValueError, TypeError, AssertionError):
+    except (ValueError, TypeError):
+        world = None
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         return "train_state.json is unparseable"
     files = guarded_listing(directory, storage_options)
     for r in range(world):
@@ -340,7 +341,7 @@ def ensure_universal(directory: str, log=print, storage_options: dict | None = N
     if storage.is_local(directory):
         local = storage.filesystem(directory, None)[1]
         if not os.path.isdir(os.path.join(local, UNIVERSAL_TAG)):
-            why = local_problem(local, all_records(directory, None)[0], _converter_reads, (DS_TAG,))
+            why = local_problem(local, all_records(directory, None), _converter_reads, (DS_TAG,))
             if why is not None:
                 return why
             _convert(local, directory, log)
@@ -358,7 +359,7 @@ def ensure_universal(directory: str, log=print, storage_options: dict | None = N
             return None
     local = restore_dir(directory, 0)
     guarded(directory, storage.download, directory, local, storage_options, _converter_reads)
-    why = local_problem(local, all_records(directory, storage_options)[0], _converter_reads, (DS_TAG,))
+    why = local_problem(local, all_records(directory, storage_options), _converter_reads, (DS_TAG,))
     if why is not None:
         shutil.rmtree(local, ignore_errors=True)
         return why

@@ -129,15 +129,12 @@ def size_problem(files: dict[str, int], record: Record, who: str) -> str | None:
     return None
 
 
-def all_records(directory: str, storage_options: dict | None) -> tuple[Record, bool]:
-    """Every record under done/, merged; and whether any is of the size-only format."""
+def all_records(directory: str, storage_options: dict | None) -> Record:
+    """Every record under done/ (each rank's, the universal conversion's), merged."""
     merged: Record = {}
-    legacy = False
     for name in sorted(guarded_listing(storage.join(directory, "done"), storage_options)):
-        record = read_record(directory, f"done/{name}", storage_options) or {}
-        legacy |= any(digest is None for _, digest in record.values())
-        merged.update(record)
-    return merged, legacy
+        merged.update(read_record(directory, f"done/{name}", storage_options) or {})
+    return merged
 
 
 def local_problem(local_dir: str, expected: Record, wanted: Callable[[str], bool], tags: tuple[str, ...]) -> str | None:

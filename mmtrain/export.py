@@ -45,7 +45,7 @@ def load_checkpoint(checkpoint: str, storage_options: dict | None = None) -> tup
     def wanted(name: str) -> bool:
         return "/" not in name or name.startswith(f"{DS_TAG}/")
 
-    expected, _ = all_records(checkpoint, storage_options)
+    expected = all_records(checkpoint, storage_options)
     with storage.local_copy(checkpoint, storage_options, wanted) as local:
         why = local_problem(local, expected, wanted, (DS_TAG,))
         if why is not None:
