@@ -221,13 +221,6 @@ def problem(directory: str, storage_options: dict | None = None) -> str | None:
     return None
 
 
-def _read_json(directory: str, name: str, storage_options: dict | None):
-    data = read_bytes(directory, name, storage_options)
-    if data is None:
-        raise FileNotFoundError(storage.join(directory, name))
-    return json.loads(data)
-
-
 def is_complete(directory: str, storage_options: dict | None = None) -> bool:
     return problem(directory, storage_options) is None
 
@@ -317,7 +310,10 @@ def discard_newer(storage_dir: str, step: int | None, log=print, *, storage_opti
 
 
 def saved_state(directory: str, storage_options: dict | None = None) -> TrainState:
-    return TrainState(**_read_json(directory, "train_state.json", storage_options))
+    data = read_bytes(directory, "train_state.json", storage_options)
+    if data is None:
+        raise FileNotFoundError(storage.join(directory, "train_state.json"))
+    return TrainState(**json.loads(data))
 
 
 def needs_universal(directory: str, world_size: int, storage_options: dict | None = None) -> bool:
@@ -345,6 +341,7 @@ def ensure_universal(directory: str, log=print, storage_options: dict | None = N
             if why is not None:
                 return why
             _convert(local, directory, log)
+        _drop_latest_universal(local)  # also from a conversion made before done/ds_universal existed
         if not os.path.exists(os.path.join(local, UNIVERSAL_DONE)):
             names = [os.path.relpath(os.path.join(root, n), local)
                      for root, _, files in os.walk(os.path.join(local, UNIVERSAL_TAG)) for n in files]
@@ -397,6 +394,14 @@ def _convert(directory: str, name: str, log) -> None:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"DeepSpeed could not convert {name} to a universal checkpoint: {last}")
     os.replace(tmp, target)
+    _drop_latest_universal(directory)
+
+
+def _drop_latest_universal(directory: str) -> None:
+    """DeepSpeed's converter leaves `latest_universal` beside its output, naming the temporary
+    folder: nothing reads it (we load by tag), and a rank refuses files in no done record."""
+    if os.path.exists(os.path.join(directory, "latest_universal")):
+        os.remove(os.path.join(directory, "latest_universal"))
 
 
 def rng_state() -> dict:
