@@ -15,8 +15,7 @@ from pipelines.shards import expand_shards
 
 from . import storage
 from .batch import Collate
-from .checkpoint import latest_complete
-from .export import load_checkpoint
+from .export import load_latest
 from .model import build_model
 from .tokenizer import load_tokenizer
 
@@ -44,10 +43,9 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
     from .trainer import check_preprocessed
 
     root, checkpoint_options = storage.run_checkpoints(run_dir, storage_options)
-    checkpoint = checkpoint or latest_complete(root, storage_options=checkpoint_options)
+    checkpoint, run, weights = load_latest(root, checkpoint_options, checkpoint)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to evaluate; train first")
-    run, weights = load_checkpoint(checkpoint, checkpoint_options)
     cfg = RunConfig.from_dict({**run, "storage_options": storage_options or {}})
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)

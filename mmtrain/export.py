@@ -12,8 +12,12 @@ import os
 import torch
 
 from . import storage
-from .checkpoint import DS_TAG, latest_complete
+from .checkpoint import DS_TAG, all_records, latest_complete, local_problem, say_incomplete
 from .model import ModelConfig, build_model
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's files do not match its done records (one line)."""
 
 
 def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -23,9 +27,11 @@ def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     tag_dir = os.path.join(checkpoint_dir, DS_TAG)
     if stage == 0:
         states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)
+                            weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
-    # DeepSpeed's own consolidation: it knows every stage's partitioning and padding
+    # DeepSpeed's own consolidation: it knows every stage's partitioning and padding. It
+    # unpickles (weights_only=False, not configurable in DeepSpeed 0.19), so load_checkpoint
+    # checks every file against the sha256 our save recorded first
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
@@ -34,11 +40,16 @@ def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(checkpoint: str, storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the run config it was saved with, consolidated fp32 weights) of a checkpoint in any
-    storage; from remote storage, through a temporary local copy of its DeepSpeed files."""
+    storage; from remote storage, through a temporary local copy of its DeepSpeed files.
+    Every file read is first checked against the done records (CheckpointDamaged if not)."""
     def wanted(name: str) -> bool:
         return "/" not in name or name.startswith(f"{DS_TAG}/")
 
+    expected = all_records(checkpoint, storage_options)
     with storage.local_copy(checkpoint, storage_options, wanted) as local:
+        why = local_problem(local, expected, wanted, (DS_TAG,))
+        if why is not None:
+            raise CheckpointDamaged(say_incomplete(checkpoint, why))
         with open(os.path.join(local, "run_config.json")) as f:
             run = json.load(f)
         return run, consolidated_state_dict(local)
@@ -49,10 +60,9 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     from safetensors.torch import save_file
 
     root, storage_options = storage.run_checkpoints(run_dir, storage_options)
-    checkpoint = checkpoint or latest_complete(root, storage_options=storage_options)
+    checkpoint, run, state = load_latest(root, storage_options, checkpoint)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first")
-    run, state = load_checkpoint(checkpoint, storage_options)
     tok_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
     metadata = {
         "model_config": json.dumps(run["model"]),
@@ -67,6 +77,23 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     diff = verify_probe(model, run_dir) if latest == checkpoint else None
     return {"output": output, "checkpoint": checkpoint, "tensors": len(state),
             "parameters": int(sum(v.numel() for v in state.values())), "probe_max_abs_diff": diff}
+
+
+def load_latest(root: str, storage_options: dict | None, checkpoint: str | None = None, log=print
+                ) -> tuple[str | None, dict, dict[str, torch.Tensor]]:
+    """(checkpoint, run config, weights) of `checkpoint`, or of the newest complete
+    checkpoint under `root` whose files match their records, falling back past damaged ones
+    with one line each. (None, {}, {}) if there is none."""
+    if checkpoint is not None:
+        return (checkpoint, *load_checkpoint(checkpoint, storage_options))
+    before = None
+    while (checkpoint := latest_complete(root, log, before=before, storage_options=storage_options)) is not None:
+        try:
+            return (checkpoint, *load_checkpoint(checkpoint, storage_options))
+        except CheckpointDamaged as e:
+            log(str(e))
+            before = checkpoint
+    return None, {}, {}
 
 
 def load_exported(path: str, device: str = "cpu"):
@@ -89,7 +116,7 @@ def verify_probe(model, run_dir: str) -> float | None:
     path = os.path.join(run_dir, "probe.pt")
     if not os.path.exists(path):
         return None
-    probe = torch.load(path, weights_only=False)
+    probe = torch.load(path, weights_only=True)  # a dict of tensors: no pickled objects needed
     with torch.no_grad():
         out = model.encode(probe["batch"])
     return max(float((out[k].float() - v).abs().max()) for k, v in probe["encode"].items())

@@ -111,9 +111,29 @@ def settled(run_dir: str, checkpoint_storage: str) -> str:
     return saved
 
 
+class UnsafeKey(ValueError):
+    """An object whose key would land outside the folder it is copied into (one line, exit 2)."""
+
+
+def check_key(url: str, name: str) -> str:
+    """`name` (a path relative to `url`) if it stays inside `url`'s folder when joined into a
+    local path. Object keys are free strings: `a/../../x`, `/etc/x` or `a\\b` are valid keys
+    that os.path.join would take out of the folder, so they are refused before any join."""
+    parts = name.split("/")
+    why = ("it is absolute" if name.startswith("/") else
+           "it has a backslash" if "\\" in name else
+           "it has a '..', '.' or empty part" if any(p in ("", ".", "..") for p in parts) else
+           "it has a control character" if any(ord(c) < 32 for c in name) else None)
+    if why:
+        raise UnsafeKey(f"refusing {join(url, name)!r}: {why}, so it would escape {url}; remove that object "
+                        f"(nothing of the checkpoint was loaded or deleted)")
+    return name
+
+
 def listing(url: str, storage_options: dict | None) -> dict[str, int]:
     """Size of every file under `url`, by path relative to it ({} if there is none): one
-    listing call on an object store instead of one request per file."""
+    listing call on an object store instead of one request per file. A key that would escape
+    `url` when joined into a local path is refused (check_key)."""
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache(path)  # other processes (every rank, Ray Train) write here
     try:
@@ -121,23 +141,34 @@ def listing(url: str, storage_options: dict | None) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     prefix = path.rstrip("/") + "/"
-    return {p[len(prefix):]: int(info["size"]) for p, info in found.items()
+    return {check_key(url, p[len(prefix):]): int(info["size"]) for p, info in found.items()
             if info["type"] == "file" and p.startswith(prefix)}
+
+
+def inside(local_dir: str, name: str) -> str:
+    """os.path.join(local_dir, name), refusing a name that leaves local_dir (a second guard
+    behind check_key, for names that come from elsewhere than a listing)."""
+    root = os.path.realpath(local_dir)
+    target = os.path.realpath(os.path.join(root, check_key(local_dir, name)))
+    if os.path.commonpath([root, target]) != root:
+        raise UnsafeKey(f"refusing {name!r}: it resolves outside {local_dir}")
+    return target
 
 
 def download(url: str, local_dir: str, storage_options: dict | None, wanted: Callable[[str], bool]) -> None:
     """The files under `url` whose relative path `wanted` accepts, into `local_dir`, leaving
     out those already there with the right size (a retry, or what this process made)."""
     def have(name: str, size: int) -> bool:
-        local = os.path.join(local_dir, name)
+        local = inside(local_dir, name)
         return os.path.exists(local) and os.path.getsize(local) == size
 
     fs, path = filesystem(url, storage_options)
     names = [n for n, size in listing(url, storage_options).items() if wanted(n) and not have(n, size)]
-    for n in names:
-        os.makedirs(os.path.dirname(os.path.join(local_dir, n)), exist_ok=True)
+    targets = [inside(local_dir, n) for n in names]
+    for t in targets:
+        os.makedirs(os.path.dirname(t), exist_ok=True)
     if names:
-        fs.get([join(path, n) for n in names], [os.path.join(local_dir, n) for n in names])
+        fs.get([join(path, n) for n in names], targets)
 
 
 def upload(local_dir: str, url: str, storage_options: dict | None) -> dict[str, int]:

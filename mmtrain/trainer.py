@@ -19,6 +19,7 @@ from . import storage
 from .checkpoint import latest_complete, saved_state
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
+from .run_lock import RunLock
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
 
@@ -96,6 +97,13 @@ class ExactSplit(DataConfig):
 
 
 def train(cfg: RunConfig, *, log=print) -> dict:
+    """Runs (or resumes) the run, holding its directory's lock throughout (run_lock.py)."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with RunLock(cfg.run_dir, log=log):
+        return _train(cfg, log=log)
+
+
+def _train(cfg: RunConfig, *, log=print) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

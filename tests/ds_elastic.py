@@ -31,6 +31,7 @@ from mmtrain.data_position import DataPosition  # noqa: E402
 from mmtrain.deepspeed_config import build_deepspeed_config  # noqa: E402
 from mmtrain.loop import probe_batch  # noqa: E402
 from mmtrain.model import build_model  # noqa: E402
+from mmtrain.weights_only import use_weights_only_loads  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -45,7 +46,7 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
     ckpt = os.path.join(out, "ckpt")
     universal = phase == "load" and mode == "full" and needs_universal(ckpt, world)
     if universal and rank == 0:
-        ensure_universal(ckpt)
+        assert ensure_universal(ckpt) is None
     dist.barrier()
     ds_config = build_deepspeed_config(cfg, world, steps=10, on_gpu=False)
     if universal:
@@ -88,6 +89,7 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
         name = "expected.json"
     else:
         if mode == "full":
+            assert use_weights_only_loads(engine)  # as the training loop restores
             engine.load_checkpoint(ckpt, tag=UNIVERSAL_TAG if universal else DS_TAG)
         assert saved_state(ckpt).step == 2
         step()

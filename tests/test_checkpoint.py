@@ -3,15 +3,19 @@ universal checkpoint) for ZeRO 1-3 with real DeepSpeed processes on gloo, and th
 completeness check that keeps a half-written or damaged checkpoint from being loaded."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, free_port
-from mmtrain.checkpoint import (ABANDONED, UNIVERSAL_TAG, checkpoint_folders, checkpoint_name, discard_newer,
+from mmtrain.checkpoint import (ABANDONED, UNIVERSAL_TAG, checkpoint_folders, checkpoint_name, discard_newer, fetch,
                                 list_checkpoints, latest_complete, problem, select, step_of)
+from mmtrain.export import load_latest
+from mmtrain.weights_only import load_weights_only
 
 SCRIPT = ROOT / "tests" / "ds_elastic.py"
 
@@ -107,3 +111,37 @@ def test_abandoned_saves_are_emptied_and_their_names_not_reused(tmp_path, saved)
     assert checkpoint_name(6, taken) == "checkpoint_000000006_r1"
     assert checkpoint_name(8, taken) == "checkpoint_000000008"
     assert step_of(str(storage / "checkpoint_000000004_r2")) == 4
+
+
+def test_a_same_size_change_to_a_real_file_is_caught_before_it_is_unpickled(tmp_path, saved):
+    storage = storage_with(tmp_path, saved, [2, 4])
+    ckpt = storage / "checkpoint_000000004"
+    record = json.loads((ckpt / "done" / "rank_00000").read_text())
+    assert record["format"] == 2 and all(len(v["sha256"]) == 64 for v in record["files"].values())
+    assert json.loads((ckpt / "rng" / "rank_00001.json").read_text())["torch"]  # RNG states are JSON, not pickles
+    model = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    assert problem(str(ckpt)) is None  # sizes cannot tell
+    for rank in (0, 1):  # both ranks load the model states
+        assert fetch(str(ckpt), rank) == "ds/mp_rank_00_model_states.pt does not match the sha256 it was written with"
+    assert fetch(str(storage / "checkpoint_000000002"), 1) is None
+    said = []
+    checkpoint, run, weights = load_latest(str(storage), None, log=said.append)
+    assert checkpoint == str(storage / "checkpoint_000000002") and weights and run["model"]
+    assert len(said) == 1 and "checkpoint_000000004 is incomplete (ds/mp_rank_00_model_states.pt does not" in said[0]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled > /dev/null",))
+
+
+def test_deepspeed_files_load_weights_only_and_a_foreign_pickle_is_refused(tmp_path, saved):
+    for f in sorted((saved / "ds").glob("*.pt")):
+        assert load_weights_only(str(f), map_location="cpu")
+    planted = tmp_path / "optim_states.pt"
+    torch.save({"optimizer_state_dict": RunsCode()}, planted)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        load_weights_only(str(planted))
