@@ -40,6 +40,13 @@ def _stop_processes_under(folder: str) -> None:
     import psutil
 
     procs = [p for p in psutil.process_iter(["cmdline"]) if any(folder in a for a in p.info["cmdline"] or [])]
+    # and their descendants: some retitle themselves (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`)
+    # and the Ray Client server does not name the folder, so only the process tree finds them
+    for p in list(procs):
+        try:
+            procs += [c for c in p.children(recursive=True) if c not in procs]
+        except psutil.NoSuchProcess:
+            pass
     for p in procs:
         p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=10)
