@@ -201,10 +201,15 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
         dataset_config=dataset_config,
     )
     started = time.time()
-    result = trainer.fit()
-    ray.kill(clock)
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()  # raises Ray Train's report when the run fails
+    except Exception as e:
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise user from e
+    finally:
+        ray.kill(clock)
     done = (result.metrics or {}).get("step", steps)
     return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples,
             "resumed_from": latest,
@@ -237,3 +242,21 @@ def _check_cpus_left_for_data(cfg: RunConfig) -> None:
         raise ConfigError(f"Ray has {total:g} CPUs and the {cfg.scale.workers} training workers hold {held:g}: "
                           f"none is left for the data pipeline; lower --workers or scale.cpus_per_worker, or give "
                           f"Ray more CPUs")
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """A worker's store failure (a refused credential, a store that stays down) or unreadable
+    checkpoint, found in Ray Train's report of the failed workers: the CLI shows it as the
+    one-line error it is. Anything else keeps Ray Train's full report (a bug's traceback)."""
+    from pipelines.retry import StoreError
+
+    from .checkpoint_records import CheckpointUnreadable
+
+    for failure in getattr(error, "worker_failures", {}).values():
+        seen, e = 0, failure
+        while e is not None and seen < 16:  # Ray Data and Ray wrap a read task's error
+            if isinstance(e, (StoreError, CheckpointUnreadable)):
+                cause = getattr(e, "cause", None)  # Ray's RayTaskError is also an instance of its cause
+                return cause if isinstance(cause, (StoreError, CheckpointUnreadable)) else e
+            e, seen = getattr(e, "cause", None) or e.__cause__ or e.__context__, seen + 1
+    return None

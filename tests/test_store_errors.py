@@ -182,3 +182,17 @@ def test_a_store_that_stays_down_fails_the_job_in_one_line_with_no_quarantine(da
     names = listing(fs, f"{bucket}/down")
     assert not [n for n in names if n.endswith((".done.json", ".quarantine.parquet"))]
     assert "_quarantine.parquet" not in names and "_stats.json" not in names
+
+
+def test_403_on_one_shard_fails_train_in_one_line(data, proxy, ray_cluster, tmp_path):
+    """The training workers meet the refusal (the driver reads no shard of raw input): Ray
+    Train reports the failed worker, and the CLI shows the store's one line, not its report."""
+    bucket = data["bucket"]
+    proxy.deny = on_object(bucket, f"raw/{SHARDS[1]}")
+    r = run_cli("train", "--data", f"s3://{bucket}/raw", "--run-dir", tmp_path / "run", "--max-steps", "2",
+                "--batch-size", "4", "--max-failures", "0", "--storage-options", json.dumps(proxy.storage_options))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = error_lines(r)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert f"s3://{bucket}/raw/{SHARDS[1]}" in lines[0] and "access refused" in lines[0], lines[0]
+    assert proxy.denied >= 1
