@@ -244,6 +244,28 @@ def _audio_shard(path) -> str:
     return _write_shard(path, samples)
 
 
+@pytest.fixture()
+def records():
+    """`records(logger_name, level)`: a list that receives that logger's records from then on.
+    Our own handler, not pytest's caplog: the test command runs with `-p no:logging`."""
+    attached = []
+
+    def attach(name: str, level: int) -> list[logging.LogRecord]:
+        got: list[logging.LogRecord] = []
+        handler = logging.Handler(level)
+        handler.emit = got.append
+        logger = logging.getLogger(name)
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        return got
+
+    yield attach
+    for logger, handler, level in attached:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 # Configurations under which our own code raises something that is not a SampleError on every
 # sample with audio (real paths, no mocks): log_mel refuses a window longer than the FFT
 # (ValueError), and fit_length's buffer of 1e13 s at 16 kHz (568 PiB) is a MemoryError on any
@@ -255,11 +277,11 @@ UNEXPECTED = {
 
 
 @pytest.mark.parametrize("error", sorted(UNEXPECTED))
-def test_an_unexpected_exception_quarantines_only_its_sample(tmp_path, caplog, error):
+def test_an_unexpected_exception_quarantines_only_its_sample(tmp_path, records, error):
     shard = _audio_shard(tmp_path / "in.tar")
     store = OutputStore(str(tmp_path / "out"))
     store.makedirs("_parts")
-    caplog.set_level(logging.ERROR, logger="pipelines.shard_job")
+    logged = records("pipelines.shard_job", logging.ERROR)
     stats = process_shard(shard, "shard-000000.tar", store, DataConfig(audio=UNEXPECTED[error]))
 
     q = pq.read_table(tmp_path / "out" / "_parts" / "shard-000000.quarantine.parquet").to_pylist()
@@ -271,9 +293,9 @@ def test_an_unexpected_exception_quarantines_only_its_sample(tmp_path, caplog, e
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as t:
         assert sorted({m.name.split(".")[0] for m in t}) == ["k2", "k4"]
     # one traceback per exception type in this shard, then a count of the rest
-    tracebacks = [r for r in caplog.records if r.exc_info]
+    tracebacks = [r for r in logged if r.exc_info]
     assert len(tracebacks) == 1 and type(tracebacks[0].exc_info[1]).__name__ == error
-    assert any("2 more sample(s)" in r.getMessage() for r in caplog.records)
+    assert any("2 more sample(s)" in r.getMessage() for r in logged)
 
 
 def test_internal_errors_never_end_the_preprocess_job(ray_cluster, tmp_path):
@@ -310,7 +332,7 @@ def _bad_row(key: str, why: str | None) -> dict[str, bytes]:
     return _preprocessed_members(i)
 
 
-def test_bad_rows_in_ingest_are_dropped_counted_and_logged(caplog):
+def test_bad_rows_in_ingest_are_dropped_counted_and_logged(records):
     schema = sample_schema(ingest.PREPROCESSED_MODALITIES)
     rows = []
     for key, why in BAD_ROWS.items():
@@ -319,14 +341,14 @@ def test_bad_rows_in_ingest_are_dropped_counted_and_logged(caplog):
                      **{m: members.get(ext[0]) if ext else None for m, ext in ingest.PREPROCESSED_MODALITIES.items()},
                      **{f"{m}_ext": ext[0] if ext else None for m, ext in ingest.PREPROCESSED_MODALITIES.items()}})
     ingest.internal_errors.clear()
-    caplog.set_level(logging.WARNING, logger="pipelines.ingest")
+    logged = records("pipelines.ingest", logging.WARNING)
     out = ingest.decode_batch(pa.Table.from_pylist(rows, schema=schema), DataConfig())
     assert list(out["key"]) == [k for k, why in BAD_ROWS.items() if why is None]
     assert len(out["image"]) == len(out["mel"]) == 3
     assert dict(ingest.internal_errors) == {"ValueError": 2, "JSONDecodeError": 1}  # the JPEG is a SampleError
-    tracebacks = [r for r in caplog.records if r.exc_info]
+    tracebacks = [r for r in logged if r.exc_info]
     assert sorted(type(r.exc_info[1]).__name__ for r in tracebacks) == ["JSONDecodeError", "ValueError"]
-    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
+    skipped = [r.getMessage() for r in logged if r.getMessage().startswith("skipping sample")]
     assert len(skipped) == 4 and all("\n" not in m for m in skipped)
 
 
