@@ -36,7 +36,7 @@ from typing import Callable
 import fsspec
 from braceexpand import braceexpand
 
-from .store import OutputStore
+from .storage import OutputStore
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, ch
 from .retry import StoreError, store_error_kind, store_failure
 from .shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names, process_shard, rewrite_without, rows_to_table
 from .shards import expand_shards
-from .store import OutputStore
+from .storage import OutputStore
 from .transform import DROPPED
 
 __all__ = ["OutputBusy", "OutputConflict", "StoreError", "preprocess", "format_summary"]

@@ -22,7 +22,7 @@ from . import reasons
 from .config import DataConfig
 from .reasons import SampleError
 from .source import RawSample, base_plus_ext, iter_tar_samples
-from .store import OutputStore
+from .storage import OutputStore
 from .tarheaders import ReadLimits
 from .transform import count_dropped_members, encode_members, manifest_fields, transform_sample
 

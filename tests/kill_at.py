@@ -95,7 +95,7 @@ class _HalfWriteThenDie:
 
 
 def kill_in_a_write(pattern: str, nth: int) -> None:
-    from pipelines.store import OutputStore
+    from pipelines.storage import OutputStore
 
     original = OutputStore.open_atomic
     seen = [0]

@@ -20,7 +20,7 @@ from pipelines.config import DataConfig
 from pipelines.corpus import make_corpus
 from pipelines.shard_job import part_names, process_shard
 from pipelines.source import base_plus_ext, iter_tar_samples
-from pipelines.store import OutputStore
+from pipelines.storage import OutputStore
 from pipelines.tarheaders import ReadLimits
 
 SEED = int(os.environ.get("FUZZ_SEED", "1101"))

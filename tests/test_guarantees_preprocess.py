@@ -33,7 +33,7 @@ from faulty_s3 import faulty_s3  # noqa: F401  (the fixture)
 from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
 from pipelines.source import base_plus_ext
-from pipelines.store import TMP_MARK, OutputStore
+from pipelines.storage import TMP_MARK, OutputStore
 from tarutil import write_tar
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
@@ -267,7 +267,7 @@ def test_an_upload_that_fails_midway_leaves_nothing_under_its_name(s3_bucket, fa
 UPLOADER = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from pipelines.store import OutputStore
+from pipelines.storage import OutputStore
 store = OutputStore(sys.argv[2], json.loads(sys.argv[3]))
 with store.open_atomic("big.tar") as f:
     for _ in range(3):

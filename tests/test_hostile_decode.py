@@ -27,7 +27,7 @@ from pipelines.datasource import sample_schema
 from pipelines.modalities import decode_image
 from pipelines.preprocess import preprocess
 from pipelines.shard_job import process_shard
-from pipelines.store import OutputStore
+from pipelines.storage import OutputStore
 from tarutil import write_tar
 
 WRITTEN = "written"

@@ -23,7 +23,7 @@ from pipelines.corpus import make_corpus
 from pipelines.ownership import OutputBusy, OutputConflict, _process_start, acquire, check_no_overlap, holder_state
 from pipelines.preprocess import fingerprint, preprocess
 from pipelines.shards import expand_shards
-from pipelines.store import OutputStore
+from pipelines.storage import OutputStore
 
 
 def tree_hashes(folder):
@@ -183,7 +183,7 @@ def test_a_killed_drivers_lock_on_s3_is_taken_over_and_the_run_says_so(ray_clust
     # a real driver process takes the lock and is killed with it held
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, json, time; sys.path.insert(0, sys.argv[1]);"
-        "from pipelines.store import OutputStore; from pipelines.ownership import acquire;"
+        "from pipelines.storage import OutputStore; from pipelines.ownership import acquire;"
         "acquire(OutputStore(sys.argv[2], json.loads(sys.argv[3])), 'x'); print('held', flush=True); time.sleep(600)"),
         str(ROOT), out, json.dumps(opts)], stdout=subprocess.PIPE, text=True)
     try:

@@ -1,5 +1,11 @@
-"""An output location (local folder or object-store prefix) with all-or-nothing writes.
+"""Storage, for both planes: how a URL and options become a filesystem, and an output
+location with all-or-nothing writes.
 
+`filesystem(url, options)` is the one way into fsspec: it adds our retry defaults (see
+`retry.with_retry_defaults`), and `protocol_of`, `is_local`, `join` and `canonical_url` are the
+one spelling of what a URL is. Nothing else in the project calls `fsspec.core.url_to_fs`.
+
+`OutputStore` is an output location (local folder or object-store prefix).
 Local disk: write `NAME.tmp-<tag>-<uuid>`, fsync, rename. The rename is atomic, so a reader
 (or a re-run) sees either nothing or the whole file; a kill leaves only `*.tmp-*` files,
 which `remove_temporaries(tag)` deletes on the next run. The tag names the job (the
@@ -33,15 +39,43 @@ from .retry import open_retrying, with_retry_defaults
 
 TMP_MARK = ".tmp-"
 _TAG = re.compile(r"^[0-9A-Za-z_]{1,32}$")
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`, with the user's options and our retry defaults."""
+    return fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
+
+
+def protocol_of(fs_or_url: fsspec.AbstractFileSystem | str) -> str:
+    """The protocol's first name ("file", "s3", "gs", "http", ...) of a filesystem or a URL."""
+    if isinstance(fs_or_url, str):
+        return fsspec.utils.get_protocol(fs_or_url)
+    protocol = fs_or_url.protocol
+    return protocol if isinstance(protocol, str) else protocol[0]
+
+
+def is_local(fs_or_url: fsspec.AbstractFileSystem | str) -> bool:
+    return protocol_of(fs_or_url) in LOCAL_PROTOCOLS
+
+
+def join(root: str, *names: str) -> str:
+    """`root/name/...` for paths and URLs alike (object-store keys always use `/`)."""
+    return "/".join([root.rstrip("/"), *names])
+
+
+def canonical_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The name we give a file: an absolute path on local disk, a full URL elsewhere."""
+    return os.path.abspath(path) if is_local(fs) else fs.unstrip_protocol(path)
 
 
 class OutputStore:
     def __init__(self, url: str, storage_options: dict | None = None, tag: str | None = None):
         self.url = url
         self.storage_options = storage_options or {}
-        self.fs, root = fsspec.core.url_to_fs(url, **with_retry_defaults(url, self.storage_options))
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.local = self.protocol in ("file", "local")
+        self.fs, root = filesystem(url, self.storage_options)
+        self.protocol = protocol_of(self.fs)
+        self.local = is_local(self.fs)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
         if tag is not None and not _TAG.match(tag):
             raise ValueError(f"a temporary-file tag must be 1-32 letters, digits or _, not {tag!r}")
