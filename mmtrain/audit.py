@@ -78,7 +78,7 @@ def manifest_ids(data_dirs: list[str], storage_options: dict | None = None) -> s
     them: the output shard's URL and the key)."""
     import fsspec
     from pipelines.retry import read_parquet_retrying, with_retry_defaults
-    from pipelines.shards import canonical_url
+    from pipelines.storage import canonical_url
 
     ids: set[Id] = set()
     for folder in data_dirs:

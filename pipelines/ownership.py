@@ -33,10 +33,9 @@ import time
 import uuid
 from typing import Callable
 
-import fsspec
 from braceexpand import braceexpand
 
-from .storage import OutputStore
+from .storage import OutputStore, filesystem, is_local, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +57,10 @@ class OutputBusy(OutputConflict):
 
 def _location(url: str, storage_options: dict) -> tuple[str, str]:
     """(filesystem family, absolute normalized path) of a local path or URL."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
+    fs, path = filesystem(url, storage_options)
+    if is_local(fs):
         return "file", os.path.realpath(path)
-    return protocol, posixpath.normpath("/" + path.strip("/"))
+    return protocol_of(fs), posixpath.normpath("/" + path.strip("/"))
 
 
 def _fixed_part(path: str) -> str:

@@ -1,18 +1,17 @@
 """Turn what the user typed (files, folders, globs, brace patterns, URLs) into shard URLs.
 
-Listing goes through fsspec so that local disk, s3://, gs:// and http(s):// behave the
-same; brace patterns (`shard-{000000..000099}.tar`) are expanded with `braceexpand`,
-the same package webdataset uses, before any filesystem is asked.
+Listing goes through `storage.filesystem` (fsspec) so that local disk, s3://, gs:// and
+http(s):// behave the same; brace patterns (`shard-{000000..000099}.tar`) are expanded with
+`braceexpand`, the same package webdataset uses, before any filesystem is asked.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
-import fsspec
 from braceexpand import braceexpand
 
-from .retry import NOT_FOUND, store_error_kind, store_failure, with_retry_defaults
+from .retry import NOT_FOUND, store_error_kind, store_failure
+from .storage import canonical_url, filesystem, protocol_of
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = "*?["
@@ -44,20 +43,8 @@ def is_shard_name(path: str) -> bool:
     return name.endswith(SHARD_SUFFIXES) and not name.startswith((".", "_"))
 
 
-def canonical_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The id we give a shard: an absolute path for local files, a full URL otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return os.path.abspath(path)
-    return fs.unstrip_protocol(path)
-
-
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-
-
 def expand_shards(inputs: Iterable[str], storage_options: dict | None = None) -> list[str]:
-    """Every shard the inputs name, sorted and without repeats.
+    """Every shard the inputs name (by `storage.canonical_url`), sorted and without repeats.
 
     A folder contributes the shard files below it (recursively, skipping names that start
     with `_` or `.`, which is where our own outputs keep manifests and temporary files).
@@ -77,8 +64,8 @@ def expand_shards(inputs: Iterable[str], storage_options: dict | None = None) ->
 
 
 def _expand_one(pattern: str, storage_options: dict) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(pattern, **with_retry_defaults(pattern, storage_options))
-    if _protocol(fs) in _UNLISTABLE:
+    fs, path = filesystem(pattern, storage_options)
+    if protocol_of(fs) in _UNLISTABLE:
         return [pattern]
     if any(c in path for c in _GLOB_CHARS):
         matches = [p for p in _listing(pattern, lambda: fs.glob(path)) if is_shard_name(p)]
@@ -102,7 +89,7 @@ def shard_sizes(urls: list[str], storage_options: dict | None = None) -> dict[st
     sizes: dict[str, int | None] = {}
     for url in urls:
         try:
-            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            fs, path = filesystem(url, storage_options)
             sizes[url] = int(fs.size(path))
         except Exception:  # an estimate only: a missing size must not fail the listing
             sizes[url] = None

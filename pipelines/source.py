@@ -24,12 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
-
 from . import reasons
 from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS
 from .reasons import SampleError, SampleFiltered
-from .retry import NOT_FOUND, StoreError, open_retrying, store_error_kind, with_retry_defaults
+from .retry import NOT_FOUND, StoreError, open_retrying, store_error_kind
+from .storage import filesystem
 from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage, printable, quoted, unsafe_reason
 
 
@@ -93,7 +92,7 @@ def iter_tar_samples(
     that is the job's problem, never recorded as a damaged shard or an unreadable sample.
     """
     try:
-        fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
+        fs, path = filesystem(url, storage_options)
         f = open_retrying(fs, path, name=url)
     except Exception as e:
         # only "not found" is this shard's problem; a refused credential or a store that stays

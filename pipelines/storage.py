@@ -4,6 +4,8 @@ location with all-or-nothing writes.
 `filesystem(url, options)` is the one way into fsspec: it adds our retry defaults (see
 `retry.with_retry_defaults`), and `protocol_of`, `is_local`, `join` and `canonical_url` are the
 one spelling of what a URL is. Nothing else in the project calls `fsspec.core.url_to_fs`.
+`listing(url, options)` is the one way to see what a location holds (sizes by relative name),
+always fresh: other processes write where we list.
 
 `OutputStore` is an output location (local folder or object-store prefix).
 Local disk: write `NAME.tmp-<tag>-<uuid>`, fsync, rename. The rename is atomic, so a reader
@@ -69,6 +71,29 @@ def canonical_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return os.path.abspath(path) if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def listing(url: str, storage_options: dict | None = None) -> dict[str, int]:
+    """Size of every file below `url`, by its path relative to `url` ({} if there is none): one
+    listing call on an object store instead of one request per file."""
+    fs, path = filesystem(url, storage_options)
+    return _files_below(fs, path)
+
+
+def _files_below(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, int]:
+    # other processes (shard tasks, training ranks, Ray Train) write here: a listing cached by
+    # fsspec (s3fs keeps one per folder) would hide their files, from this listing and from
+    # later reads through the same filesystem
+    fs.invalidate_cache(base)
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:
+        return {}
+    finally:
+        fs.invalidate_cache(base)
+    prefix = base.rstrip("/") + "/"
+    return {p[len(prefix):]: int(info["size"]) for p, info in found.items()
+            if info["type"] == "file" and p.startswith(prefix)}
+
+
 class OutputStore:
     def __init__(self, url: str, storage_options: dict | None = None, tag: str | None = None):
         self.url = url
@@ -94,18 +119,9 @@ class OutputStore:
 
     def list(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of the files below `prefix`."""
-        base = self.path(prefix) if prefix else self.root
-        # other processes (the shard tasks) write here: a listing cached by fsspec (s3fs keeps
-        # one per folder) would hide their files, from this listing and from later reads
-        self.fs.invalidate_cache(base)
-        try:
-            found = self.fs.find(base)
-        except FileNotFoundError:
-            return []
-        finally:
-            self.fs.invalidate_cache(base)
-        root = self.root.rstrip("/") + "/"
-        return sorted(p[len(root):] if p.startswith(root) else p for p in found)
+        if not prefix:
+            return sorted(_files_below(self.fs, self.root))
+        return sorted(join(prefix, name) for name in _files_below(self.fs, self.path(prefix)))
 
     def entries(self) -> list[str]:
         """Names of what the root holds, one level down (files and folders); [] if it is absent."""
@@ -122,8 +138,8 @@ class OutputStore:
         """Write `name` only if nothing has that name yet; False if something does.
 
         Local disk: the complete content goes to a temporary file that is hard-linked to the
-        final name: `link` fails if the name exists (atomic, on NFS too, where O_EXCL used not
-        to be), and a reader never sees a half-written file. S3: a PUT with `If-None-Match: *`
+        final name: `link` fails if the name exists (atomic on every NFS version, which O_EXCL is
+        not), and a reader never sees a half-written file. S3: a PUT with `If-None-Match: *`
         (s3fs `mode="create"`; AWS S3 and moto 5 honour it). Other stores: check, write, read
         back our bytes (unique to the caller): two writers that race within one round trip may
         both win, so callers verify again later (the lock's heartbeat does).
