@@ -16,6 +16,7 @@ import soundfile as sf
 from PIL import Image
 
 from pipelines import corpus as C
+from pipelines import corpus_samples as S
 from pipelines import reasons as R
 
 IMAGE, TEXT, AUDIO = {"jpg", "png", "webp"}, {"txt", "json", "txt.gz"}, {"wav", "flac", "ogg", "mp3"}
@@ -205,8 +206,8 @@ def test_ogg_serial_fix_keeps_the_stream_valid():
     sf.write(buf, y, 16000, format="OGG", subtype="VORBIS")
     raw = buf.getvalue()
     first = raw[: 27 + raw[26] + sum(raw[27:27 + raw[26]])]
-    assert C._ogg_crc(first[:22] + b"\0\0\0\0" + first[26:]) == int.from_bytes(first[22:26], "little")
-    fixed = C._fix_ogg_serial(raw, 12345)
+    assert S._ogg_crc(first[:22] + b"\0\0\0\0" + first[26:]) == int.from_bytes(first[22:26], "little")
+    fixed = S._fix_ogg_serial(raw, 12345)
     assert fixed[14:18] == (12345).to_bytes(4, "little") and fixed != raw
     back, sr = sf.read(io.BytesIO(fixed))  # libogg rejects pages whose CRC does not match
     assert sr == 16000 and len(back) == len(y)
