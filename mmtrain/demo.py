@@ -61,9 +61,18 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
     plot = plot_run(paths["run"])
     timings["end"] = time.time()
 
-    metrics = read_metrics(paths["run"])
+    report = _report(stats, summary, read_metrics(paths["run"]), result, exported, plot, timings)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    log(format_report(report))
+    return report
+
+
+def _report(stats: dict, summary: dict, metrics: list[dict], result: dict, exported: dict, plot: str,
+            timings: dict[str, float]) -> dict:
+    """What the demo shows and writes to summary.json; `timings` holds each stage's start, then "end"."""
     first, last = metrics[0]["loss"], metrics[-1]["loss"]
-    report = {
+    return {
         "preprocess": {k: stats[k] for k in ("read", "written", "quarantined", "filtered", "duplicates")},
         "train": {"steps": summary["steps"], "loss_first": first, "loss_last": last,
                   "loss_drop": round(1 - last / first, 4),
@@ -75,10 +84,6 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
                     for name, nxt in zip(list(timings)[:-1], list(timings)[1:])},
         "plot": plot,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    log(format_report(report))
-    return report
 
 
 def format_report(r: dict) -> str:

@@ -75,14 +75,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
-    def forward(
-        self,
-        x: Tensor,
-        key_mask: Tensor | None = None,
-        causal: bool = False,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None, causal: bool, context: Tensor | None,
+                context_mask: Tensor | None) -> Tensor:
+        """Called by `Transformer` only, which passes every argument (masks already `never_empty`)."""
         x = x + self.attn(self.ln_1(x), key_mask=key_mask, causal=causal)
         if self.cross is not None:
             x = x + self.cross(self.ln_x(x), context=context, key_mask=context_mask)
