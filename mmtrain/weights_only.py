@@ -4,9 +4,8 @@ DeepSpeed 0.19 reads its `.pt` files with `torch.load(weights_only=False)`: a pi
 any code, and a checkpoint may sit in a bucket others can write. Every load of a regular
 (same world size) restore goes through the engine's checkpoint engine (`engine.checkpoint_engine
 .load`), so we replace that one method with a `weights_only=True` load that accepts, besides
-tensors and containers, only the few plain DeepSpeed classes its files hold (found by loading
-real ZeRO 0-3 checkpoints until nothing else was asked for). A file needing anything else is
-refused by torch with the class named, rather than unpickled.
+tensors and containers, only the few plain DeepSpeed classes that ZeRO 0-3 checkpoints hold.
+A file needing anything else is refused by torch with the class named, rather than unpickled.
 
 Not covered, as DeepSpeed offers no hook there: the universal-checkpoint converter and loader
 (an elastic resume) and `zero_to_fp32` (export). There, and as a second guard here, a rank

@@ -21,8 +21,8 @@ import soxr
 from PIL import Image, ImageFile
 # The plugins of the formats we accept, registered up front: `Image.open(formats=...)` calls
 # `Image.init()`, which imports every one of Pillow's ~45 plugins, as soon as a requested
-# format is not registered yet, and WEBP is not among the few `Image.preinit()` loads. That
-# was ~15 ms of imports in every fresh Ray worker for plugins `decode_image` never uses.
+# format is not registered yet, and WEBP is not among the few `Image.preinit()` loads: every
+# fresh Ray worker would import plugins `decode_image` never uses.
 from PIL import JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401  (registration)
 
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
@@ -232,8 +232,8 @@ def decode_text(data: bytes, ext: str, cfg: TextConfig) -> str:
 
     Length limits count code points after NFC + whitespace collapsing. The member's size is
     checked first (cfg.max_bytes), and the code points before NFC: CPython's NFC puts a run of
-    combining marks in canonical order by insertion, quadratic in the run's length (64 KiB of
-    marks in descending classes measured 3.3 s), so only a text that can pass goes through it.
+    combining marks in canonical order by insertion, quadratic in the run's length, so only a
+    text that can pass goes through it.
     """
     if len(data) > cfg.max_bytes:
         raise SampleFiltered(CAPTION_TOO_LONG, f"{len(data)} bytes > {cfg.max_bytes}")
@@ -273,8 +273,8 @@ def decode_text(data: bytes, ext: str, cfg: TextConfig) -> str:
 
 # ---------------------------------------------------------------- audio
 
-# soxr "HQ": measured 0.68 ms for 5 s of 44.1 kHz -> 16 kHz mono (LQ 0.58, MQ 0.65, VHQ 0.78),
-# a small fraction of the FLAC decode itself, so the better passband/stopband is nearly free.
+# soxr "HQ": it costs little more than the lower qualities and a small fraction of the FLAC
+# decode itself (benchmarks/README.md), so the better passband/stopband is nearly free.
 _SOXR_QUALITY = "HQ"
 
 
@@ -419,9 +419,9 @@ def log_mel(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]  # a view, no copy
     window = _window(cfg.win_length, n_fft)
     power = np.empty((frames.shape[0], n_fft // 2 + 1), dtype=np.float32)
-    # Blocks of frames keep the temporaries (~256 KB) in cache; all 1001 frames at once means
-    # ~10 MB of fresh pages per call, measured 3x slower here. The FFT runs in float64 because
-    # numpy's float32 rfft measured ~5x slower than its float64 one (numpy 2.4).
+    # Blocks of frames keep the temporaries (~256 KB) in cache; all 1001 frames at once would
+    # touch ~10 MB of fresh pages per call. The FFT runs in float64 because numpy's float32
+    # rfft is slower than its float64 one (benchmarks/README.md).
     for i in range(0, len(frames), _FFT_BLOCK):
         spec = np.fft.rfft(frames[i:i + _FFT_BLOCK] * window, axis=-1)
         np.add(np.square(spec.real), np.square(spec.imag), out=power[i:i + _FFT_BLOCK], casting="same_kind")

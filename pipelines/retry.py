@@ -1,7 +1,7 @@
 """Reads from object stores that survive transient faults (throttling, dropped connections).
 
-What the libraries already do (s3fs 2026.9 / aiobotocore 3.10, read in their source and
-measured against tests/faulty_s3.py):
+What the libraries already do (s3fs 2026.9 / aiobotocore 3.10; tests/faulty_s3.py produces
+each of these faults):
 - botocore retries a failed *call* (503 SlowDown, 500, throttling, connection errors) before
   any body byte is read: 5 attempts by default.
 - s3fs wraps every call in `_error_wrapper` (5 attempts, 0.1 s .. 0.8 s apart), and
@@ -84,8 +84,8 @@ class ObjectChanged(OSError):
 def _transient_types() -> tuple[type[BaseException], ...]:
     """The exception types of a dropped or timed-out transfer, from the libraries that are
     loaded. Looked up, never imported: an exception of a library's type can only exist once
-    that library is imported, and importing aiohttp/botocore up front cost every Ray worker
-    ~80 ms CPU even on local input."""
+    that library is imported, and importing aiohttp/botocore up front would cost every Ray
+    worker start-up CPU even on local input."""
     types: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
     aiohttp = sys.modules.get("aiohttp")
     if aiohttp is not None:

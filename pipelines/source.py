@@ -34,8 +34,8 @@ from .tarheaders import GuardedTarInfo, ReadLimits, ShardDamage, printable, quot
 
 # webdataset's key/extension rule (`webdataset.tariterators.base_plus_ext`, the same regex as
 # in webdataset 1.0): the key is everything before the first dot of the last path part. A copy
-# rather than an import: importing anything from `webdataset` imports torch, ~1.3 s of start-up
-# and ~130 MB in every Ray worker that reads shards, for one regex.
+# rather than an import: importing anything from `webdataset` imports torch, which would add its
+# start-up time and memory to every Ray worker that reads shards, for one regex.
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
@@ -318,8 +318,9 @@ class _ShardReader:
 
 def _check_gzip_header(head: bytes) -> None:
     """tarfile reads a .tar.gz's gzip header file name and comment one byte per call, each
-    call copying its 10 KiB buffer: a 1 MB name is 5 s of CPU, a 100 MB one hours. Refuse a
-    name or comment over `_GZIP_NAME_MAX` bytes (RFC 1952 layout; gzip writes a file name)."""
+    call copying its 10 KiB buffer, so a long name costs CPU in proportion to its length times
+    that buffer. Refuse a name or comment over `_GZIP_NAME_MAX` bytes (RFC 1952 layout; gzip
+    writes a file name)."""
     if len(head) < 12:
         return  # too short to be anything: tarfile says so
     flags, end = head[3], 10
@@ -345,8 +346,7 @@ def _inflate(f, limit: int) -> bytes | None:
     """The content of a gzip member (gzip streams in a row, zero padding between them, are one
     content, as for `gzip.decompress`), or None if it is over `limit` bytes. At most
     limit + 1 bytes are inflated, 1 MiB per call at most. zlib parses the
-    gzip header itself: `gzip.GzipFile` reads a header's file name one Python call per byte
-    (a 64 MB name is a minute of CPU)."""
+    gzip header itself: `gzip.GzipFile` reads a header's file name one Python call per byte."""
     parts, n = [], 0
     d, pending, fresh, streams = zlib.decompressobj(31), b"", True, 0
     while n <= limit:

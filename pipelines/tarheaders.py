@@ -14,8 +14,8 @@ base-256 sizes, pax records applied by `_apply_pax_info`) and intercept it where
   `header_chain` headers in a row.
 - Python 3.11's pax parser scans records with a regex that accepts records whose length
   field points anywhere and stores every keyword it matched: a 64 KiB header of `2 2 2 ...=`
-  records holds ~1 GB of keywords. CPython 3.13 replaced it with a strict parser; ours
-  (`_proc_pax`) applies the same framing rules on every Python version.
+  records holds ~1 GB of keywords. CPython 3.13's parser is strict; ours (`_proc_pax`)
+  applies the same framing rules on every Python version.
 - Global pax headers (`g`) accumulate on the TarFile and are copied into every later member:
   their total is capped at `header_bytes`.
 - Sparse members: the old GNU format (`S`) reads extension blocks for as long as they say
