@@ -28,6 +28,7 @@ import soundfile as sf
 from PIL import Image
 
 from . import reasons as R
+from .errors import ConfigError
 
 _SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "diamond", "crescent"]
 _TEXTURES = ["", "striped", "dotted", "checkered"]
@@ -415,9 +416,9 @@ def make_corpus(out: str, samples: int, shards: int = 1, *, seed: int = 0, subje
     `_corpus.json` with the reason code the reader must give it. Returns what `_corpus.json` holds.
     """
     if samples < 0 or shards < 1 or not 1 <= subjects <= MAX_SUBJECTS:
-        raise ValueError(f"need samples >= 0, shards >= 1 and 1 <= subjects <= {MAX_SUBJECTS}")
+        raise ConfigError(f"need samples >= 0, shards >= 1 and 1 <= subjects <= {MAX_SUBJECTS}")
     if defects and samples < 1:
-        raise ValueError("defects=True needs at least one good sample to duplicate")
+        raise ConfigError("defects=True needs at least one good sample to duplicate")
     fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)

@@ -36,6 +36,7 @@ from typing import Callable
 import fsspec
 from braceexpand import braceexpand
 
+from .errors import UserError
 from .storage import OutputStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ HEARTBEAT_SECONDS = 20.0
 _GLOB_CHARS = "*?["
 
 
-class OutputConflict(ValueError):
+class OutputConflict(UserError):
     """The output location holds a different job's output, or someone else's files."""
 
 

@@ -12,6 +12,7 @@ from typing import Iterable
 import fsspec
 from braceexpand import braceexpand
 
+from .errors import UserError
 from .retry import NOT_FOUND, store_error_kind, store_failure, with_retry_defaults
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -20,7 +21,7 @@ _GLOB_CHARS = "*?["
 _UNLISTABLE = {"http", "https"}
 
 
-class ShardListError(ValueError):
+class ShardListError(UserError):
     """The inputs name no shard, or name something that does not exist."""
 
 

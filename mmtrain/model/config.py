@@ -10,8 +10,10 @@ between stages, and one number to scale.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+from pipelines.errors import ConfigError
+from pipelines.settings import Settings, setting
 
 PAD_ID = 0  # the batch contract pads text with 0 (ByteTokenizer and BPETokenizer agree)
 MEL_NORMS = ("none", "whisper")
@@ -19,56 +21,53 @@ IMAGE_POOLS = ("mean", "cls")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    name: str = "multimodal"        # registry key used by build_model
-    # --- size (defaults are the "tiny" preset) ---
-    width: int = 128                # model dimension of every transformer
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    image_depth: int = 2            # ViT blocks
-    text_depth: int = 1             # text encoder blocks
-    audio_depth: int = 1            # audio encoder blocks
-    fusion_depth: int = 1           # blocks over the concatenated image+audio tokens
-    decoder_depth: int = 1          # caption decoder blocks (self + cross attention)
-    embed_dim: int = 128            # contrastive embedding size
-    # --- inputs ---
-    patch_size: int = 32            # big patches keep the image token count small (224/32 -> 49)
-    patch_split: int = 4            # >1: embed (patch/split)^2 sub-patches, GELU, merge split x split per token
-    image_size: int = 224           # largest image side; positions are sliced for smaller inputs
-    n_mels: int = 80
-    max_audio_frames: int = 1024    # longest mel accepted (10 s at 10 ms hop is 1001 frames)
-    audio_stride: int = 16          # time stride of the conv stem: frames per audio token
-    vocab_size: int = 259           # ByteTokenizer; set from the tokenizer when using BPE
-    max_text_len: int = 64          # longest token sequence (BOS ... EOS) accepted
-    mel_norm: str = "whisper"       # "none" | "whisper": per-clip max-8 floor, then (x + 4) / 4
-    image_pool: str = "mean"        # "mean" (of the patch tokens) | "cls": image state for the contrastive embedding
-    # --- training ---
-    dropout: float = 0.0
-    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
-    gather_across_ranks: bool = True      # contrastive negatives from all ranks (OpenCLIP style)
-    caption_weight: float = 1.0
-    contrastive_weight: float = 1.0
+class ModelConfig(Settings):
+    LABEL = "model config"
 
-    def __post_init__(self) -> None:
-        # Fail at construction, with one line, rather than deep inside a forward pass.
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.patch_split < 1 or self.patch_size % self.patch_split:
-            raise ValueError(f"patch_split must be >= 1 and divide patch_size {self.patch_size}, got {self.patch_split}")
-        if self.audio_stride < 1:
-            raise ValueError(f"audio_stride must be >= 1, got {self.audio_stride}")
-        for f in ("image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
-        if self.max_text_len < 2:
-            raise ValueError(f"max_text_len must hold at least BOS and EOS, got {self.max_text_len}")
-        for f, choices in (("mel_norm", MEL_NORMS), ("image_pool", IMAGE_POOLS)):
-            if getattr(self, f) not in choices:
-                raise ValueError(f"{f} must be one of {', '.join(choices)}, got {getattr(self, f)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    name: str = setting("multimodal", help="registry key used by build_model")
+    # --- size (defaults are the "tiny" preset) ---
+    width: int = setting(128, at_least=1, help="model dimension of every transformer")
+    heads: int = setting(4, at_least=1, help="attention heads; must divide width")
+    mlp_ratio: float = setting(4.0, at_least=0, help="MLP hidden size over width")
+    image_depth: int = setting(2, at_least=0, help="ViT blocks")
+    text_depth: int = setting(1, at_least=0, help="text encoder blocks")
+    audio_depth: int = setting(1, at_least=0, help="audio encoder blocks")
+    fusion_depth: int = setting(1, at_least=0, help="blocks over the concatenated image+audio tokens")
+    decoder_depth: int = setting(1, at_least=0, help="caption decoder blocks (self + cross attention)")
+    embed_dim: int = setting(128, at_least=1, help="contrastive embedding size")
+    # --- inputs ---
+    patch_size: int = setting(32, at_least=1,
+                              help="big patches keep the image token count small (224/32 -> 49)")
+    patch_split: int = setting(4, at_least=1, help=">1: embed (patch/split)^2 sub-patches, GELU, merge "
+                                                   "split x split per token")
+    image_size: int = setting(224, at_least=1, help="largest image side; positions are sliced for smaller inputs")
+    n_mels: int = setting(80, at_least=1, help="mel bands of the audio input")
+    max_audio_frames: int = setting(1024, at_least=1, help="longest mel accepted (10 s at 10 ms hop is 1001 frames)")
+    audio_stride: int = setting(16, at_least=1, help="time stride of the conv stem: frames per audio token")
+    vocab_size: int = setting(259, at_least=1, help="ByteTokenizer; set from the tokenizer when using BPE")
+    max_text_len: int = setting(64, at_least=2, help="longest token sequence accepted, BOS and EOS included")
+    mel_norm: str = setting("whisper", choices=MEL_NORMS,
+                            help="none | whisper: per-clip max-8 floor, then (x + 4) / 4")
+    image_pool: str = setting("mean", choices=IMAGE_POOLS,
+                              help="mean (of the patch tokens) | cls: image state for the contrastive embedding")
+    # --- training ---
+    dropout: float = setting(0.0, at_least=0, help="dropout probability, below 1")
+    gradient_checkpointing: bool = setting(False, help="recompute blocks in backward: less memory, "
+                                                       "~30% more compute")
+    gather_across_ranks: bool = setting(True, help="contrastive negatives from all ranks (OpenCLIP style)")
+    caption_weight: float = setting(1.0, help="weight of the caption loss")
+    contrastive_weight: float = setting(1.0, help="weight of the contrastive losses")
+
+    def checks(self):
+        # fail at construction, with one line, rather than deep inside a forward pass
+        return [
+            (self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"),
+            (self.image_size % self.patch_size == 0,
+             f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"),
+            (self.patch_size % self.patch_split == 0,
+             f"patch_split must divide patch_size {self.patch_size}, got {self.patch_split}"),
+            (self.dropout < 1.0, f"dropout must be below 1, got {self.dropout}"),
+        ]
 
     @property
     def max_image_tokens(self) -> int:
@@ -78,29 +77,20 @@ class ModelConfig:
     def max_audio_tokens(self) -> int:
         return -(-self.max_audio_frames // self.audio_stride)  # the stem pads time up to a multiple of the stride
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ModelConfig":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, /, **overrides) -> "ModelConfig":  # /: a "name" override is the model's
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name].to_dict(), **overrides})
 
 
 # Sizes. Parameter counts are those of the default vocab (259); see tests/test_model.py and
 # `count_parameters`. Block params are ~12*width^2, so depth x width^2 sets the size.
 # The larger presets keep the original image/audio front ends (one linear 16 px patch embedding,
-# CLS pooling, raw log-mel): the tiny settings below were measured on tiny only.
-_ORIGINAL_FRONT_END = {"patch_split": 1, "image_pool": "cls", "mel_norm": "none"}
+# CLS pooling, raw log-mel): the tiny settings above were measured on tiny only.
+_ORIGINAL_FRONT_END = {"patch_split": 1, "image_pool": "cls", "mel_norm": "none", "patch_size": 16}
+_SIZE_FIELDS = ("width", "heads", "image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth",
+                "embed_dim", "audio_stride")
 
 PRESETS: dict[str, ModelConfig] = {
     # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 6 blocks in all, so
@@ -110,28 +100,11 @@ PRESETS: dict[str, ModelConfig] = {
     # Whisper's log-mel scaling take held-out 16-way image->text recall@1 from 0.125 (12 epochs) or
     # 0.25 (30 epochs) to 0.88-1.0 over 3 seeds in 20 epochs at lr 1e-3.
     "tiny": ModelConfig(),
-    # ~40M: a quick single-GPU run.
-    "small": ModelConfig(
-        width=384, heads=6, image_depth=6, text_depth=4, audio_depth=4, fusion_depth=2,
-        decoder_depth=4, embed_dim=256, patch_size=16, audio_stride=8,
-        **_ORIGINAL_FRONT_END,
-    ),
-    # ~184M: ViT-B width for the GPU MFU benchmark (197 image tokens, 251 audio tokens for 10 s).
-    "base": ModelConfig(
-        width=768, heads=12, image_depth=8, text_depth=4, audio_depth=6, fusion_depth=2,
-        decoder_depth=4, embed_dim=512, patch_size=16, audio_stride=4,
-        **_ORIGINAL_FRONT_END,
-    ),
-    # ~1.06B: multi-GPU with ZeRO-2/3.
-    "large": ModelConfig(
-        width=1536, heads=24, image_depth=12, text_depth=6, audio_depth=8, fusion_depth=3,
-        decoder_depth=6, embed_dim=768, patch_size=16, audio_stride=4,
-        **_ORIGINAL_FRONT_END,
-    ),
-    # ~3.1B: Adam states alone (~37 GB in fp32) crowd one GPU; meant for ZeRO-3.
-    "xl": ModelConfig(
-        width=2560, heads=32, image_depth=14, text_depth=6, audio_depth=8, fusion_depth=4,
-        decoder_depth=5, embed_dim=1024, patch_size=16, audio_stride=4,
-        **_ORIGINAL_FRONT_END,
-    ),
+    **{name: ModelConfig(**dict(zip(_SIZE_FIELDS, size)), **_ORIGINAL_FRONT_END) for name, size in {
+        #         width heads image text audio fusion decoder embed audio_stride
+        "small": (384, 6, 6, 4, 4, 2, 4, 256, 8),          # ~40M: a quick single-GPU run
+        "base": (768, 12, 8, 4, 6, 2, 4, 512, 4),          # ~184M: ViT-B width for the GPU MFU benchmark
+        "large": (1536, 24, 12, 6, 8, 3, 6, 768, 4),       # ~1.06B: multi-GPU with ZeRO-2/3
+        "xl": (2560, 32, 14, 6, 8, 4, 5, 1024, 4),         # ~3.1B: Adam states alone (~37 GB fp32) need ZeRO-3
+    }.items()},
 }
