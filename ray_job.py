@@ -95,31 +95,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _put(tree: dict, path: str, value) -> None:
-    *parents, key = path.split(".")
-    for name in parents:
-        tree = tree.setdefault(name, {})
-        if not isinstance(tree, dict):
-            raise UserError(f"{path}: {name} is given both a value and settings inside it")
-    tree[key] = value
-
-
 def _train_overrides(args) -> dict:
     """What `train`'s flags and --set say about the run config, as nested dicts (--set first,
     so that a flag wins over the generic form of the same setting)."""
-    sections: dict = {}
-    for item in args.set:
-        path, sep, text = item.partition("=")
-        if not sep or not path:
-            raise UserError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=3e-4")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text  # a bare word is a string: --set train.precision=bf16
-        _put(sections, path, value)
+    from pipelines.settings import parse_set, put
+
+    sections = parse_set(args.set)
     for dest, value in vars(args).items():
         if "." in dest and value is not None:  # the generated flags' dest: SECTION.FIELD
-            _put(sections, dest, value)
+            put(sections, dest, value)
     flags = {"data_paths": list(args.data), "run_dir": args.run_dir, "seed": args.seed, "preset": args.preset,
              "storage_options": _storage_options(args) or None, "checkpoint_storage": args.checkpoint_storage}
     return {**sections, **{name: value for name, value in flags.items() if value is not None}}
@@ -302,12 +286,13 @@ def _section_flags(sp, section: str, cls) -> None:
         if not f.metadata.get("flag"):
             continue
         kind = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
-        kw = {"help": f.metadata["help"].replace("%", "%%"), "dest": f"{section}.{f.name}", "default": None}
+        about = f.metadata["help"] + ("" if f.default in (None, False) else f" (default {f.default})")
+        kw = {"help": about.replace("%", "%%"), "dest": f"{section}.{f.name}", "default": None}
         if kind[0] is bool:
             kw["action"] = "store_true"
         else:
-            kw["type"] = kind[0]
-            kw["choices"] = f.metadata.get("choices")
+            choices = f.metadata.get("choices")
+            kw.update(type=kind[0], choices=choices, metavar=None if choices else f.name.upper())
         sp.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
@@ -380,7 +365,8 @@ def _job_commands(sub) -> None:
                     help="the step to run and its arguments")
     sp.set_defaults(fn=cmd_submit)
 
-    for name, about, fn in (("status", "a cluster job's status", cmd_status), ("logs", "a cluster job's logs", cmd_logs),
+    for name, about, fn in (("status", "a cluster job's status", cmd_status),
+                            ("logs", "a cluster job's logs", cmd_logs),
                             ("stop", "stop a cluster job and wait until it has stopped", cmd_stop)):
         sp = sub.add_parser(name, help=about)
         sp.add_argument("job_id", help="the id `submit` printed")

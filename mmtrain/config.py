@@ -21,7 +21,7 @@ import fsspec
 
 from pipelines.config import DataConfig
 from pipelines.errors import ConfigError
-from pipelines.settings import Settings, build, read_config_file, setting
+from pipelines.settings import Settings, at_least, build, read_config_file, setting
 
 from .credentials import looks_like_secret, without_secrets
 from .model import PRESETS, ModelConfig
@@ -38,7 +38,7 @@ class RunConfig(Settings):
     run_dir: str = setting("", help="checkpoints, metrics and logs go here; re-run to resume")
     preset: str = setting("tiny", help="model size preset: " + ", ".join(PRESETS))
     tokenizer: str = setting("byte", choices=TOKENIZERS, help="byte | bpe (trained on the corpus, saved with the run)")
-    bpe_vocab_size: int = setting(2048, at_least=1, help="vocabulary of the BPE tokenizer")
+    bpe_vocab_size: int = setting(2048, help="vocabulary of the BPE tokenizer")
     seed: int = setting(0, help="seed of the model init, data order and RNGs")
     storage_options: dict = setting(factory=dict, help="fsspec storage options")
     checkpoint_storage: str = setting("", help="a path or fsspec URL (s3://bucket/run); empty: the run directory")
@@ -48,6 +48,7 @@ class RunConfig(Settings):
     scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def checks(self):
+        yield from at_least(self, 1, "bpe_vocab_size")
         yield bool(self.data_paths), "no training data: pass --data with shards or a preprocessed folder"
         yield bool(self.run_dir), "no run directory: pass --run-dir"
         # paths are saved with the run, shown by Ray's dashboard and in job entrypoints

@@ -1,9 +1,9 @@
 """Frozen settings dataclasses that check themselves: the base of every config section (data,
 model, train, scale, run).
 
-A field's metadata (`setting(...)`) carries its help text, its allowed values and its lower
-bound; those and the class's own cross-field `checks()` run at construction, so an impossible
-config never exists and a bad value is one line (`ConfigError`). `from_dict` builds a section
+A field's metadata (`setting(...)`) carries its help text and its allowed values; those and
+the class's own `checks()` (bounds with `at_least`, rules across fields) run at construction,
+so an impossible config never exists and a bad value is one line (`ConfigError`). `from_dict` builds a section
 from plain JSON, nested sections included, refusing unknown keys and values of the wrong type:
 a typo in a config file fails loudly instead of being silently ignored.
 """
@@ -20,14 +20,12 @@ from .errors import ConfigError
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Iterable | None = None,
-            at_least: float | None = None, flag: bool = False, factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its help text; `choices` and `at_least` are checked at construction;
-    `flag` also makes it a flag of the `train` command (its name with dashes)."""
+            flag: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text; `choices` are checked at construction; `flag` also
+    makes it a flag of the `train` command (its name with dashes)."""
     metadata = {"help": help, "flag": flag}
     if choices is not None:
         metadata["choices"] = tuple(choices)
-    if at_least is not None:
-        metadata["at_least"] = at_least
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -40,7 +38,7 @@ class Settings:
         self.validate()
 
     def checks(self) -> Iterable[tuple[bool, str]]:
-        """Rules across fields, as (holds, the one line to show if not); first failure wins."""
+        """The section's rules, as (holds, the one line to show if not); the first failure wins."""
         return ()
 
     def validate(self):
@@ -48,8 +46,6 @@ class Settings:
             value, meta = getattr(self, f.name), f.metadata
             if "choices" in meta and value not in meta["choices"]:
                 raise ConfigError(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-            if "at_least" in meta and value is not None and value < meta["at_least"]:
-                raise ConfigError(f"{f.name} must be at least {meta['at_least']}, got {value}")
         for holds, message in self.checks():
             if not holds:
                 raise ConfigError(message)
@@ -61,6 +57,39 @@ class Settings:
     @classmethod
     def from_dict(cls, d: dict | None):
         return build(cls, d, cls.LABEL)
+
+
+def at_least(config, bound: float, *names: str) -> Iterable[tuple[bool, str]]:
+    """A check for each named field of `config`: at least `bound` (None passes: not set)."""
+    for name in names:
+        value = getattr(config, name)
+        yield value is None or value >= bound, f"{name} must be at least {bound}, got {value}"
+
+
+def parse_set(items: Iterable[str]) -> dict:
+    """`--set SECTION.KEY=VALUE` items as nested dicts; VALUE is JSON, or else a string (so
+    `train.precision=bf16` needs no quotes)."""
+    tree: dict = {}
+    for item in items:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=3e-4")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        put(tree, path, value)
+    return tree
+
+
+def put(tree: dict, path: str, value) -> None:
+    """tree[a][b][c] = value for the dotted path a.b.c, making the sections on the way."""
+    *sections, key = path.split(".")
+    for name in sections:
+        tree = tree.setdefault(name, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: {name} is given both a value and settings inside it")
+    tree[key] = value
 
 
 def read_config_file(path: str) -> dict:

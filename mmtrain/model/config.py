@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.errors import ConfigError
-from pipelines.settings import Settings, setting
+from pipelines.settings import Settings, at_least, setting
 
 PAD_ID = 0  # the batch contract pads text with 0 (ByteTokenizer and BPETokenizer agree)
 MEL_NORMS = ("none", "whisper")
@@ -24,50 +24,50 @@ IMAGE_POOLS = ("mean", "cls")
 class ModelConfig(Settings):
     LABEL = "model config"
 
-    name: str = setting("multimodal", help="registry key used by build_model")
+    name: str = "multimodal"        # registry key used by build_model
     # --- size (defaults are the "tiny" preset) ---
-    width: int = setting(128, at_least=1, help="model dimension of every transformer")
-    heads: int = setting(4, at_least=1, help="attention heads; must divide width")
-    mlp_ratio: float = setting(4.0, at_least=0, help="MLP hidden size over width")
-    image_depth: int = setting(2, at_least=0, help="ViT blocks")
-    text_depth: int = setting(1, at_least=0, help="text encoder blocks")
-    audio_depth: int = setting(1, at_least=0, help="audio encoder blocks")
-    fusion_depth: int = setting(1, at_least=0, help="blocks over the concatenated image+audio tokens")
-    decoder_depth: int = setting(1, at_least=0, help="caption decoder blocks (self + cross attention)")
-    embed_dim: int = setting(128, at_least=1, help="contrastive embedding size")
+    width: int = 128                # model dimension of every transformer
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    image_depth: int = 2            # ViT blocks
+    text_depth: int = 1             # text encoder blocks
+    audio_depth: int = 1            # audio encoder blocks
+    fusion_depth: int = 1           # blocks over the concatenated image+audio tokens
+    decoder_depth: int = 1          # caption decoder blocks (self + cross attention)
+    embed_dim: int = 128            # contrastive embedding size
     # --- inputs ---
-    patch_size: int = setting(32, at_least=1,
-                              help="big patches keep the image token count small (224/32 -> 49)")
-    patch_split: int = setting(4, at_least=1, help=">1: embed (patch/split)^2 sub-patches, GELU, merge "
-                                                   "split x split per token")
-    image_size: int = setting(224, at_least=1, help="largest image side; positions are sliced for smaller inputs")
-    n_mels: int = setting(80, at_least=1, help="mel bands of the audio input")
-    max_audio_frames: int = setting(1024, at_least=1, help="longest mel accepted (10 s at 10 ms hop is 1001 frames)")
-    audio_stride: int = setting(16, at_least=1, help="time stride of the conv stem: frames per audio token")
-    vocab_size: int = setting(259, at_least=1, help="ByteTokenizer; set from the tokenizer when using BPE")
-    max_text_len: int = setting(64, at_least=2, help="longest token sequence accepted, BOS and EOS included")
+    patch_size: int = 32            # big patches keep the image token count small (224/32 -> 49)
+    patch_split: int = 4            # >1: embed (patch/split)^2 sub-patches, GELU, merge split x split per token
+    image_size: int = 224           # largest image side; positions are sliced for smaller inputs
+    n_mels: int = 80
+    max_audio_frames: int = 1024    # longest mel accepted (10 s at 10 ms hop is 1001 frames)
+    audio_stride: int = 16          # time stride of the conv stem: frames per audio token
+    vocab_size: int = 259           # ByteTokenizer; set from the tokenizer when using BPE
+    max_text_len: int = 64          # longest token sequence (BOS ... EOS) accepted
     mel_norm: str = setting("whisper", choices=MEL_NORMS,
                             help="none | whisper: per-clip max-8 floor, then (x + 4) / 4")
     image_pool: str = setting("mean", choices=IMAGE_POOLS,
                               help="mean (of the patch tokens) | cls: image state for the contrastive embedding")
     # --- training ---
-    dropout: float = setting(0.0, at_least=0, help="dropout probability, below 1")
-    gradient_checkpointing: bool = setting(False, help="recompute blocks in backward: less memory, "
-                                                       "~30% more compute")
-    gather_across_ranks: bool = setting(True, help="contrastive negatives from all ranks (OpenCLIP style)")
-    caption_weight: float = setting(1.0, help="weight of the caption loss")
-    contrastive_weight: float = setting(1.0, help="weight of the contrastive losses")
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
+    gather_across_ranks: bool = True      # contrastive negatives from all ranks (OpenCLIP style)
+    caption_weight: float = 1.0
+    contrastive_weight: float = 1.0
 
     def checks(self):
         # fail at construction, with one line, rather than deep inside a forward pass
-        return [
-            (self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"),
-            (self.image_size % self.patch_size == 0,
-             f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"),
-            (self.patch_size % self.patch_split == 0,
-             f"patch_split must divide patch_size {self.patch_size}, got {self.patch_split}"),
-            (self.dropout < 1.0, f"dropout must be below 1, got {self.dropout}"),
-        ]
+        yield from at_least(self, 1, "width", "heads", "embed_dim", "patch_size", "patch_split", "image_size",
+                            "n_mels", "max_audio_frames", "audio_stride", "vocab_size")
+        yield from at_least(self, 0, "image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth",
+                            "mlp_ratio", "dropout")
+        yield self.max_text_len >= 2, f"max_text_len must hold at least BOS and EOS, got {self.max_text_len}"
+        yield self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"
+        yield (self.image_size % self.patch_size == 0,
+               f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        yield (self.patch_size % self.patch_split == 0,
+               f"patch_split must divide patch_size {self.patch_size}, got {self.patch_split}")
+        yield self.dropout < 1.0, f"dropout must be below 1, got {self.dropout}"
 
     @property
     def max_image_tokens(self) -> int:
