@@ -58,10 +58,14 @@ class AudioConfig(Settings):
     n_fft: int = 512                # >= window; 512 keeps the FFT a power of two
 
     def checks(self):
-        # bounds only: whether the window fits the FFT is the transform's to find when it runs
-        # (a worker's error, which tests/test_hostile_decode.py provokes with n_fft=256)
-        yield from at_least(self, 1, "sample_rate", "max_channels", "max_source_rate", "n_mels", "n_fft")
+        # Bounds that leave the transform something to do. A rate or window it cannot use is
+        # the transform's to meet, as a sample error on its own (tests/test_decoder_limits.py
+        # and test_hostile_decode.py build such configs); a DataConfig refuses them up front.
+        yield from at_least(self, 1, "max_channels", "max_source_rate", "n_mels", "n_fft")
         yield from at_least(self, 0, "seconds", "max_source_seconds", "win_ms")
+
+    def usable(self):
+        yield from at_least(self, 1, "sample_rate")
         yield self.hop_length >= 1, f"hop_ms {self.hop_ms} is under one sample at {self.sample_rate} Hz"
 
     @property
@@ -102,3 +106,4 @@ class DataConfig(Settings):
         yield from at_least(self, 1, "max_member_bytes", "max_sample_bytes", "max_sample_members",
                             "max_name_bytes", "max_header_bytes")
         yield from at_least(self, 0, "max_header_chain")
+        yield from self.audio.usable()

@@ -150,7 +150,7 @@ def test_every_config_section_checks_itself():
     from mmtrain.model import ModelConfig
 
     for make, words in [(lambda: ImageConfig(jpeg_quality=101), "jpeg_quality must be at most 100"),
-                        (lambda: AudioConfig(sample_rate=0), "sample_rate must be at least 1"),
+                        (lambda: DataConfig(audio=AudioConfig(sample_rate=0)), "sample_rate must be at least 1"),
                         (lambda: DataConfig(max_sample_members=0), "max_sample_members must be at least 1"),
                         (lambda: TrainConfig(grad_accum=0), "grad_accum must be at least 1"),
                         (lambda: ScaleConfig(cpus_per_worker=-1), "cpus_per_worker must be at least 0"),
