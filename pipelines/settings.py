@@ -3,9 +3,9 @@ model, train, scale, run).
 
 A field's metadata (`setting(...)`) carries its help text and its allowed values; those and
 the class's own `checks()` (bounds with `at_least`, rules across fields) run at construction,
-so an impossible config never exists and a bad value is one line (`ConfigError`). `from_dict` builds a section
-from plain JSON, nested sections included, refusing unknown keys and values of the wrong type:
-a typo in a config file fails loudly instead of being silently ignored.
+so an impossible config never exists and a bad value is one line (`ConfigError`). `from_dict`
+builds a section from plain JSON, nested sections included, refusing unknown keys and values of
+the wrong type: a typo in a config file fails loudly instead of being silently ignored.
 """
 from __future__ import annotations
 
