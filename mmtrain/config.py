@@ -7,8 +7,10 @@
       scale  : ScaleConfig                   Ray Train workers and their resources
       ...    : paths, tokenizer, seed
 
-A JSON file (configs/*.json) gives any subset; the CLI overrides a few fields; every
-unknown key and every impossible value is refused with one line before Ray starts.
+A JSON file (configs/*.json) gives any subset; `train`'s flags (generated from the
+TrainConfig and ScaleConfig fields marked flag=True) and `--set SECTION.KEY=VALUE` override
+any field; every unknown key, wrongly typed or impossible value is refused with one line
+before Ray starts (pipelines/settings.py).
 The resolved config is saved as RUN/run_config.json and into every checkpoint.
 """
 from __future__ import annotations
