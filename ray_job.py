@@ -1,20 +1,20 @@
 #!/usr/bin/env python
 """One command line for every step: runs on an embedded local Ray, or on a cluster when
 `--address` / RAY_ADDRESS names one. Thin by design: parse, build a config, call
-`pipelines/` or `mmtrain/`. Errors are one line on stderr with a non-zero exit."""
+`pipelines/` or `mmtrain/`. A user's error (`UserError`) is one line on stderr with exit 2;
+anything else is a bug and keeps its traceback (exit 1)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
 import sys
+import typing
 
 from mmtrain import credentials
-
-
-class CliError(Exception):
-    """A problem with what the user asked for; printed as one line, exit code 2."""
+from pipelines.errors import UserError
 
 
 def _storage_options(args) -> dict:
@@ -23,9 +23,9 @@ def _storage_options(args) -> dict:
     try:
         opts = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
-        raise CliError(f"--storage-options is not valid JSON ({e.msg}); pass e.g. '{{\"anon\": false}}'")
+        raise UserError(f"--storage-options is not valid JSON ({e.msg}); pass e.g. '{{\"anon\": false}}'")
     if not isinstance(opts, dict):
-        raise CliError("--storage-options must be a JSON object")
+        raise UserError("--storage-options must be a JSON object")
     return opts
 
 
@@ -40,7 +40,7 @@ def cmd_make_corpus(args) -> int:
     from pipelines.corpus import make_corpus
 
     if args.samples < 1 or args.shards < 1:
-        raise CliError("--samples and --shards must be at least 1")
+        raise UserError("--samples and --shards must be at least 1")
     info = make_corpus(args.out, args.samples, args.shards, seed=args.seed, subjects=args.subjects,
                        defects=args.defects, storage_options=_storage_options(args), progress=True)
     planted = f", {len(info.get('defects', []))} planted defects" if args.defects else ""
@@ -51,46 +51,32 @@ def cmd_make_corpus(args) -> int:
 def cmd_preprocess(args) -> int:
     from pipelines.config import DataConfig
     from pipelines.preprocess import format_summary, preprocess
-    from pipelines.retry import NOT_FOUND, StoreError, store_error_kind, store_failure
+    from pipelines.retry import NOT_FOUND, store_error_kind, store_failure
+    from pipelines.settings import read_config_file
 
     _set_address(args)
-    cfg = DataConfig.from_dict(_load_json_file(args.config)) if args.config else DataConfig()
-    overrides = {}
+    cfg = DataConfig.from_dict(read_config_file(args.config)) if args.config else DataConfig()
     if args.image_size is not None:
-        overrides["image"] = {**cfg.to_dict()["image"], "size": args.image_size}
+        cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, size=args.image_size))
     if args.no_dedup:
-        overrides["dedup"] = False
-    if overrides:
-        cfg = DataConfig.from_dict({**cfg.to_dict(), **overrides})
+        cfg = dataclasses.replace(cfg, dedup=False)
     if args.workers is not None and args.workers < 1:
-        raise CliError("--workers must be at least 1")
+        raise UserError("--workers must be at least 1")
     if args.shard_retries < 0:
-        raise CliError("--shard-retries must be 0 or more")
+        raise UserError("--shard-retries must be 0 or more")
     try:
         stats = preprocess(args.inputs, args.output, cfg=cfg, workers=args.workers,
                            storage_options=_storage_options(args), progress=not args.quiet,
                            shard_retries=args.shard_retries, say=lambda line: print(line, file=sys.stderr))
-    except StoreError as e:  # the store refused access or stayed down: not the data's fault
-        raise CliError(str(e)) from None
     except OSError as e:
         # the output store failed in the driver (a 403, a 503 after retries, a disk error);
         # anything that is not a store failure keeps its traceback (a bug); "not found" is
         # main's one-line error as it is
         if store_error_kind(e) in (None, NOT_FOUND):
             raise
-        raise CliError(str(store_failure(e, args.output))) from None
+        raise UserError(str(store_failure(e, args.output))) from None
     print(format_summary(stats, args.output))
     return 0
-
-
-def _load_json_file(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CliError(f"config file {path} does not exist")
-    except json.JSONDecodeError as e:
-        raise CliError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}")
 
 
 def cmd_train(args) -> int:
@@ -98,25 +84,29 @@ def cmd_train(args) -> int:
     from mmtrain.trainer import train
 
     _set_address(args)
-    if args.max_steps is not None and args.epochs is not None:
-        raise CliError("pass either --max-steps or --epochs, not both")
-    train_over = {k: v for k, v in {
-        "zero_stage": args.zero_stage, "max_steps": args.max_steps, "epochs": args.epochs,
-        "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
-        "deterministic": True if args.deterministic else None,
-        "audit_samples": True if args.audit_samples else None, "precision": args.precision,
-        "max_failures": args.max_failures,
-    }.items() if v is not None}
-    cfg = load_run_config(
-        args.config, data_paths=list(args.data), run_dir=args.run_dir, seed=args.seed,
-        storage_options=_storage_options(args) or None, checkpoint_storage=args.checkpoint_storage,
-        preset=args.preset, train=train_over or None,
-        scale={"workers": args.workers} if args.workers is not None else None,
-    )
+    overrides = _train_overrides(args)
+    train_over = overrides.get("train") or {}
+    if train_over.get("max_steps") is not None and train_over.get("epochs") is not None:
+        raise UserError("pass either --max-steps or --epochs, not both")
+    cfg = load_run_config(args.config, **overrides)
     summary = train(cfg)
     print(f"trained {summary['steps']} steps on {summary['samples'] or '?'} samples in {summary['seconds']} s; "
           f"checkpoint: {summary['checkpoint']}")
     return 0
+
+
+def _train_overrides(args) -> dict:
+    """What `train`'s flags and --set say about the run config, as nested dicts (--set first,
+    so that a flag wins over the generic form of the same setting)."""
+    from pipelines.settings import parse_set, put
+
+    sections = parse_set(args.set)
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:  # the generated flags' dest: SECTION.FIELD
+            put(sections, dest, value)
+    flags = {"data_paths": list(args.data), "run_dir": args.run_dir, "seed": args.seed, "preset": args.preset,
+             "storage_options": _storage_options(args) or None, "checkpoint_storage": args.checkpoint_storage}
+    return {**sections, **{name: value for name, value in flags.items() if value is not None}}
 
 
 def cmd_audit(args) -> int:
@@ -125,7 +115,7 @@ def cmd_audit(args) -> int:
     expected = manifest_ids(args.data, _storage_options(args)) if args.data else None
     report = check(args.run_dir, expected)
     if not report["rows"]:
-        raise CliError(f"no audit in {args.run_dir}/audit: train with --audit-samples")
+        raise UserError(f"no audit in {args.run_dir}/audit: train with --audit-samples")
     print(json.dumps(report, indent=1) if args.json else _audit_lines(report))
     return 0 if report["exactly_once"] else 1
 
@@ -178,12 +168,8 @@ def cmd_demo(args) -> int:
 # --- cluster jobs (Ray Jobs API; the logic is in clusters/jobs.py) -----------------------
 
 def _job_call(fn, *a, **kw) -> int:
-    from clusters.jobs import JobCommandError
-
-    try:
-        return fn(*a, **kw)
-    except JobCommandError as e:
-        raise CliError(str(e)) from None
+    # clusters' JobCommandError is a UserError: main shows it in one line
+    return fn(*a, **kw)
 
 
 def cmd_submit(args) -> int:
@@ -233,105 +219,132 @@ def cmd_list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in (_data_commands, _train_command, _run_commands, _job_commands):
+        add_commands(sub)
+    return p
 
-    def common(sp, storage=True):
-        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local embedded Ray)")
-        if storage:
-            sp.add_argument("--storage-options", metavar="JSON",
-                            help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
 
+def _common(sp, storage: bool = True) -> None:
+    sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local embedded Ray)")
+    if storage:
+        sp.add_argument("--storage-options", metavar="JSON",
+                        help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
+
+
+def _data_commands(sub) -> None:
     sp = sub.add_parser("make-corpus", help="write a synthetic image-text-audio corpus")
-    sp.add_argument("out")
-    sp.add_argument("--samples", type=int, required=True)
-    sp.add_argument("--shards", type=int, default=1)
-    sp.add_argument("--subjects", type=int, default=16)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("out", help="folder or fsspec URL for the shards")
+    sp.add_argument("--samples", type=int, required=True, help="samples in all")
+    sp.add_argument("--shards", type=int, default=1, help="tar shards to spread them over (default 1)")
+    sp.add_argument("--subjects", type=int, default=16, help="distinct subjects (default 16)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the content (default 0)")
     sp.add_argument("--defects", action="store_true", help="plant one of each kind of defect")
-    common(sp)
+    _common(sp)
     sp.set_defaults(fn=cmd_make_corpus)
 
     sp = sub.add_parser("preprocess", help="clean, transform and re-shard a corpus")
     sp.add_argument("inputs", nargs="+", metavar="INPUT", help="shards, folders, globs, {a..b} patterns, URLs")
-    sp.add_argument("--output", required=True)
+    sp.add_argument("--output", required=True, help="a new or empty folder or fsspec URL")
     sp.add_argument("--workers", type=int, help="concurrent shard tasks (default: all CPUs)")
     sp.add_argument("--config", help="JSON file with data settings (see pipelines/config.py)")
-    sp.add_argument("--image-size", type=int)
-    sp.add_argument("--no-dedup", action="store_true")
+    sp.add_argument("--image-size", type=int, help="output images are SIZE x SIZE (default 224)")
+    sp.add_argument("--no-dedup", action="store_true", help="keep samples whose raw content was already kept")
     sp.add_argument("--shard-retries", type=int, default=3, metavar="N",
                     help="run a shard again at most N times after its task's process dies (OOM kill, crash), "
                          "then quarantine it whole as shard_crashed (default 3)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    common(sp)
+    _common(sp)
     sp.set_defaults(fn=cmd_preprocess)
+
+
+def _train_command(sub) -> None:
+    from mmtrain.train_config import ScaleConfig, TrainConfig  # torch-free: every command builds this parser
 
     sp = sub.add_parser("train", help="train the multimodal model with DeepSpeed on Ray Train")
     sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="preprocessed output or raw shards")
     sp.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here; re-run to resume")
     sp.add_argument("--config", help="run config JSON (see configs/)")
     sp.add_argument("--preset", help="model size preset: tiny, small, base, large, xl")
-    sp.add_argument("--workers", type=int)
-    sp.add_argument("--zero-stage", type=int)
-    sp.add_argument("--max-steps", type=int)
-    sp.add_argument("--epochs", type=int)
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--checkpoint-every", type=int)
-    sp.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--deterministic", action="store_true", help="reproducible data order, RNG and kernels")
-    sp.add_argument("--audit-samples", action="store_true", help="write RUN/audit/*.jsonl: sample ids per step")
-    sp.add_argument("--max-failures", type=int, help="automatic restarts after a worker or node dies "
-                                                     "(default 3; -1: unlimited)")
+    sp.add_argument("--seed", type=int, help="seed of the model init, data order and RNGs (default 0)")
+    for section, cls in (("train", TrainConfig), ("scale", ScaleConfig)):
+        _section_flags(sp, section, cls)
+    sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="any other run config setting, e.g. --set train.lr=3e-4 --set model.dropout=0.1 "
+                         "--set data.image.size=160 (VALUE is JSON, or else a string); repeatable")
     sp.add_argument("--checkpoint-storage", metavar="URL",
                     help="keep checkpoints here (a shared path or an fsspec URL such as s3://bucket/run, reached "
                          "with --storage-options) instead of RUN; later commands on the run find it in RUN")
-    common(sp)
+    _common(sp)
     sp.set_defaults(fn=cmd_train)
 
+
+def _section_flags(sp, section: str, cls) -> None:
+    """A flag for each field of a config section marked flag=True: --NAME-WITH-DASHES, its help
+    from the field's metadata, stored as SECTION.FIELD (None when not given: the config decides)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("flag"):
+            continue
+        kind = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        about = f.metadata["help"] + ("" if f.default in (None, False) else f" (default {f.default})")
+        kw = {"help": about.replace("%", "%%"), "dest": f"{section}.{f.name}", "default": None}
+        if kind[0] is bool:
+            kw["action"] = "store_true"
+        else:
+            choices = f.metadata.get("choices")
+            kw.update(type=kind[0], choices=choices, metavar=None if choices else f.name.upper())
+        sp.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _run_commands(sub) -> None:
     sp = sub.add_parser("audit", help="check a run's --audit-samples record: every sample once per epoch")
-    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--run-dir", required=True, help="the run to check")
     sp.add_argument("--data", nargs="*", metavar="DATA",
                     help="the preprocessed folders trained on: also report samples never served")
-    sp.add_argument("--json", action="store_true")
-    common(sp)
+    sp.add_argument("--json", action="store_true", help="the report as JSON")
+    _common(sp)
     sp.set_defaults(fn=cmd_audit)
 
     sp = sub.add_parser("evaluate", help="retrieval recall@k and caption loss of a run's latest checkpoint")
-    sp.add_argument("--run-dir", required=True)
-    sp.add_argument("--data", nargs="+", required=True, metavar="DATA")
+    sp.add_argument("--run-dir", required=True, help="the run whose latest checkpoint is evaluated")
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="preprocessed held-out data")
     sp.add_argument("--output", help="write the results JSON here")
-    sp.add_argument("--batch-size", type=int, default=64)
-    common(sp)
+    sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
+    _common(sp)
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("export", help="consolidate the latest checkpoint into one safetensors file")
-    sp.add_argument("--run-dir", required=True)
-    sp.add_argument("--output", required=True)
+    sp.add_argument("--run-dir", required=True, help="the run to export")
+    sp.add_argument("--output", required=True, help="the safetensors file to write")
     sp.add_argument("--storage-options", metavar="JSON",
                     help="fsspec options for the run's checkpoint storage (default: those it was trained with)")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("plot", help="loss and throughput of a run as a PNG")
-    sp.add_argument("--run-dir", required=True)
+    sp.add_argument("--run-dir", required=True, help="the run to plot")
     sp.add_argument("--output", help="PNG path (default RUN/training.png)")
     sp.set_defaults(fn=cmd_plot)
 
     sp = sub.add_parser("demo", help="the whole flow on a synthetic corpus, on a local Ray")
-    sp.add_argument("--workdir", default="demo_out")
-    sp.add_argument("--samples", type=int, default=640)
+    sp.add_argument("--workdir", default="demo_out", help="where the corpus, data and run go (default demo_out)")
+    sp.add_argument("--samples", type=int, default=640, help="corpus size (default 640)")
     sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
     sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
     sp.set_defaults(fn=cmd_demo)
 
-    def job_address(sp):
-        sp.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
-                                          "else RAY_ADDRESS if it is an http:// URL)")
 
+def _job_address(sp) -> None:
+    sp.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                                      "else RAY_ADDRESS if it is an http:// URL)")
+
+
+def _job_commands(sub) -> None:
     sp = sub.add_parser("submit", help="run a step on a Ray cluster as a job (Ray Jobs API)",
                         description="Run `ray_job.py SUBCOMMAND ARGS` on a cluster: the project folder is uploaded as "
                                     "the job's working dir; the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
                                     "~/.ray/auth_token) is sent. Paths must be absolute on shared storage or URLs.",
                         usage="ray_job.py submit [options] -- SUBCOMMAND ARGS...")
-    job_address(sp)
+    _job_address(sp)
     sp.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
     sp.add_argument("--name", help="a name for the job (its id becomes NAME-xxxxxxxx)")
     sp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable for the job")
@@ -345,35 +358,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--entrypoint-num-cpus", type=float, default=0,
                     help="CPUs reserved for the job's driver (default 0: the driver only orchestrates, and runs "
                          "on the head node)")
-    sp.add_argument("--entrypoint-num-gpus", type=float, default=0)
+    sp.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the job's driver")
     sp.add_argument("--strict", action="store_true", help="refuse relative paths instead of warning")
     sp.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime_env; submit nothing")
-    sp.add_argument("job_args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS")
+    sp.add_argument("job_args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS",
+                    help="the step to run and its arguments")
     sp.set_defaults(fn=cmd_submit)
 
-    sp = sub.add_parser("status", help="a cluster job's status")
-    sp.add_argument("job_id")
-    job_address(sp)
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=cmd_status)
-
-    sp = sub.add_parser("logs", help="a cluster job's logs")
-    sp.add_argument("job_id")
-    job_address(sp)
-    sp.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded")
-    sp.set_defaults(fn=cmd_logs)
-
-    sp = sub.add_parser("stop", help="stop a cluster job and wait until it has stopped")
-    sp.add_argument("job_id")
-    job_address(sp)
-    sp.add_argument("--timeout", type=float, default=60)
-    sp.set_defaults(fn=cmd_stop)
+    for name, about, fn in (("status", "a cluster job's status", cmd_status),
+                            ("logs", "a cluster job's logs", cmd_logs),
+                            ("stop", "stop a cluster job and wait until it has stopped", cmd_stop)):
+        sp = sub.add_parser(name, help=about)
+        sp.add_argument("job_id", help="the id `submit` printed")
+        _job_address(sp)
+        sp.set_defaults(fn=fn)
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="the status as JSON")
+        elif name == "logs":
+            sp.add_argument("--follow", action="store_true",
+                            help="stream until the job ends; exit 0 only if it succeeded")
+        else:
+            sp.add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
 
     sp = sub.add_parser("list", help="the cluster's jobs")
-    job_address(sp)
-    sp.add_argument("--json", action="store_true")
+    _job_address(sp)
+    sp.add_argument("--json", action="store_true", help="the jobs as JSON")
     sp.set_defaults(fn=cmd_list)
-    return p
 
 
 def _hide_credentials_from_process_title() -> None:
@@ -396,20 +406,19 @@ def main(argv: list[str] | None = None) -> int:
         local_mode_env()
     if args.command not in ("submit", "status", "logs", "stop", "list"):
         _hide_credentials_from_process_title()  # imports ray: after local_mode_env
-    from pipelines.retry import StoreError, is_transient
+    from pipelines.retry import is_transient
 
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except StoreError as e:
-        # the store refused access or stayed down. Raised in a Ray task, it arrives as Ray's
-        # RayTaskError, whose text is the worker's traceback: the cause's one line is the message
-        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
-        return 2
-    except (CliError, ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError, PermissionError) as e:
+        # a UserError, or a path the user named that is missing or denied. Raised in a Ray task
+        # or worker, it arrives as Ray's RayTaskError, an instance of its cause whose text is the
+        # remote traceback: the cause's message is the line
+        cause = getattr(e, "cause", None)
+        print(f"error: {cause if isinstance(cause, BaseException) else e}", file=sys.stderr)
         return 2
     except OSError as e:
         if not is_transient(e):

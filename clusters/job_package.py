@@ -12,6 +12,7 @@ import tempfile
 from contextlib import contextmanager
 
 from mmtrain import credentials
+from pipelines.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the job's working dir is an allow-list: these, copied from the project (with the project's
@@ -35,7 +36,7 @@ CREDENTIALS_HINT = ("give the cluster's nodes the credentials instead (AWS_ACCES
                     "non-secret options (endpoint_url, region_name) in --storage-options")
 
 
-class JobCommandError(Exception):
+class JobCommandError(UserError):
     """A one-line, user-facing problem (exit code 2)."""
 
 

@@ -39,6 +39,8 @@ import time
 import urllib.error
 import urllib.request
 
+from pipelines.errors import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_NAME = "cluster.json"
 READY = "Ray runtime started."
@@ -48,7 +50,7 @@ SOCKET_SUFFIX = 62
 SOCKET_MAX = 107
 
 
-class LocalClusterError(Exception):
+class LocalClusterError(UserError):
     """Printed as one line, exit code 2."""
 
 

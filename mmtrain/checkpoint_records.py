@@ -29,6 +29,7 @@ import json
 import os
 from typing import Callable
 
+from pipelines.errors import UserError
 from pipelines.retry import ReadRetriesExhausted, is_transient
 
 from . import storage
@@ -39,7 +40,7 @@ HASH = "sha256"  # OpenSSL's, about 1.2 GB/s per core here (blake2b: 0.9)
 Record = dict[str, tuple[int, str | None]]  # file -> (size, sha256 or None in a size-only record)
 
 
-class CheckpointUnreadable(ValueError):
+class CheckpointUnreadable(UserError):
     """A checkpoint file could not be read for a reason other than its absence (one line,
     exit 2): the store or filesystem failed, so the checkpoint's state is unknown."""
 

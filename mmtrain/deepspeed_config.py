@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 
 def total_steps(cfg: RunConfig, samples_per_epoch: int | None, world_size: int, epochs_per_pass: int = 1) -> int:
@@ -17,7 +17,7 @@ def total_steps(cfg: RunConfig, samples_per_epoch: int | None, world_size: int, 
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     if not samples_per_epoch:
-        raise ValueError("the number of samples per epoch is unknown; pass --max-steps")
+        raise ConfigError("the number of samples per epoch is unknown; pass --max-steps")
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps, epochs = 0, cfg.train.epochs
     while epochs > 0:

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from pipelines.errors import UserError
 from pipelines.shards import expand_shards
 
 from . import storage
@@ -74,7 +75,7 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
                 caption_sum += float(model.caption_loss(batch)) * rows_with_caption
                 caption_rows += rows_with_caption
     if not embs["image"]:
-        raise ValueError(f"no samples to evaluate in {', '.join(data)}")
+        raise UserError(f"no samples to evaluate in {', '.join(data)}")
     embs = {m: torch.cat(v) for m, v in embs.items()}
     present = {m: torch.cat(v).bool() for m, v in present.items()}
     result: dict = {"samples": int(len(embs["image"])), "checkpoint": os.path.basename(checkpoint)}

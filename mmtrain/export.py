@@ -11,12 +11,14 @@ import os
 
 import torch
 
+from pipelines.errors import UserError
+
 from . import storage
 from .checkpoint import DS_TAG, all_records, latest_complete, local_problem, say_incomplete
 from .model import ModelConfig, build_model
 
 
-class CheckpointDamaged(ValueError):
+class CheckpointDamaged(UserError):
     """A checkpoint's files do not match its done records (one line)."""
 
 

@@ -7,6 +7,8 @@ import math
 import os
 import time
 
+from pipelines.errors import UserError
+
 
 class MetricsWriter:
     """Appends one JSON object per logged step; TensorBoard gets the same scalars.
@@ -70,7 +72,7 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
 
     records = read_metrics(run_dir)
     if not records:
-        raise ValueError(f"{run_dir} has no metrics.jsonl yet")
+        raise UserError(f"{run_dir} has no metrics.jsonl yet")
     output = output or os.path.join(run_dir, "training.png")
     steps = [r["step"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))

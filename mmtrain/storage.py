@@ -19,6 +19,7 @@ from typing import Callable
 import fsspec
 from fsspec.utils import get_protocol
 
+from pipelines.errors import UserError
 from pipelines.retry import with_retry_defaults
 
 from .config import ConfigError
@@ -111,7 +112,7 @@ def settled(run_dir: str, checkpoint_storage: str) -> str:
     return saved
 
 
-class UnsafeKey(ValueError):
+class UnsafeKey(UserError):
     """An object whose key would land outside the folder it is copied into (one line, exit 2)."""
 
 

@@ -245,18 +245,16 @@ def _check_cpus_left_for_data(cfg: RunConfig) -> None:
 
 
 def _user_error(error: BaseException) -> BaseException | None:
-    """A worker's store failure (a refused credential, a store that stays down) or unreadable
-    checkpoint, found in Ray Train's report of the failed workers: the CLI shows it as the
-    one-line error it is. Anything else keeps Ray Train's full report (a bug's traceback)."""
-    from pipelines.retry import StoreError
-
-    from .checkpoint_records import CheckpointUnreadable
+    """A worker's UserError (a store failure, an unreadable checkpoint, a bad setting), found
+    in Ray Train's report of the failed workers: the CLI shows it as the one-line error it is.
+    Anything else keeps Ray Train's full report (a bug's traceback)."""
+    from pipelines.errors import UserError
 
     for failure in getattr(error, "worker_failures", {}).values():
         seen, e = 0, failure
         while e is not None and seen < 16:  # Ray Data and Ray wrap a read task's error
-            if isinstance(e, (StoreError, CheckpointUnreadable)):
+            if isinstance(e, UserError):
                 cause = getattr(e, "cause", None)  # Ray's RayTaskError is also an instance of its cause
-                return cause if isinstance(cause, (StoreError, CheckpointUnreadable)) else e
+                return cause if isinstance(cause, UserError) else e
             e, seen = getattr(e, "cause", None) or e.__cause__ or e.__context__, seen + 1
     return None

@@ -7,8 +7,9 @@ training on preprocessed shards apply the very same transforms.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+
+from .settings import Settings, at_least
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "json")
@@ -22,22 +23,30 @@ EXTRA_EXTS = ("cls", "cls2", "class", "label", "id", "index", "count", "url", "u
 
 
 @dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(Settings):
     size: int = 224                 # output is size x size RGB, shorter side resized then center-cropped
     min_size: int = 32              # filter: shorter side of the *original* image below this
     jpeg_quality: int = 95          # quality of the re-encoded JPEG in preprocessed shards
     max_pixels: int = 50_000_000    # error image_too_large: width x height above this, refused from the header
 
+    def checks(self):
+        yield from at_least(self, 1, "size", "max_pixels", "jpeg_quality")
+        yield from at_least(self, 0, "min_size")
+        yield self.jpeg_quality <= 100, f"jpeg_quality must be at most 100, got {self.jpeg_quality}"
+
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(Settings):
     min_chars: int = 3              # filter: caption shorter than this (after normalization)
     max_chars: int = 1000           # filter: caption longer than this (after normalization)
     max_bytes: int = 64 * 1024      # filter caption_too_long: member bytes above this, before any decoding
 
+    def checks(self):
+        yield from at_least(self, 0, "min_chars", "max_chars", "max_bytes")
+
 
 @dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(Settings):
     sample_rate: int = 16_000
     seconds: float = 10.0           # clip length after trim/pad
     max_source_seconds: float = 60.0  # filter: original audio longer than this
@@ -47,6 +56,17 @@ class AudioConfig:
     win_ms: float = 25.0
     hop_ms: float = 10.0
     n_fft: int = 512                # >= window; 512 keeps the FFT a power of two
+
+    def checks(self):
+        # Bounds that leave the transform something to do. A rate or window it cannot use is
+        # the transform's to meet, as a sample error on its own (tests/test_decoder_limits.py
+        # and test_hostile_decode.py build such configs); a DataConfig refuses them up front.
+        yield from at_least(self, 1, "max_channels", "max_source_rate", "n_mels", "n_fft")
+        yield from at_least(self, 0, "seconds", "max_source_seconds", "win_ms")
+
+    def usable(self):
+        yield from at_least(self, 1, "sample_rate")
+        yield self.hop_length >= 1, f"hop_ms {self.hop_ms} is under one sample at {self.sample_rate} Hz"
 
     @property
     def win_length(self) -> int:
@@ -66,7 +86,9 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Settings):
+    LABEL = "data config"
+
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -80,26 +102,8 @@ class DataConfig:
     dedup: bool = True              # drop samples whose raw content was already kept
     extra_exts: tuple[str, ...] = EXTRA_EXTS  # other members copied to the output (an allow-list)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "DataConfig":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown data config key(s): {', '.join(sorted(unknown))}")
-        sub = {"image": ImageConfig, "text": TextConfig, "audio": AudioConfig}
-        kwargs = {}
-        for name, value in d.items():
-            if name in sub:
-                value = dict(value or {})
-                known = {f.name for f in dataclasses.fields(sub[name])}
-                bad = set(value) - known
-                if bad:
-                    raise ValueError(f"unknown data.{name} config key(s): {', '.join(sorted(bad))}")
-                value = sub[name](**value)
-            elif name == "extra_exts":
-                value = tuple(value)
-            kwargs[name] = value
-        return cls(**kwargs)
+    def checks(self):
+        yield from at_least(self, 1, "max_member_bytes", "max_sample_bytes", "max_sample_members",
+                            "max_name_bytes", "max_header_bytes")
+        yield from at_least(self, 0, "max_header_chain")
+        yield from self.audio.usable()

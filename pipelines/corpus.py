@@ -17,6 +17,7 @@ from typing import Callable
 from . import reasons as R
 from .corpus_samples import (DEFECT, GOOD, MAX_SUBJECTS, TRUNC, Member, defect_samples, plan, render, subject,
                              subject_names)
+from .errors import ConfigError
 from .storage import filesystem
 
 _MTIME = 1_700_000_000  # fixed, so that the same seed gives the same tar bytes
@@ -71,9 +72,9 @@ def make_corpus(out: str, samples: int, shards: int = 1, *, seed: int = 0, subje
     `_corpus.json` with the reason code the reader must give it. Returns what `_corpus.json` holds.
     """
     if samples < 0 or shards < 1 or not 1 <= subjects <= MAX_SUBJECTS:
-        raise ValueError(f"need samples >= 0, shards >= 1 and 1 <= subjects <= {MAX_SUBJECTS}")
+        raise ConfigError(f"need samples >= 0, shards >= 1 and 1 <= subjects <= {MAX_SUBJECTS}")
     if defects and samples < 1:
-        raise ValueError("defects=True needs at least one good sample to duplicate")
+        raise ConfigError("defects=True needs at least one good sample to duplicate")
     fs, root = filesystem(out, storage_options)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)

@@ -6,3 +6,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem with what the user asked for or gave us; the message is one line saying what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot work; the message is one line saying what to change. Also a
+    ValueError: callers of the config constructors catch impossible values as one."""

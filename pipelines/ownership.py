@@ -35,6 +35,7 @@ from typing import Callable
 
 from braceexpand import braceexpand
 
+from .errors import UserError
 from .storage import OutputStore, filesystem, is_local, protocol_of
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ HEARTBEAT_SECONDS = 20.0
 _GLOB_CHARS = "*?["
 
 
-class OutputConflict(ValueError):
+class OutputConflict(UserError):
     """The output location holds a different job's output, or someone else's files."""
 
 

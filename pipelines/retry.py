@@ -45,6 +45,8 @@ from typing import Callable
 
 import fsspec
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ DEFAULT_POLICY = RetryPolicy()
 S3_RETRIES = {"mode": "standard", "max_attempts": 5}
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """The store failed (access refused, outage), not the data: the job stops with this one
     line, nothing is recorded against the shard, and a re-run processes it."""
 

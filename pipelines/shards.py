@@ -10,6 +10,7 @@ from typing import Iterable
 
 from braceexpand import braceexpand
 
+from .errors import UserError
 from .retry import NOT_FOUND, store_error_kind, store_failure
 from .storage import canonical_url, filesystem, protocol_of
 
@@ -19,7 +20,7 @@ _GLOB_CHARS = "*?["
 _UNLISTABLE = {"http", "https"}
 
 
-class ShardListError(ValueError):
+class ShardListError(UserError):
     """The inputs name no shard, or name something that does not exist."""
 
 

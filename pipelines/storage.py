@@ -37,6 +37,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import UserError
 from .retry import open_retrying, with_retry_defaults
 
 TMP_MARK = ".tmp-"
@@ -46,6 +47,10 @@ LOCAL_PROTOCOLS = ("file", "local")
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for `url`, with the user's options and our retry defaults."""
+    try:
+        fsspec.get_filesystem_class(fsspec.utils.get_protocol(url))
+    except (ValueError, ImportError) as e:  # an unknown scheme, or its package missing: the user's to fix
+        raise UserError(f"{url}: {e}") from None
     return fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
 
 

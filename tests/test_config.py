@@ -1,5 +1,6 @@
 """Run configs: every bad value is a one-line error before Ray starts."""
 import json
+import re
 import subprocess
 import sys
 
@@ -93,3 +94,82 @@ def test_saved_config_leaves_credentials_out():
     saved = json.loads(cfg.to_json())
     assert saved["storage_options"] == {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
     assert "s3cr3t" not in cfg.to_json() and cfg.storage_options["secret"] == "s3cr3t"  # kept in memory
+
+
+def _train_config(*argv):
+    """The run config `ray_job.py train ARGV` would train with (parsed, not run)."""
+    import ray_job
+
+    args = ray_job.build_parser().parse_args(["train", "--data", "/d", "--run-dir", "/r", *argv])
+    return load_run_config(args.config, **ray_job._train_overrides(args))
+
+
+def test_train_flags_come_from_the_config_fields_and_set_reaches_the_rest():
+    cfg = _train_config("--batch-size", "8", "--workers", "3", "--deterministic", "--precision", "bf16",
+                        "--set", "train.lr=3e-4", "--set", "train.betas=[0.9, 0.95]", "--set", "model.dropout=0.1",
+                        "--set", "data.image.size=160", "--set", "tokenizer=bpe", "--set", "scale.use_gpu=true",
+                        "--set", "train.batch_size=4")  # the flag wins over --set
+    assert (cfg.train.batch_size, cfg.scale.workers, cfg.train.deterministic) == (8, 3, True)
+    assert cfg.train.precision == "bf16"
+    assert cfg.train.lr == 3e-4 and cfg.train.betas == (0.9, 0.95) and cfg.model.dropout == 0.1
+    assert cfg.data.image.size == 160 and cfg.data.image.min_size == 32 and cfg.tokenizer == "bpe" and cfg.scale.use_gpu
+    assert _train_config() == load_run_config(None, data_paths=["/d"], run_dir="/r")  # no flag: the config decides
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--set", "train.bogus=1"], "unknown config key(s): train.bogus"),
+    (["--set", "model.depth=3"], "unknown model config key(s): depth"),
+    (["--set", "train.batch_size=eight"], "train.batch_size must be an integer, got 'eight'"),
+    (["--set", "train.betas=[0.9]"], "train.betas must be a list of 2"),
+    (["--set", "data.image.size=0"], "size must be at least 1, got 0"),
+    (["--set", "tokenizer=words"], "tokenizer must be one of byte, bpe, got 'words'"),
+    (["--set", "train.lr"], "--set train.lr: expected SECTION.KEY=VALUE"),
+    (["--set", "train=1", "--batch-size", "2"], "train.batch_size: train is given both a value and settings"),
+])
+def test_set_refuses_what_a_config_file_refuses(argv, words):
+    with pytest.raises(ConfigError) as e:
+        _train_config(*argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_flag_has_help_text():
+    import argparse
+
+    import ray_job
+
+    commands = next(a for a in ray_job.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in commands.choices.items():
+        for action in sp._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_every_config_section_checks_itself():
+    from pipelines.config import AudioConfig, DataConfig, ImageConfig
+    from mmtrain.config import ScaleConfig, TrainConfig
+    from mmtrain.model import ModelConfig
+
+    for make, words in [(lambda: ImageConfig(jpeg_quality=101), "jpeg_quality must be at most 100"),
+                        (lambda: DataConfig(audio=AudioConfig(sample_rate=0)), "sample_rate must be at least 1"),
+                        (lambda: DataConfig(max_sample_members=0), "max_sample_members must be at least 1"),
+                        (lambda: TrainConfig(grad_accum=0), "grad_accum must be at least 1"),
+                        (lambda: ScaleConfig(cpus_per_worker=-1), "cpus_per_worker must be at least 0"),
+                        (lambda: ModelConfig(mel_norm="log"), "mel_norm must be one of none, whisper"),
+                        (lambda: DataConfig.from_dict({"image": {"x": 1}}), "unknown data config key(s): image.x"),
+                        (lambda: DataConfig.from_dict({"extra_exts": "txt"}), "extra_exts must be a list")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            make()
+    assert DataConfig.from_dict(DataConfig().to_dict()) == DataConfig()  # lists come back as tuples
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path):
+    # a ValueError from a library (json, on a damaged metrics file) is not the user's: exit 1, traceback
+    (tmp_path / "metrics.jsonl").write_text("{not json\n")
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "plot", "--run-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "JSONDecodeError" in r.stderr, r.stderr
+    # a UserError: exit 2, one line
+    (tmp_path / "metrics.jsonl").unlink()
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "plot", "--run-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path} has no metrics.jsonl yet\n", r.stderr

@@ -10,8 +10,10 @@ between stages, and one number to scale.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+from pipelines.errors import ConfigError
+from pipelines.settings import Settings, at_least, setting
 
 PAD_ID = 0  # the batch contract pads text with 0 (ByteTokenizer and BPETokenizer agree)
 MEL_NORMS = ("none", "whisper")
@@ -19,7 +21,9 @@ IMAGE_POOLS = ("mean", "cls")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Settings):
+    LABEL = "model config"
+
     name: str = "multimodal"        # registry key used by build_model
     # --- size (defaults are the "tiny" preset) ---
     width: int = 128                # model dimension of every transformer
@@ -40,8 +44,10 @@ class ModelConfig:
     audio_stride: int = 16          # time stride of the conv stem: frames per audio token
     vocab_size: int = 259           # ByteTokenizer; set from the tokenizer when using BPE
     max_text_len: int = 64          # longest token sequence (BOS ... EOS) accepted
-    mel_norm: str = "whisper"       # "none" | "whisper": per-clip max-8 floor, then (x + 4) / 4
-    image_pool: str = "mean"        # "mean" (of the patch tokens) | "cls": image state for the contrastive embedding
+    mel_norm: str = setting("whisper", choices=MEL_NORMS,
+                            help="none | whisper: per-clip max-8 floor, then (x + 4) / 4")
+    image_pool: str = setting("mean", choices=IMAGE_POOLS,
+                              help="mean (of the patch tokens) | cls: image state for the contrastive embedding")
     # --- training ---
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
@@ -49,26 +55,19 @@ class ModelConfig:
     caption_weight: float = 1.0
     contrastive_weight: float = 1.0
 
-    def __post_init__(self) -> None:
-        # Fail at construction, with one line, rather than deep inside a forward pass.
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.patch_split < 1 or self.patch_size % self.patch_split:
-            raise ValueError(f"patch_split must be >= 1 and divide patch_size {self.patch_size}, got {self.patch_split}")
-        if self.audio_stride < 1:
-            raise ValueError(f"audio_stride must be >= 1, got {self.audio_stride}")
-        for f in ("image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
-        if self.max_text_len < 2:
-            raise ValueError(f"max_text_len must hold at least BOS and EOS, got {self.max_text_len}")
-        for f, choices in (("mel_norm", MEL_NORMS), ("image_pool", IMAGE_POOLS)):
-            if getattr(self, f) not in choices:
-                raise ValueError(f"{f} must be one of {', '.join(choices)}, got {getattr(self, f)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    def checks(self):
+        # fail at construction, with one line, rather than deep inside a forward pass
+        yield from at_least(self, 1, "width", "heads", "embed_dim", "patch_size", "patch_split", "image_size",
+                            "n_mels", "max_audio_frames", "audio_stride", "vocab_size")
+        yield from at_least(self, 0, "image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth",
+                            "mlp_ratio", "dropout")
+        yield self.max_text_len >= 2, f"max_text_len must hold at least BOS and EOS, got {self.max_text_len}"
+        yield self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"
+        yield (self.image_size % self.patch_size == 0,
+               f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        yield (self.patch_size % self.patch_split == 0,
+               f"patch_split must divide patch_size {self.patch_size}, got {self.patch_split}")
+        yield self.dropout < 1.0, f"dropout must be below 1, got {self.dropout}"
 
     @property
     def max_image_tokens(self) -> int:
@@ -78,29 +77,20 @@ class ModelConfig:
     def max_audio_tokens(self) -> int:
         return -(-self.max_audio_frames // self.audio_stride)  # the stem pads time up to a multiple of the stride
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ModelConfig":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, /, **overrides) -> "ModelConfig":  # /: a "name" override is the model's
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name].to_dict(), **overrides})
 
 
 # Sizes. Parameter counts are those of the default vocab (259); see tests/test_model.py and
 # `count_parameters`. Block params are ~12*width^2, so depth x width^2 sets the size.
 # The larger presets keep the original image/audio front ends (one linear 16 px patch embedding,
-# CLS pooling, raw log-mel): the tiny settings below were measured on tiny only.
-_ORIGINAL_FRONT_END = {"patch_split": 1, "image_pool": "cls", "mel_norm": "none"}
+# CLS pooling, raw log-mel): the tiny settings above were measured on tiny only.
+_ORIGINAL_FRONT_END = {"patch_split": 1, "image_pool": "cls", "mel_norm": "none", "patch_size": 16}
+_SIZE_FIELDS = ("width", "heads", "image_depth", "text_depth", "audio_depth", "fusion_depth", "decoder_depth",
+                "embed_dim", "audio_stride")
 
 PRESETS: dict[str, ModelConfig] = {
     # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 6 blocks in all, so
@@ -110,28 +100,11 @@ PRESETS: dict[str, ModelConfig] = {
     # Whisper's log-mel scaling take held-out 16-way image->text recall@1 from 0.125 (12 epochs) or
     # 0.25 (30 epochs) to 0.88-1.0 over 3 seeds in 20 epochs at lr 1e-3.
     "tiny": ModelConfig(),
-    # ~40M: a quick single-GPU run.
-    "small": ModelConfig(
-        width=384, heads=6, image_depth=6, text_depth=4, audio_depth=4, fusion_depth=2,
-        decoder_depth=4, embed_dim=256, patch_size=16, audio_stride=8,
-        **_ORIGINAL_FRONT_END,
-    ),
-    # ~184M: ViT-B width for the GPU MFU benchmark (197 image tokens, 251 audio tokens for 10 s).
-    "base": ModelConfig(
-        width=768, heads=12, image_depth=8, text_depth=4, audio_depth=6, fusion_depth=2,
-        decoder_depth=4, embed_dim=512, patch_size=16, audio_stride=4,
-        **_ORIGINAL_FRONT_END,
-    ),
-    # ~1.06B: multi-GPU with ZeRO-2/3.
-    "large": ModelConfig(
-        width=1536, heads=24, image_depth=12, text_depth=6, audio_depth=8, fusion_depth=3,
-        decoder_depth=6, embed_dim=768, patch_size=16, audio_stride=4,
-        **_ORIGINAL_FRONT_END,
-    ),
-    # ~3.1B: Adam states alone (~37 GB in fp32) crowd one GPU; meant for ZeRO-3.
-    "xl": ModelConfig(
-        width=2560, heads=32, image_depth=14, text_depth=6, audio_depth=8, fusion_depth=4,
-        decoder_depth=5, embed_dim=1024, patch_size=16, audio_stride=4,
-        **_ORIGINAL_FRONT_END,
-    ),
+    **{name: ModelConfig(**dict(zip(_SIZE_FIELDS, size)), **_ORIGINAL_FRONT_END) for name, size in {
+        #         width heads image text audio fusion decoder embed audio_stride
+        "small": (384, 6, 6, 4, 4, 2, 4, 256, 8),          # ~40M: a quick single-GPU run
+        "base": (768, 12, 8, 4, 6, 2, 4, 512, 4),          # ~184M: ViT-B width for the GPU MFU benchmark
+        "large": (1536, 24, 12, 6, 8, 3, 6, 768, 4),       # ~1.06B: multi-GPU with ZeRO-2/3
+        "xl": (2560, 32, 14, 6, 8, 4, 5, 1024, 4),         # ~3.1B: Adam states alone (~37 GB fp32) need ZeRO-3
+    }.items()},
 }

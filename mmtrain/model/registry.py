@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 
 import torch.nn as nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 Factory = Callable[[ModelConfig], nn.Module]
 F = TypeVar("F", bound=Factory)
@@ -45,5 +45,5 @@ def available_models() -> list[str]:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name not in _REGISTRY:
-        raise ValueError(f"unknown model {cfg.name!r}; registered: {', '.join(available_models())}")
+        raise ConfigError(f"unknown model {cfg.name!r}; registered: {', '.join(available_models())}")
     return _REGISTRY[cfg.name](cfg)
