@@ -8,9 +8,9 @@ import pytest
 import ray
 
 from mmtrain.audit import manifest_ids
-from mmtrain.trainer import shard_counts
 from pipelines.config import DataConfig
 from pipelines.corpus import make_corpus
+from pipelines.dataset import shard_counts
 from pipelines.ingest import EpochShuffledDatasource, build_dataset, epoch_clock, epochs_per_pass
 from pipelines.preprocess import preprocess
 from pipelines.shards import expand_shards
