@@ -202,12 +202,9 @@ def process_shard(
                                           kind=reasons.DUPLICATE)
                     members = encode_members(sample, cfg)
                     row = {**manifest_fields(sample), "output_shard": shard_name}
-                except SampleError as e:
-                    quarantine.append(quarantine_row(raw, e))
-                    counts[f"{e.kind}:{e.reason}"] += 1
-                    continue
-                except Exception as e:  # a bug met on this sample (MemoryError too): never the job's end
-                    err = internal_error(e, raw, source, logged)
+                except Exception as e:  # other than a SampleError, a bug met on this sample (MemoryError
+                    # too): quarantined as such, never the job's end
+                    err = e if isinstance(e, SampleError) else internal_error(e, raw, source, logged)
                     quarantine.append(quarantine_row(raw, err))
                     counts[f"{err.kind}:{err.reason}"] += 1
                     continue
