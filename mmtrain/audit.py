@@ -18,7 +18,7 @@ import json
 import os
 from collections import Counter
 
-Id = tuple[str, str]
+Id = tuple[str, str]  # (shard URL, key), as `pipelines.dataset.Id`
 
 
 def read_audit(run_dir: str) -> list[dict]:
@@ -76,14 +76,9 @@ def check(run_dir: str, expected: set[Id] | None = None) -> dict:
 def manifest_ids(data_dirs: list[str], storage_options: dict | None = None) -> set[Id]:
     """Every sample id of preprocessed folders, from their manifests (ids as the ingest names
     them: the output shard's URL and the key)."""
-    import fsspec
-    from pipelines.retry import read_parquet_retrying, with_retry_defaults
-    from pipelines.storage import canonical_url
+    from pipelines.dataset import PreprocessedDataset
 
     ids: set[Id] = set()
     for folder in data_dirs:
-        fs, path = fsspec.core.url_to_fs(folder.rstrip("/"), **with_retry_defaults(folder, storage_options))
-        table = read_parquet_retrying(fs, f"{path}/_manifest.parquet", columns=["output_shard", "key"])
-        base = canonical_url(fs, path)
-        ids.update((f"{base}/{s}", k) for s, k in zip(table["output_shard"].to_pylist(), table["key"].to_pylist()))
+        ids |= PreprocessedDataset(folder, storage_options).ids()
     return ids

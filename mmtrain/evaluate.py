@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from pipelines.dataset import check_preprocessed
 from pipelines.errors import UserError
 from pipelines.shards import expand_shards
 
@@ -41,7 +42,6 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
     from pipelines.runtime import init_ray
 
     from .config import RunConfig
-    from .trainer import check_preprocessed
 
     root, checkpoint_options = storage.run_checkpoints(run_dir, storage_options)
     checkpoint, run, weights = load_latest(root, checkpoint_options, checkpoint)
@@ -54,17 +54,34 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
     tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer"))
 
     shards = expand_shards(list(data), storage_options)
-    preprocessed = check_preprocessed(shards, cfg)
+    preprocessed = check_preprocessed(shards, cfg.data, storage_options)
     init_ray()
     ds = build_dataset(shards, cfg.data, seed=cfg.seed, preprocessed=preprocessed, storage_options=storage_options)
     collate = Collate(tokenizer, batch_size, cfg.model.max_text_len, cfg.data.image.size, cfg.data.audio.n_mels,
                       cfg.data.audio.num_frames)
+    embs, present, caption_loss = _embed(model, (collate(rows) for rows in ds.iter_batches(
+        batch_size=batch_size, batch_format="numpy")))
+    if embs is None:
+        raise UserError(f"no samples to evaluate in {', '.join(data)}")
+    result: dict = {"samples": int(len(embs["image"])), "checkpoint": os.path.basename(checkpoint),
+                    **_recalls(embs, present)}
+    if caption_loss is not None:
+        result["caption_loss"] = round(caption_loss, 4)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True)
+    return result
+
+
+def _embed(model, batches) -> tuple[dict | None, dict | None, float | None]:
+    """Every sample's embedding and presence per modality, and the mean caption loss over the
+    rows that have a caption and something to caption; (None, None, None) without samples."""
     embs = {m: [] for m in MODALITIES}
     present = {m: [] for m in MODALITIES}
     caption_sum, caption_rows = 0.0, 0
     with torch.no_grad():
-        for rows in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            batch = collate(rows)
+        for batch in batches:
             n = len(batch.pop("ids"))
             enc = model.encode(batch)
             for m in MODALITIES:
@@ -75,10 +92,14 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
                 caption_sum += float(model.caption_loss(batch)) * rows_with_caption
                 caption_rows += rows_with_caption
     if not embs["image"]:
-        raise UserError(f"no samples to evaluate in {', '.join(data)}")
-    embs = {m: torch.cat(v) for m, v in embs.items()}
-    present = {m: torch.cat(v).bool() for m, v in present.items()}
-    result: dict = {"samples": int(len(embs["image"])), "checkpoint": os.path.basename(checkpoint)}
+        return None, None, None
+    return ({m: torch.cat(v) for m, v in embs.items()}, {m: torch.cat(v).bool() for m, v in present.items()},
+            caption_sum / caption_rows if caption_rows else None)
+
+
+def _recalls(embs: dict, present: dict) -> dict:
+    """recall@k and the candidate count of every direction with both modalities in 2+ samples."""
+    result = {}
     for q in MODALITIES:
         for t in MODALITIES:
             both = present[q] & present[t]
@@ -87,10 +108,4 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
             for k, r in recall_at_k(embs[q][both], embs[t][both]).items():
                 result[f"{q}_to_{t}/recall@{k}"] = round(r, 4)
             result[f"{q}_to_{t}/candidates"] = int(both.sum())
-    if caption_rows:
-        result["caption_loss"] = round(caption_sum / caption_rows, 4)
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
     return result

@@ -9,10 +9,9 @@ import math
 import os
 import time
 
-import fsspec
 from ray.train import DataConfig
 
-from pipelines.retry import open_retrying, read_parquet_retrying, with_retry_defaults
+from pipelines.dataset import check_preprocessed, shard_counts
 from pipelines.shards import expand_shards
 
 from . import storage
@@ -23,58 +22,16 @@ from .run_lock import RunLock
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
 
-def shard_counts(shards: list[str], storage_options: dict | None) -> dict[str, int] | None:
-    """Samples per shard from the preprocess manifests next to the shards, if every shard has
-    one (raw shards have none: their size is only known by reading them)."""
-    counts: dict[str, int] = {}
-    folders = sorted({s.rsplit("/", 1)[0] for s in shards})
-    for folder in folders:
-        fs, path = fsspec.core.url_to_fs(folder, **with_retry_defaults(folder, storage_options))
-        manifest = f"{path}/_manifest.parquet"
-        if not fs.exists(manifest):
-            return None
-        table = read_parquet_retrying(fs, manifest, columns=["output_shard"])
-        for row in table.group_by("output_shard").aggregate([("output_shard", "count")]).to_pylist():
-            counts[f"{folder}/{row['output_shard']}"] = row["output_shard_count"]
-    return {s: counts.get(s, 0) for s in shards}
-
-
-def check_preprocessed(shards: list[str], cfg: RunConfig) -> bool:
-    """True if the shards are our preprocess output (all of them), False if raw (all of them).
-    Preprocessed shards carry their transform settings; they must match the run's."""
-    kinds = set()
-    for folder in sorted({s.rsplit("/", 1)[0] for s in shards}):
-        fs, path = fsspec.core.url_to_fs(folder, **with_retry_defaults(folder, cfg.storage_options))
-        has_stats = fs.exists(f"{path}/_stats.json")
-        kinds.add(has_stats)
-        if not has_stats:
-            continue
-        with open_retrying(fs, f"{path}/_stats.json") as f:
-            data = json.load(f).get("data", {})
-        theirs, ours = data.get("image", {}).get("size"), cfg.data.image.size
-        if theirs is not None and theirs != ours:
-            raise ConfigError(f"{folder} was preprocessed at image size {theirs}, the run uses {ours}; "
-                              f"set data.image.size to {theirs} or preprocess again")
-        audio = {k: data.get("audio", {}).get(k) for k in ("sample_rate", "seconds", "n_mels", "hop_ms", "win_ms")}
-        mine = {k: getattr(cfg.data.audio, k) for k in audio}
-        if any(v is not None and v != mine[k] for k, v in audio.items()):
-            raise ConfigError(f"{folder} was preprocessed with audio settings {audio}, the run uses {mine}")
-    if len(kinds) > 1:
-        raise ConfigError("--data mixes preprocessed output and raw shards; train on one kind at a time")
-    return kinds == {True}
-
-
-def prepare_tokenizer(cfg: RunConfig, shards: list[str]):
+def prepare_tokenizer(cfg: RunConfig, shards: list[str], preprocessed: bool):
     directory = os.path.join(cfg.run_dir, "tokenizer")
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
         return load_tokenizer(directory)
     texts = None
     if cfg.tokenizer == "bpe":
-        from pipelines.source import iter_tar_samples
+        from pipelines.ingest import captions
 
-        texts = [raw.members["txt"].decode("utf-8", "replace")
-                 for s in shards[:64] for raw in iter_tar_samples(s, storage_options=cfg.storage_options)
-                 if raw.error is None and "txt" in raw.members]
+        # BPE learns from the captions as training reads them, those of the first 64 shards
+        texts = captions(shards[:64], cfg.data, preprocessed=preprocessed, storage_options=cfg.storage_options)
     tok = build_tokenizer(cfg.tokenizer, texts=texts, vocab_size=cfg.bpe_vocab_size)
     save_tokenizer(tok, directory)
     return tok
@@ -120,8 +77,8 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     checkpoints = storage.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
     storage.check_writable(checkpoints, cfg.storage_options)
     shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
-    preprocessed = check_preprocessed(shards, cfg)
-    tokenizer = prepare_tokenizer(cfg, shards)
+    preprocessed = check_preprocessed(shards, cfg.data, cfg.storage_options)
+    tokenizer = prepare_tokenizer(cfg, shards, preprocessed)
     cfg = cfg.replace(model={"vocab_size": tokenizer.vocab_size,
                              "gradient_checkpointing": cfg.train.activation_checkpointing})
     counts = shard_counts(shards, cfg.storage_options)

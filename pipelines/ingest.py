@@ -9,34 +9,40 @@ serve, and orders each epoch's shards by a permutation seeded by (seed, epoch). 
 loop (rank 0) sets the clock before each pass; so the order is a pure function of the
 config, and a restarted run that restores epoch e reads epoch e's order again.
 
-A pass is several epochs in one Ray Data execution. Starting an execution costs ~1 s before
-its first batch (planning, task launch, the split coordinator), whatever the epoch's length;
-one execution per epoch made small-corpus runs wait for data ~14% of the time. Within a pass
+A pass is several epochs in one Ray Data execution. Starting an execution costs about a
+second before its first batch (planning, task launch, the split coordinator), whatever the
+epoch's length, which on a small corpus would be a good part of each epoch. Within a pass
 epoch e+1's shards are read while epoch e is still being trained on, so an epoch boundary
 costs nothing. Every row carries its epoch, and the data position is kept per epoch.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from . import modalities as M
-from .config import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, DataConfig
-from .reasons import SampleError
+from .config import DataConfig
+from .dataset import SAMPLE_MEMBERS
 from .datasource import WebDatasetDatasource
+from .reasons import NO_USABLE_MODALITY, SampleError
+from .source import RAW_MODALITIES, iter_tar_samples, split_modalities
 from .tarheaders import ReadLimits
+from .transform import Processed, transform_modalities
 
 log = logging.getLogger(__name__)
 
-# a preprocessed sample is jpg + txt + mel.npy + json (our metadata, never a caption); a raw
-# one has image/text/audio in any of the accepted formats
-PREPROCESSED_MODALITIES = {"image": ("jpg",), "text": ("txt",), "mel": ("mel.npy",), "audio": (), "meta": ("json",)}
-RAW_MODALITIES = {"image": IMAGE_EXTS, "text": TEXT_EXTS, "mel": (), "audio": AUDIO_EXTS, "meta": ()}
+# The columns of a training row, the same for both kinds of shard so that one decoder reads
+# them: a preprocessed sample has its stored members (`dataset.SAMPLE_MEMBERS`: the log-mel
+# instead of audio, and our metadata), a raw one image, text and audio in any accepted format.
+COLUMNS = ("image", "text", "mel", "audio", "meta")
+PREPROCESSED_COLUMNS = {c: (SAMPLE_MEMBERS[c],) if c in SAMPLE_MEMBERS else () for c in COLUMNS}
+RAW_COLUMNS = {c: RAW_MODALITIES.get(c, ()) for c in COLUMNS}
 
 
 # a pass spans as many epochs as fit in this many samples: on a small corpus the epoch
@@ -91,7 +97,7 @@ class EpochShuffledDatasource(WebDatasetDatasource):
 
     def __init__(self, shards: list[str], *, seed: int, preprocessed: bool, clock_name: str | None = None,
                  shard_counts: dict[str, int] | None = None, rank: int = 0, world: int = 1, **kwargs):
-        modalities = PREPROCESSED_MODALITIES if preprocessed else RAW_MODALITIES
+        modalities = PREPROCESSED_COLUMNS if preprocessed else RAW_COLUMNS
         super().__init__(shards, modalities=modalities, include_errors=False, **kwargs)
         self.seed, self.clock_name, self.shard_counts = seed, clock_name, shard_counts or {}
         self.rank, self.world = rank, world  # world > 1: serve only this rank's shards
@@ -206,34 +212,43 @@ def _log_internal_error(e: Exception, row: dict) -> None:
 
 
 def _decode_row(row: dict, cfg: DataConfig):
-    """The same decoders as preprocessing; a preprocessed crop is already at size, so the
-    resize is a no-op, and its stored log-mel replaces the audio transform."""
-    image = text = mel = None
-    frames = 0
-    if row["image"] is not None:
-        image, _ = M.decode_image(row["image"], row["image_ext"], cfg.image)
-    if row["text"] is not None:
-        text = M.decode_text(row["text"], row["text_ext"], cfg.text)
+    """The transform of preprocessing (`transform_modalities`) on the row's members: a raw
+    row's audio becomes its log-mel here; a preprocessed crop is already at size (the resize
+    is a no-op) and its stored log-mel is read as it is."""
+    chosen = {m: (row[f"{m}_ext"], row[m]) for m in ("image", "text", "audio") if row[m] is not None}
+    p = transform_modalities(Processed(row["key"], row["source"], row.get("position") or 0), chosen, cfg)
     if row["mel"] is not None:
-        mel = np.load(io.BytesIO(row["mel"]), allow_pickle=False)
-        if mel.shape[0] != cfg.audio.n_mels:
-            raise SampleError("mel_shape_mismatch", f"{mel.shape[0]} mel bins, config says {cfg.audio.n_mels}")
-        frames = _valid_frames(row, mel)
-    elif row["audio"] is not None:
-        wave, _ = M.decode_audio(row["audio"], row["audio_ext"], cfg.audio)
-        wave, valid = M.fit_length(wave, cfg.audio)
-        mel, frames = M.log_mel(wave, cfg.audio), M.mel_frames_for(valid, cfg.audio)
-    if image is None and text is None and mel is None:
-        raise SampleError("no_usable_modality", "nothing to train on")
-    return image, text, mel, frames
+        p.mel = np.load(io.BytesIO(row["mel"]), allow_pickle=False)
+        if p.mel.shape[0] != cfg.audio.n_mels:
+            raise SampleError("mel_shape_mismatch", f"{p.mel.shape[0]} mel bins, config says {cfg.audio.n_mels}")
+        p.mel_frames = _valid_frames(row, p.mel)
+    if not p.modalities:
+        raise SampleError(NO_USABLE_MODALITY, "nothing to train on")
+    return p.image, p.text, p.mel, p.mel_frames
 
 
 def _valid_frames(row: dict, mel: np.ndarray) -> int:
     if row["meta"] is not None:
-        import json
-
         return int(json.loads(row["meta"]).get("mel_frames", mel.shape[1]))
     return mel.shape[1]
+
+
+def captions(shards: list[str], cfg: DataConfig, *, preprocessed: bool,
+             storage_options: dict | None = None) -> Iterator[str]:
+    """The captions of `shards` as training reads them: the text column's member (a raw
+    sample's `.txt` or `.json` caption/text, a preprocessed sample's stored text) through the
+    transform's text decoding. A caption that the transform drops is left out."""
+    text_exts = {"text": (PREPROCESSED_COLUMNS if preprocessed else RAW_COLUMNS)["text"]}
+    limits = ReadLimits.from_config(cfg)
+    for shard in shards:
+        for raw in iter_tar_samples(shard, storage_options=storage_options, limits=limits):
+            chosen, _ = split_modalities(raw.members, text_exts)
+            if raw.error is not None or "text" not in chosen:
+                continue
+            try:
+                yield transform_modalities(Processed(raw.key, raw.source, raw.position), chosen, cfg).text
+            except SampleError:
+                continue
 
 
 def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed: bool,

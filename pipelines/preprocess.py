@@ -21,13 +21,13 @@ shard-to-shard job commits a whole output shard atomically and resumes at shard
 granularity without any coordination, and decoded arrays never cross the object store.
 Ray Data's writers name and cut files by block, which can't give either property.
 
-Why plain Ray tasks rather than a Ray Data `map` over shard names (what this used to be):
-the same tasks with the same retry and placement settings, minus Ray Data's fixed costs.
-Its executor notices a finished task on a 0.1 s poll, so a CPU idles between shards, and
-the first run on a fresh Ray starts two more actor processes (stats, autoscaling
-coordinator) that compete with the shard tasks for the CPUs. Measured on 2 CPUs, 1600
-samples in 16 shards, first call after `init_ray` (see benchmarks/README.md): 16.6 -> 13.1
-CPU-seconds in all processes (the work itself is ~10) and ~230 MB less memory.
+Why plain Ray tasks rather than a Ray Data `map` over shard names: the same tasks with the
+same retry and placement settings, minus Ray Data's fixed costs. Its executor notices a
+finished task on a 0.1 s poll, so a CPU idles between shards, and the first run on a fresh
+Ray starts two more actor processes (stats, autoscaling coordinator) that compete with the
+shard tasks for the CPUs and memory (benchmarks/README.md has the numbers).
+
+The names of the output's files and members, and its settings record, are `dataset.py`'s.
 """
 from __future__ import annotations
 
@@ -45,9 +45,11 @@ import pyarrow.compute as pc
 
 from . import reasons
 from .config import DataConfig
+from .dataset import (FORMAT_VERSION, JOB_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, PARTS_DIR, QUARANTINE_FILE,
+                      QUARANTINE_SCHEMA, STATS_FILE, part_names, settings_record, write_output)
 from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, check_ours
 from .retry import StoreError, store_error_kind, store_failure
-from .shard_job import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names, process_shard, rewrite_without, rows_to_table
+from .shard_job import process_shard, rewrite_without, rows_to_table
 from .shards import expand_shards
 from .storage import OutputStore
 from .transform import DROPPED
@@ -56,9 +58,6 @@ __all__ = ["OutputBusy", "OutputConflict", "StoreError", "preprocess", "format_s
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-JOB_FILE, STATS_FILE = "_job.json", "_stats.json"
-MANIFEST_FILE, QUARANTINE_FILE = "_manifest.parquet", "_quarantine.parquet"
 # a shard task whose worker process dies (OOM kill, a native crash) is run again this many
 # times, then its shard is quarantined whole as `shard_crashed` and the job goes on
 SHARD_RETRIES = 3
@@ -120,7 +119,7 @@ def preprocess(
         store.remove_temporaries()  # of this job's earlier runs: the lock says none is running
         if _finished(store, fp):  # another run finished it while this one waited for the lock
             return _nothing_to_do(store, len(tasks))
-        done = {n for n in store.list("_parts") if n.endswith(".done.json")}
+        done = {n for n in store.list(PARTS_DIR) if n.endswith(".done.json")}
         pending = [t for t in tasks if part_names(t.name)["done"] not in done]
         if pending:
             init_ray()
@@ -163,8 +162,8 @@ def _claim_output(store: OutputStore, fp: str, inputs: list[str], shards: list[s
         _check_same_job(store, fp)
         return
     store.write_json(JOB_FILE, {
-        "fingerprint": fp, "format": FORMAT_VERSION, "inputs": list(inputs),
-        "shards": [{"source": t.source, "output": t.name} for t in plan(shards)], "data": cfg.to_dict(),
+        **settings_record(cfg, fp), "inputs": list(inputs),
+        "shards": [{"source": t.source, "output": t.name} for t in plan(shards)],
     })
 
 
@@ -292,8 +291,6 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
         manifest, dupes = _drop_cross_shard_duplicates(store, manifest)
         quarantine = pa.concat_tables([quarantine, dupes])
     manifest = manifest.drop_columns(["_order"])
-    store.write_parquet(MANIFEST_FILE, manifest)
-    store.write_parquet(QUARANTINE_FILE, quarantine)
 
     counts: Counter = Counter()
     for s in per_shard:
@@ -303,8 +300,7 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
     for kind, reason in zip(quarantine["kind"].to_pylist(), quarantine["reason"].to_pylist()):
         reasons_by_kind[kind][reason] += 1
     stats = {
-        "fingerprint": fp,
-        "format": FORMAT_VERSION,
+        **settings_record(cfg, fp),
         "shards": len(tasks),
         "read": counts["read"],
         "written": manifest.num_rows,
@@ -317,9 +313,8 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
         # extras of written samples left out of the output (not in data.extra_exts), by extension
         "dropped_members": {k[len(DROPPED):]: n for k, n in sorted(counts.items()) if k.startswith(DROPPED)},
         "crashed_shards": sum(1 for s in per_shard if s.get("crashed")),
-        "data": cfg.to_dict(),
     }
-    store.write_json(STATS_FILE, stats)
+    write_output(store, manifest, quarantine, stats)
     return stats
 
 
@@ -372,5 +367,5 @@ def format_summary(stats: dict, output: str) -> str:
     if secs:
         lines.append(f"  time        {secs:.1f} s ({stats['read'] / secs:.1f} samples/s)" if run.get(
             "processed_shards") else f"  time        {secs:.1f} s")
-    lines.append("  files       _manifest.parquet, _quarantine.parquet, _stats.json")
+    lines.append(f"  files       {MANIFEST_FILE}, {QUARANTINE_FILE}, {STATS_FILE}")
     return "\n".join(lines)

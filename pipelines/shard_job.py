@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from . import reasons
 from .config import DataConfig
+from .dataset import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names
 from .reasons import SampleError
 from .source import RawSample, base_plus_ext, iter_tar_samples
 from .storage import OutputStore
@@ -27,19 +28,6 @@ from .tarheaders import ReadLimits
 from .transform import count_dropped_members, encode_members, manifest_fields, transform_sample
 
 log = logging.getLogger(__name__)
-
-MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("position", pa.int64()),
-    ("output_shard", pa.string()), ("modalities", pa.string()),
-    ("image_width", pa.int32()), ("image_height", pa.int32()),
-    ("audio_seconds", pa.float32()), ("text_chars", pa.int32()), ("content_hash", pa.string()),
-])
-QUARANTINE_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("position", pa.int64()),
-    ("reason", pa.string()), ("kind", pa.string()), ("detail", pa.string()),
-    ("members", pa.list_(pa.string())),
-])
-
 
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """`pa.Table.from_pylist(rows, schema=schema)`, the same table, built without `pa.array`.
@@ -122,15 +110,6 @@ def _buffers_array(values: list, typ: pa.DataType) -> pa.Array | None:
     return None
 
 
-def part_names(shard_name: str) -> dict[str, str]:
-    stem = shard_name[: -len(".tar")]
-    return {
-        "manifest": f"_parts/{stem}.manifest.parquet",
-        "quarantine": f"_parts/{stem}.quarantine.parquet",
-        "done": f"_parts/{stem}.done.json",
-    }
-
-
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-f]+>")
 
 
@@ -186,8 +165,8 @@ class _CountingWriter(io.RawIOBase):
 # member is ~160 KB). The output shard is written with tarfile's plain "w" mode, not the
 # stream mode "w|": both write the very same bytes (headers, data, padding, end blocks,
 # record padding), but "w|" pushes everything through a 10 KiB record buffer that it
-# re-slices after every record (a copy of the rest of a member each time), measured ~25%
-# of the tar writing's CPU. "w" only needs `tell()` of the (fresh, empty) output file.
+# re-slices after every record (a copy of the rest of a member each time), a good part of
+# the tar writing's CPU. "w" only needs `tell()` of the (fresh, empty) output file.
 _COPY_BUFSIZE = 4 * 1024 * 1024
 
 
@@ -223,12 +202,9 @@ def process_shard(
                                           kind=reasons.DUPLICATE)
                     members = encode_members(sample, cfg)
                     row = {**manifest_fields(sample), "output_shard": shard_name}
-                except SampleError as e:
-                    quarantine.append(quarantine_row(raw, e))
-                    counts[f"{e.kind}:{e.reason}"] += 1
-                    continue
-                except Exception as e:  # a bug met on this sample (MemoryError too): never the job's end
-                    err = internal_error(e, raw, source, logged)
+                except Exception as e:  # other than a SampleError, a bug met on this sample (MemoryError
+                    # too): quarantined as such, never the job's end
+                    err = e if isinstance(e, SampleError) else internal_error(e, raw, source, logged)
                     quarantine.append(quarantine_row(raw, err))
                     counts[f"{err.kind}:{err.reason}"] += 1
                     continue

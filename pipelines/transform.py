@@ -7,8 +7,8 @@ Audio features: the log-mel spectrogram is computed HERE, once, and stored (floa
 preprocessed shards, rather than at training ingest. Training nodes are GPU nodes whose
 few CPUs are the usual bottleneck; a feature computed once at preprocessing costs
 nothing per epoch, and float16 80x1001 (160 KB) is about the size of the 16 kHz int16
-waveform it replaces. The features' parameters are recorded in `_stats.json` (`data`)
-and the ingest refuses shards made with other ones.
+waveform it replaces. The features' parameters are recorded with the output (see
+`dataset.py`), and training refuses shards made with other ones.
 """
 from __future__ import annotations
 
@@ -23,12 +23,9 @@ import numpy as np
 from . import modalities as M
 from . import reasons
 from .config import DataConfig
+from .dataset import OUT_IMAGE, OUT_MEL, OUT_META, OUT_TEXT, OUTPUT_EXTS
 from .reasons import SampleError
 from .source import RAW_MODALITIES, RawSample, split_modalities
-
-# extensions of the members a preprocessed sample is made of
-OUT_IMAGE, OUT_TEXT, OUT_MEL, OUT_META = "jpg", "txt", "mel.npy", "json"
-OUTPUT_EXTS = (OUT_IMAGE, OUT_TEXT, OUT_MEL, OUT_META)
 
 
 @dataclass
@@ -82,6 +79,16 @@ def transform_sample(raw: RawSample, cfg: DataConfig) -> Processed:
     if not chosen:
         have = ", ".join(sorted(raw.members)) or "nothing"
         raise SampleError(reasons.NO_USABLE_MODALITY, f"no image, text or audio member (found: {have})")
+    transform_modalities(out, chosen, cfg)
+    out.content_hash = content_hash(chosen)
+    return out
+
+
+def transform_modalities(out: Processed, chosen: dict[str, tuple[str, bytes]], cfg: DataConfig) -> Processed:
+    """Decode and transform each chosen modality member, (extension, bytes), into `out`: the
+    image cropped to size, the caption normalized, the audio fitted to length and turned into
+    its log-mel. The first problem raises SampleError. Preprocessing and the training ingest
+    both call this, so training on raw shards sees the arrays preprocessing would store."""
     if "image" in chosen:
         ext, data = chosen["image"]
         out.image, out.image_size = M.decode_image(data, ext, cfg.image)
@@ -94,7 +101,6 @@ def transform_sample(raw: RawSample, cfg: DataConfig) -> Processed:
         wave, valid = M.fit_length(wave, cfg.audio)
         out.mel = M.log_mel(wave, cfg.audio)
         out.mel_frames = M.mel_frames_for(valid, cfg.audio)
-    out.content_hash = content_hash(chosen)
     return out
 
 

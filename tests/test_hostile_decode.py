@@ -333,13 +333,13 @@ def _bad_row(key: str, why: str | None) -> dict[str, bytes]:
 
 
 def test_bad_rows_in_ingest_are_dropped_counted_and_logged(records):
-    schema = sample_schema(ingest.PREPROCESSED_MODALITIES)
+    schema = sample_schema(ingest.PREPROCESSED_COLUMNS)
     rows = []
     for key, why in BAD_ROWS.items():
         members = _bad_row(key, why)
         rows.append({"key": key, "source": "s.tar", "position": 0, "extras": [],
-                     **{m: members.get(ext[0]) if ext else None for m, ext in ingest.PREPROCESSED_MODALITIES.items()},
-                     **{f"{m}_ext": ext[0] if ext else None for m, ext in ingest.PREPROCESSED_MODALITIES.items()}})
+                     **{m: members.get(ext[0]) if ext else None for m, ext in ingest.PREPROCESSED_COLUMNS.items()},
+                     **{f"{m}_ext": ext[0] if ext else None for m, ext in ingest.PREPROCESSED_COLUMNS.items()}})
     ingest.internal_errors.clear()
     logged = records("pipelines.ingest", logging.WARNING)
     out = ingest.decode_batch(pa.Table.from_pylist(rows, schema=schema), DataConfig())

@@ -4,16 +4,22 @@ its own seeded shard order, rows tagged with their epoch, ids already trained on
 import time
 from collections import Counter
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
 from mmtrain.audit import manifest_ids
-from mmtrain.trainer import shard_counts
 from pipelines.config import DataConfig
 from pipelines.corpus import make_corpus
-from pipelines.ingest import EpochShuffledDatasource, build_dataset, epoch_clock, epochs_per_pass
+from pipelines.dataset import shard_counts
+from pipelines.datasource import sample_row, sample_schema
+from pipelines.ingest import (RAW_COLUMNS, EpochShuffledDatasource, build_dataset, decode_batch, epoch_clock,
+                              epochs_per_pass)
 from pipelines.preprocess import preprocess
 from pipelines.shards import expand_shards
+from pipelines.source import iter_tar_samples
+from pipelines.transform import transform_sample
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,23 @@ def test_ranks_split_each_epoch_of_the_pass_without_overlap(clean, clock):
 
 def test_epochs_per_pass_is_bounded_by_samples():
     assert epochs_per_pass(640) == 312 and epochs_per_pass(10**6) == 1 and epochs_per_pass(None) == 1
+
+
+def test_raw_rows_decode_to_the_arrays_preprocessing_makes(tmp_path):
+    # the raw path of the ingest runs the transform of preprocessing: the same crop, caption,
+    # log-mel and valid frames (the batch holds the log-mel in float16, as a stored one is)
+    make_corpus(str(tmp_path / "raw"), 6, 1, seed=2)
+    cfg = DataConfig()
+    samples = list(iter_tar_samples(expand_shards([str(tmp_path / "raw")])[0]))
+    out = decode_batch(pa.Table.from_pylist([sample_row(raw, RAW_COLUMNS) for raw in samples],
+                                            schema=sample_schema(RAW_COLUMNS)), cfg)
+    assert list(out["key"]) == [raw.key for raw in samples]
+    assert out["image_present"].any() and out["audio_present"].any()
+    for i, raw in enumerate(samples):
+        p = transform_sample(raw, cfg)
+        assert out["image_present"][i] == (p.image is not None) and out["audio_present"][i] == (p.mel is not None)
+        assert out["text"][i] == (p.text or "")
+        if p.image is not None:
+            assert np.array_equal(out["image"][i], p.image)
+        if p.mel is not None:
+            assert np.array_equal(out["mel"][i], p.mel.astype(np.float16)) and out["mel_frames"][i] == p.mel_frames
