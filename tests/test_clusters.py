@@ -248,7 +248,7 @@ def test_crd_validation_catches_mistakes():
 
 
 def test_local_cluster_token_is_generated_0600_and_never_in_the_state(tmp_path, monkeypatch):
-    from clusters import local
+    from clusters import local, local_nodes
 
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
@@ -258,7 +258,7 @@ def test_local_cluster_token_is_generated_0600_and_never_in_the_state(tmp_path, 
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     token = open(path).read()
     assert re.fullmatch(r"[0-9a-f]{64}", token)
-    env = local._node_env("127.0.0.1:1", path)
+    env = local_nodes.node_env("127.0.0.1:1", path)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == path and "RAY_AUTH_TOKEN" not in env
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # every node on 127.0.0.1
     state = {"token_file": path, "dashboard_url": "http://127.0.0.1:1", "token_source": source}
