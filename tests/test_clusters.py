@@ -277,6 +277,43 @@ def test_local_cluster_refuses_a_temp_dir_too_long_for_unix_sockets(tmp_path):
         local.start(str(tmp_path / ("x" * 80)))
 
 
+def test_the_token_is_found_in_rays_order_and_a_broken_token_file_is_one_line(tmp_path, monkeypatch):
+    from clusters import auth
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert auth.locate() is None and auth.client_token() == (None, auth.LOOKED_IN)
+    home = tmp_path / "home" / ".ray" / "auth_token"
+    home.parent.mkdir(parents=True)
+    home.write_text("")
+    with pytest.raises(auth.TokenError, match="is empty"):  # present but broken: said, not skipped
+        auth.client_token()
+    home.write_text("from-home\n")
+    assert auth.client_token() == ("from-home", f"~/.ray/auth_token ({home})")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(auth.TokenError, match="RAY_AUTH_TOKEN_PATH .*missing cannot be read"):
+        auth.client_token()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth.client_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert auth.locate(str(home)) == auth.TokenPlace("--token-file", str(home))  # the flag comes first
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert auth.client_token()[0] is None
+    assert auth.auth_header(None) == {} and auth.auth_header("t") == {"Authorization": "Bearer t"}
+
+
+def test_a_jobs_environment_is_refused_by_name_whatever_the_value_and_by_value():
+    from clusters.job_package import JobCommandError, refuse_secrets
+
+    refuse_secrets(["make-corpus", "/abs/c"], ["FOO=1", "CACHE=anon"], "nightly")
+    with pytest.raises(JobCommandError) as e:
+        refuse_secrets(["make-corpus", "/abs/c"], ["AWS_SESSION_TOKEN=", "RAY_AUTH_MODE=disabled", "FOO=1",
+                                                   "BAR=AKIA" + "Q" * 16])
+    message = str(e.value)
+    assert "--env AWS_SESSION_TOKEN" in message and "--env RAY_AUTH_MODE" in message and "--env BAR" in message
+    assert "FOO" not in message and "AKIA" not in message and "\n" not in message
+
+
 def test_the_job_upload_is_an_allow_list_of_project_folders(tmp_path):
     """What Ray zips for a job (its own packaging, on our package folder) holds only the
     project's code and configs: decoys for everything a checkout accumulates stay behind."""
