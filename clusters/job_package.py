@@ -30,14 +30,14 @@ OUTPUT_ARGS = {"out": "OUT", "output": "--output", "run_dir": "--run-dir", "work
                "checkpoint_storage": "--checkpoint-storage"}
 INPUT_ARGS = {"inputs": "INPUT", "data": "--data", "config": "--config"}
 # how to give a job credentials instead of on its command line
-CREDENTIALS_HINT = ("give the cluster's nodes the credentials instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                    "AWS_SESSION_TOKEN in their environment, an instance profile or workload identity; for "
-                    "clusters.local, export them before `python -m clusters.local start`) and keep only "
-                    "non-secret options (endpoint_url, region_name) in --storage-options")
+CREDENTIALS_HINT = ("give secrets to the cluster's nodes instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_SESSION_TOKEN in their environment, an instance profile or workload identity, a "
+                    "Kubernetes Secret; for clusters.local, export them before `python -m clusters.local start`) "
+                    "and keep only non-secret options (endpoint_url, region_name) in --storage-options")
 
 
 class JobCommandError(UserError):
-    """A one-line, user-facing problem (exit code 2)."""
+    """A one-line, user-facing problem with a job command (exit code 2)."""
 
 
 def _gitignore_aware_size(root: str, excludes: list[str]) -> tuple[int, dict[str, int]]:
@@ -156,15 +156,12 @@ def refuse_secrets(argv: list[str], env_vars: list[str] = (), name: str | None =
     `status` and the dashboard to every token holder: credentials never go there. One line
     naming where they are (never their values), and how to pass them instead."""
     found = credentials.secret_arguments(list(argv))
-    for item in env_vars:
-        k, _, v = item.partition("=")
-        if credentials.looks_like_secret(v):
-            found.append(f"--env {k} (its value looks like a credential)")
+    found += [f"--env {what}" for what in credentials.secret_variables(list(env_vars))]
     if name and credentials.looks_like_secret(name):
         found.append("--name (looks like a credential)")
     if found:
-        raise JobCommandError(f"{'; '.join(found)}: a job's command line is stored with the job and shown by `list`, "
-                              f"`status` and the dashboard; {CREDENTIALS_HINT}")
+        raise JobCommandError(f"{'; '.join(found)}: a job's command line, environment and name are stored with the "
+                              f"job and shown by `list`, `status` and the dashboard; {CREDENTIALS_HINT}")
 
 
 def pip_packages(specs: list[str], project: bool, root: str = ROOT) -> list[str]:
@@ -189,6 +186,7 @@ def pip_packages(specs: list[str], project: bool, root: str = ROOT) -> list[str]
 
 
 def build_runtime_env(*, env_vars: list[str], pip: list[str], excludes: list[str], root: str = ROOT) -> dict:
+    """The job's runtime_env; `env_vars` have passed `refuse_secrets`."""
     variables = {"PYTHONUNBUFFERED": "1"}
     for item in env_vars:
         if "=" not in item:
@@ -196,10 +194,6 @@ def build_runtime_env(*, env_vars: list[str], pip: list[str], excludes: list[str
         k, v = item.split("=", 1)
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
             raise JobCommandError(f"--env {item}: {k!r} is not a valid variable name")
-        if k.startswith("RAY_AUTH") or credentials.is_secret_name(k):
-            raise JobCommandError(f"--env {k}=...: a job's environment is stored with the job and shown in the "
-                                  "dashboard; give secrets to the cluster's nodes instead (their environment, "
-                                  "an instance role, a Kubernetes Secret)")
         variables[k] = v
     renv: dict = {"working_dir": root, "excludes": list(excludes), "env_vars": variables}
     if pip:

@@ -6,174 +6,26 @@ code and configs (UPLOAD) packaged and uploaded by Ray, and it runs in the clust
 environment (installing packages is opt-in: `--pip`). Credentials never go on a job's command
 line, environment or metadata (`refuse_secrets`): they belong to the cluster's nodes.
 
-Security. Ray 2.60 clusters here run with token authentication (RAY_AUTH_MODE=token). The token
-is read from RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
-(Ray's own order) and sent as `Authorization: Bearer ...` on every request, whatever this
-process's RAY_AUTH_MODE says (Ray's client only adds it when RAY_AUTH_MODE=token is set here too).
-A refusal (HTTP 401/403) is one line saying whether the token was missing or wrong and where it
-was read from. The token is never printed, logged, or put in the job's runtime_env/metadata.
+What a job carries is job_package.py; the calls to the Jobs API, with the cluster's token
+(auth.py) and one-line errors, are job_client.py; here are the commands: their checks, what
+they print, and following a job to its end.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import sys
 import time
-from contextlib import contextmanager
 
-# what a job carries (re-exported: callers and tests use them as jobs.NAME)
-from .job_package import (DEFAULT_EXCLUDES, ROOT, UPLOAD, JobCommandError, _mib, _submission_id,  # noqa: F401
-                          build_runtime_env, check_package, entrypoint, path_problems, pip_packages,
-                          project_package, refuse_secrets)
+from .job_client import TERMINAL, Cluster, quiet_ray_loggers, status_name
+# JobCommandError and refuse_secrets are ray_job.py's too, as jobs.NAME
+from .job_package import (DEFAULT_EXCLUDES, ROOT, JobCommandError, _mib, _submission_id, build_runtime_env,
+                          check_package, entrypoint, path_problems, pip_packages, project_package,
+                          refuse_secrets)
 
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 NOT_ALLOWED_INSIDE = {"submit", "status", "logs", "stop", "list"}
-
-
-# --- address and token ------------------------------------------------------------------
-
-def dashboard_address(address: str | None) -> str:
-    """The Jobs API (dashboard) URL: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS
-    when it is an http(s):// URL."""
-    source = "--address"
-    if not address:
-        for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-            if os.environ.get(var):
-                address, source = os.environ[var], var
-                break
-    if not address:
-        raise JobCommandError("no cluster given: pass --address http://HEAD:8265 (the Ray dashboard; tunnel a "
-                              "remote one with `ray dashboard CLUSTER.yaml` or `ssh -L 8265:127.0.0.1:8265 HEAD`) "
-                              "or set RAY_API_SERVER_ADDRESS")
-    address = address.strip().rstrip("/")
-    if not re.match(r"^https?://[^/\s]+$", address):
-        what = f"{source}={address}" if source != "--address" else f"--address {address}"
-        hint = (" looks like a GCS address (HOST:6379, what `ray_job.py preprocess/train --address` use to run "
-                "on a cluster from here)") if re.match(r"^[\w.\-]+:\d+$", address) else " is not an http(s) URL"
-        raise JobCommandError(f"{what}{hint}; the job commands talk to the Ray dashboard: pass "
-                              "--address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS=http://HEAD:8265")
-    return address
-
-
-def read_token() -> tuple[str | None, str]:
-    """(token or None, where it was looked for / read from) — Ray's own order."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None, "nowhere (RAY_AUTH_MODE=disabled here)"
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token, "RAY_AUTH_TOKEN"
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path:
-        try:
-            with open(os.path.expanduser(path)) as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise JobCommandError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({e.strerror}); point it at the "
-                                  "file holding the cluster's token")
-        if not token:
-            raise JobCommandError(f"RAY_AUTH_TOKEN_PATH={path} is empty; it must hold the cluster's token")
-        return token, f"RAY_AUTH_TOKEN_PATH ({path})"
-    home = os.path.expanduser("~/.ray/auth_token")
-    try:
-        with open(home) as f:
-            token = f.read().strip()
-    except OSError:
-        token = ""
-    if token:
-        return token, f"~/.ray/auth_token ({home})"
-    return None, "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token"
-
-
-def _quiet_ray_loggers() -> None:
-    # Ray's SDK logs every upload at INFO, and warns "no token" on its own when RAY_AUTH_MODE is
-    # set here: we say what matters ourselves, in one line. (Import first: the SDK sets its
-    # loggers' level when imported.)
-    import ray.job_submission  # noqa: F401
-
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                 "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
-                 "ray._private.authentication.http_token_authentication"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-@contextmanager
-def _only_this_address(url: str):
-    """JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its address
-    argument; make it use exactly `url`."""
-    saved = {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")}
-    os.environ["RAY_API_SERVER_ADDRESS"] = url
-    os.environ.pop("RAY_ADDRESS", None)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class Cluster:
-    """A JobSubmissionClient with the token attached and errors turned into one line."""
-
-    def __init__(self, address: str | None):
-        self.url = dashboard_address(address)
-        self.token, self.token_source = read_token()
-        _quiet_ray_loggers()
-        from ray.job_submission import JobSubmissionClient
-
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        with _only_this_address(self.url), self.translate():
-            self.client = JobSubmissionClient(self.url, headers=headers)
-
-    @contextmanager
-    def translate(self, job_id: str | None = None):
-        """Ray's exceptions -> JobCommandError with one line that says what to do."""
-        from ray.exceptions import AuthenticationError
-
-        try:
-            yield
-        except AuthenticationError as e:
-            raise JobCommandError(self._auth_message(str(e))) from None
-        except ConnectionError:
-            raise JobCommandError(f"cannot reach the Ray dashboard at {self.url}: is the cluster up? (a remote "
-                                  "dashboard listens on 127.0.0.1 only: tunnel it with `ray dashboard CLUSTER.yaml` "
-                                  "or `ssh -L 8265:127.0.0.1:8265 HEAD`)") from None
-        except RuntimeError as e:
-            text = " ".join(str(e).split())
-            if job_id and ("404" in text or "does not exist" in text):
-                raise JobCommandError(f"no job {job_id} on {self.url} (`ray_job.py list` shows the jobs)") from None
-            raise JobCommandError(f"the cluster at {self.url} said: {text[:300]}") from None
-
-    def _auth_message(self, detail: str) -> str:
-        missing = self.token is None or detail.startswith("Authentication required")
-        if missing:
-            return (f"the cluster at {self.url} requires a token and none was found (looked in {self.token_source}): "
-                    "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to the token file, or put the token in "
-                    "~/.ray/auth_token — the token the cluster was started with")
-        return (f"the cluster at {self.url} refused the token read from {self.token_source}: it is not the "
-                "token the cluster was started with (set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / "
-                "~/.ray/auth_token to that one)")
-
-    # thin wrappers, each with the error translation
-    def info(self, job_id: str):
-        with self.translate(job_id):
-            return self.client.get_job_info(job_id)
-
-    def logs(self, job_id: str) -> str:
-        with self.translate(job_id):
-            return self.client.get_job_logs(job_id)
-
-    def stop(self, job_id: str) -> bool:
-        with self.translate(job_id):
-            return self.client.stop_job(job_id)
-
-    def list(self):
-        with self.translate():
-            return self.client.list_jobs()
 
 
 # --- following a job --------------------------------------------------------------------
@@ -190,7 +42,7 @@ def follow(cluster: Cluster, job_id: str, out=None, poll: float = 1.0) -> str:
 
     async def tail():
         nonlocal printed
-        async for chunk in cluster.client.tail_job_logs(job_id):
+        async for chunk in cluster.tail(job_id):
             _write(out, chunk)
             printed += len(chunk)
 
@@ -204,21 +56,16 @@ def follow(cluster: Cluster, job_id: str, out=None, poll: float = 1.0) -> str:
         if len(text) > printed:
             _write(out, text[printed:])
             printed = len(text)
-        if _status_name(info) in TERMINAL:
-            return _status_name(info)
+        if status_name(info) in TERMINAL:
+            return status_name(info)
         time.sleep(poll)
-
-
-def _status_name(info) -> str:
-    s = info.status
-    return getattr(s, "value", str(s))
 
 
 def outcome(cluster: Cluster, job_id: str, err=None) -> int:
     """One line on stderr, exit code: 0 only when the job SUCCEEDED."""
     err = err or sys.stderr
     info = cluster.info(job_id)
-    status = _status_name(info)
+    status = status_name(info)
     took = ""
     if info.start_time and info.end_time:
         took = f" in {(info.end_time - info.start_time) / 1000:.0f} s"
@@ -245,7 +92,7 @@ def outcome(cluster: Cluster, job_id: str, err=None) -> int:
 def wait_terminal(cluster: Cluster, job_id: str, timeout: float) -> str:
     deadline = time.time() + timeout
     while True:
-        status = _status_name(cluster.info(job_id))
+        status = status_name(cluster.info(job_id))
         if status in TERMINAL or time.time() > deadline:
             return status
         time.sleep(0.5)
@@ -257,29 +104,13 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
            env_vars: list[str] = (), pip: list[str] = (), pip_project: bool = False, exclude: list[str] = (),
            entrypoint_num_cpus: float = 0, entrypoint_num_gpus: float = 0, strict: bool = False,
            dry_run: bool = False, out=None, err=None) -> int:
+    """Submits `python ray_job.py ARGV` (with `dry_run`, prints what would be submitted instead);
+    with `wait`, follows it to its end. `parsed`: ARGV as ray_job.py's parser read it."""
     out, err = out or sys.stdout, err or sys.stderr
-    _quiet_ray_loggers()
-    if not argv:
-        raise JobCommandError("nothing to run: put the command after --, e.g. submit --address URL -- train --data ...")
-    if argv[0] in NOT_ALLOWED_INSIDE:
-        raise JobCommandError(f"`{argv[0]}` talks to a cluster from your machine; submit a step instead "
-                              "(make-corpus, preprocess, train, evaluate, export, plot, demo)")
-    refuse_secrets(argv, list(env_vars), name)
-    if entrypoint_num_cpus < 0 or entrypoint_num_gpus < 0:
-        raise JobCommandError("--entrypoint-num-cpus and --entrypoint-num-gpus must not be negative")
+    quiet_ray_loggers()
+    _check_command(argv, parsed, env_vars=list(env_vars), name=name, strict=strict,
+                   resources=(entrypoint_num_cpus, entrypoint_num_gpus), err=err)
     excludes = DEFAULT_EXCLUDES + list(exclude)
-    if parsed is not None and getattr(parsed, "address", None):
-        raise JobCommandError(f"drop --address {parsed.address} after --: on the cluster the step joins the "
-                              "cluster it runs on (Ray sets RAY_ADDRESS for the job)")
-    if parsed is not None:
-        problems = path_problems(parsed, ROOT)
-        if problems:
-            line = (f"{', '.join(problems)}: relative path(s) resolve inside the job's temporary copy of the project "
-                    "on the node that runs the driver, not on storage the cluster shares; use absolute paths every "
-                    "node mounts (e.g. /mnt/shared/...) or URLs (s3://, gs://)")
-            if strict:
-                raise JobCommandError(line)
-            print(f"warning: {line} (--strict refuses)", file=err)
     cmd = entrypoint(argv)
     submission_id = _submission_id(name)
     pip_list = pip_packages(list(pip), pip_project)
@@ -293,20 +124,9 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
                               "entrypoint_num_gpus": entrypoint_num_gpus}, indent=1), file=out)
             return 0
         cluster = Cluster(address)
-        metadata = {"submitted_by": "ray_job.py", "command": argv[0]}
-        if name:
-            metadata["name"] = name
-        kwargs = {}
-        if entrypoint_num_cpus:
-            kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
-        if entrypoint_num_gpus:
-            kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
-        with cluster.translate():
-            try:  # Ray zips and uploads the package here
-                job_id = cluster.client.submit_job(entrypoint=cmd, runtime_env=renv, submission_id=submission_id,
-                                                   metadata=metadata, **kwargs)
-            except ValueError as e:  # e.g. the package is over Ray's limit after all
-                raise JobCommandError(" ".join(str(e).split())[:400]) from None
+        metadata = {"submitted_by": "ray_job.py", "command": argv[0], **({"name": name} if name else {})}
+        job_id = cluster.submit(cmd, renv, submission_id=submission_id, metadata=metadata,
+                                num_cpus=entrypoint_num_cpus, num_gpus=entrypoint_num_gpus)
     if not wait:
         print(job_id, file=out)
         print(f"submitted job {job_id} to {cluster.url} ({_mib(size)} working dir); follow it: "
@@ -323,11 +143,38 @@ def submit(argv: list[str], *, address: str | None, parsed=None, wait: bool = Fa
     return outcome(cluster, job_id, err)
 
 
+def _check_command(argv: list[str], parsed, *, env_vars: list[str], name: str | None, strict: bool,
+                   resources: tuple[float, float], err) -> None:
+    """Refuses in one line what cannot run on the cluster or must not be stored with a job; warns
+    about relative paths (refuses them with `strict`)."""
+    if not argv:
+        raise JobCommandError("nothing to run: put the command after --, e.g. submit --address URL -- train --data ...")
+    if argv[0] in NOT_ALLOWED_INSIDE:
+        raise JobCommandError(f"`{argv[0]}` talks to a cluster from your machine; submit a step instead "
+                              "(make-corpus, preprocess, train, evaluate, export, plot, demo)")
+    refuse_secrets(argv, env_vars, name)
+    if min(resources) < 0:
+        raise JobCommandError("--entrypoint-num-cpus and --entrypoint-num-gpus must not be negative")
+    if parsed is None:
+        return
+    if getattr(parsed, "address", None):
+        raise JobCommandError(f"drop --address {parsed.address} after --: on the cluster the step joins the "
+                              "cluster it runs on (Ray sets RAY_ADDRESS for the job)")
+    problems = path_problems(parsed, ROOT)
+    if problems:
+        line = (f"{', '.join(problems)}: relative path(s) resolve inside the job's temporary copy of the project "
+                "on the node that runs the driver, not on storage the cluster shares; use absolute paths every "
+                "node mounts (e.g. /mnt/shared/...) or URLs (s3://, gs://)")
+        if strict:
+            raise JobCommandError(line)
+        print(f"warning: {line} (--strict refuses)", file=err)
+
+
 def status(job_id: str, *, address: str | None, as_json: bool = False, out=None) -> int:
     out = out or sys.stdout
     cluster = Cluster(address)
     info = cluster.info(job_id)
-    st = _status_name(info)
+    st = status_name(info)
     if as_json:
         print(json.dumps({"job_id": job_id, "status": st, "message": info.message, "entrypoint": info.entrypoint,
                           "start_time": info.start_time, "end_time": info.end_time,
@@ -354,7 +201,7 @@ def logs(job_id: str, *, address: str | None, follow_logs: bool = False, out=Non
 def stop(job_id: str, *, address: str | None, timeout: float = 60, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     cluster = Cluster(address)
-    before = _status_name(cluster.info(job_id))
+    before = status_name(cluster.info(job_id))
     if before in TERMINAL:
         print(f"{job_id}: {before} (had already ended)", file=out)
         return 0
@@ -373,7 +220,7 @@ def list_jobs(*, address: str | None, as_json: bool = False, out=None) -> int:
     jobs = sorted(cluster.list(), key=lambda j: j.start_time or 0)
     rows = []
     for j in jobs:
-        rows.append({"job_id": j.submission_id or j.job_id or "-", "status": _status_name(j),
+        rows.append({"job_id": j.submission_id or j.job_id or "-", "status": status_name(j),
                      "start_time": j.start_time, "end_time": j.end_time, "entrypoint": j.entrypoint})
     if as_json:
         print(json.dumps(rows, indent=1), file=out)

@@ -1,8 +1,13 @@
 """What counts as a secret, in one place: storage options (fsspec/s3fs/gcsfs/adlfs keys at any
-depth), command-line values and URLs. Every part of the project that stores, shows or ships
-options or arguments asks here: the saved run config and checkpoints (`without_secrets`), the
-training workers' config (credentials travel as an object reference, see mmtrain/trainer.py),
-`ray_job.py`'s process title (which Ray records as a driver's entrypoint) and `submit`'s refusal.
+depth), command-line arguments, environment assignments and URLs. Every part of the project that
+stores, shows or ships options, arguments or variables asks here: the saved run config and
+checkpoints (`without_secrets`), the training workers' config (credentials travel as an object
+reference, see mmtrain/trainer.py), `ray_job.py`'s process title (which Ray records as a driver's
+entrypoint) and `submit`'s refusal (clusters/job_package.py: its command line, `--env` and `--name`).
+
+Two questions decide: is the name one that holds credentials (`is_secret_name`), does the value
+look like one (`looks_like_secret`). A flag or variable named like a credential is one whatever
+its value; a storage option is one unless its value names an access mechanism (token="anon").
 
 Deliberately without Ray, torch or fsspec imports: the job client imports it too.
 """
@@ -16,11 +21,13 @@ from collections import Counter
 # option names that hold credentials: s3fs (key/secret/token, username/password aliases),
 # botocore (aws_access_key_id, aws_secret_access_key, aws_session_token), gcsfs (token,
 # credentials), adlfs (account_key, sas_token, connection_string, client_secret), HTTP
-# (headers' Authorization, auth) and anything named like a password, signature or private key
+# (headers' Authorization, auth), anything named like a password, signature or private key, and
+# Ray's own auth variables (RAY_AUTH_MODE too: a job must not change how its cluster checks tokens)
 _SECRET_NAME = re.compile(
     r"secret|passw|pwd|token|credential|private|signature|api[_-]?key|access[_-]?key|account[_-]?key"
-    r"|connection[_-]?string|authori[sz]ation|cookie|session|^auth$|^key$|[_-]key$|^username$", re.I)
-# values of such names that name a mechanism, not a credential (gcsfs's token="anon", ...)
+    r"|connection[_-]?string|authori[sz]ation|cookie|session|^auth$|^key$|[_-]key$|^username$|^ray_auth", re.I)
+# values of such names that name a mechanism, not a credential (gcsfs's token="anon", ...): only
+# storage options have them, and dropping one would change how the store is reached
 _NOT_SECRET_VALUES = {"anon", "google_default", "cloud", "browser", "cache", "none", "false", ""}
 
 _VALUE_PATTERNS = [
@@ -113,6 +120,20 @@ def redacted(options):
     if isinstance(options, (list, tuple)):
         return [REDACTED if looks_like_secret(v) else redacted(v) for v in options]
     return options
+
+
+def secret_variables(assignments: list[str]) -> list[str]:
+    """The NAME=VALUE environment assignments that carry credentials, described without their
+    values: a name like a credential's counts whatever its value (a variable has no mechanism
+    values like a storage option's token="anon"), and so does a value that looks like one."""
+    found = []
+    for item in assignments:
+        name, _, value = item.partition("=")
+        if is_secret_name(name):
+            found.append(f"{name} (named like a credential)")
+        elif looks_like_secret(value):
+            found.append(f"{name} (its value looks like a credential)")
+    return found
 
 
 def secret_arguments(argv: list[str]) -> list[str]:

@@ -32,6 +32,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from pipelines.processes import process_runs, process_start
+
 from .config import ConfigError
 
 LOCK_NAME = "train.lock"
@@ -56,17 +58,6 @@ def _host_identity() -> dict:
 
         ident["boot"] = str(psutil.boot_time())
     return ident
-
-
-def _start_time(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-    except psutil.AccessDenied:  # alive, but we may not look at it: count it as the owner
-        return -1.0
 
 
 def _describe(owner: dict) -> str:
@@ -128,7 +119,7 @@ class RunLock:
 
     # --- internals ------------------------------------------------------------------------
     def _create(self) -> bool:
-        owner = {**_host_identity(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+        owner = {**_host_identity(), "pid": os.getpid(), "started": process_start(os.getpid()),
                  "token": self.token, "since": time.time(), "command": " ".join(sys.argv)[:500]}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -154,10 +145,10 @@ class RunLock:
             return f"its lock file is unreadable and {age:.0f} s old" if age > STALE_AFTER_S else None
         same_host = all(owner.get(k) == v for k, v in _host_identity().items())
         if same_host:
-            started = _start_time(int(owner.get("pid", -1)))
-            if started is None:
+            pid = int(owner.get("pid", -1))
+            if not process_runs(pid):
                 return "its process no longer exists"
-            if started != -1.0 and abs(started - float(owner.get("started") or 0)) > 0.01:
+            if not process_runs(pid, owner.get("started")):
                 return "its pid now belongs to another process"
             return None
         if age > STALE_AFTER_S:

@@ -36,6 +36,7 @@ from typing import Callable
 from braceexpand import braceexpand
 
 from .errors import UserError
+from .processes import process_runs, process_start
 from .storage import OutputStore, filesystem, is_local, protocol_of
 
 log = logging.getLogger(__name__)
@@ -114,44 +115,12 @@ def check_ours(store: OutputStore, job_file: str) -> None:
 
 # --- the lock --------------------------------------------------------------------------
 
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, from /proc), None if it doesn't run
-    (or is a zombie: killed, not yet reaped), "" if /proc can't tell. Identifies the process
-    even after its pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return ""
-    fields = stat.rsplit(b")", 1)[-1].split()  # after the command name, which may hold spaces
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return fields[19].decode()  # field 22 of proc(5), starttime
-
-
-def _pid_runs(pid: int, started: str | None) -> bool:
-    if os.path.isdir("/proc"):
-        now = _process_start(pid)
-        if now is None:
-            return False
-        return now == "" or started is None or now == started  # "": can't tell, so it may run
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def holder_state(record: dict, now: float | None = None) -> str:
     """'released', 'dead' or 'alive' (module doc)."""
     if record.get("released"):
         return "released"
     if record.get("host") == socket.gethostname():
-        return "alive" if _pid_runs(int(record.get("pid", -1)), record.get("pid_started")) else "dead"
+        return "alive" if process_runs(int(record.get("pid", -1)), record.get("pid_started")) else "dead"
     lease = float(record.get("lease_seconds", LEASE_SECONDS))
     return "dead" if (now or time.time()) - float(record.get("renewed", 0)) > lease else "alive"
 
@@ -215,7 +184,7 @@ def acquire(store: OutputStore, fingerprint: str, *, say: Callable[[str], None] 
     """Take the output's lock, or raise `OutputBusy` in one line if a live job holds it."""
     record = {
         "owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-        "pid_started": _process_start(os.getpid()), "started": time.time(), "renewed": time.time(),
+        "pid_started": process_start(os.getpid()), "started": time.time(), "renewed": time.time(),
         "lease_seconds": lease_seconds, "released": False, "fingerprint": fingerprint,
     }
     for _ in range(20):  # each pass loses only to a job that took the lock meanwhile

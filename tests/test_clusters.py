@@ -248,7 +248,7 @@ def test_crd_validation_catches_mistakes():
 
 
 def test_local_cluster_token_is_generated_0600_and_never_in_the_state(tmp_path, monkeypatch):
-    from clusters import local
+    from clusters import local, local_nodes
 
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
@@ -258,7 +258,7 @@ def test_local_cluster_token_is_generated_0600_and_never_in_the_state(tmp_path, 
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     token = open(path).read()
     assert re.fullmatch(r"[0-9a-f]{64}", token)
-    env = local._node_env("127.0.0.1:1", path)
+    env = local_nodes.node_env("127.0.0.1:1", path)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == path and "RAY_AUTH_TOKEN" not in env
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # every node on 127.0.0.1
     state = {"token_file": path, "dashboard_url": "http://127.0.0.1:1", "token_source": source}
@@ -275,6 +275,43 @@ def test_local_cluster_refuses_a_temp_dir_too_long_for_unix_sockets(tmp_path):
 
     with pytest.raises(local.LocalClusterError, match="too long"):
         local.start(str(tmp_path / ("x" * 80)))
+
+
+def test_the_token_is_found_in_rays_order_and_a_broken_token_file_is_one_line(tmp_path, monkeypatch):
+    from clusters import auth
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert auth.locate() is None and auth.client_token() == (None, auth.LOOKED_IN)
+    home = tmp_path / "home" / ".ray" / "auth_token"
+    home.parent.mkdir(parents=True)
+    home.write_text("")
+    with pytest.raises(auth.TokenError, match="is empty"):  # present but broken: said, not skipped
+        auth.client_token()
+    home.write_text("from-home\n")
+    assert auth.client_token() == ("from-home", f"~/.ray/auth_token ({home})")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(auth.TokenError, match="RAY_AUTH_TOKEN_PATH .*missing cannot be read"):
+        auth.client_token()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth.client_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert auth.locate(str(home)) == auth.TokenPlace("--token-file", str(home))  # the flag comes first
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert auth.client_token()[0] is None
+    assert auth.auth_header(None) == {} and auth.auth_header("t") == {"Authorization": "Bearer t"}
+
+
+def test_a_jobs_environment_is_refused_by_name_whatever_the_value_and_by_value():
+    from clusters.job_package import JobCommandError, refuse_secrets
+
+    refuse_secrets(["make-corpus", "/abs/c"], ["FOO=1", "CACHE=anon"], "nightly")
+    with pytest.raises(JobCommandError) as e:
+        refuse_secrets(["make-corpus", "/abs/c"], ["AWS_SESSION_TOKEN=", "RAY_AUTH_MODE=disabled", "FOO=1",
+                                                   "BAR=AKIA" + "Q" * 16])
+    message = str(e.value)
+    assert "--env AWS_SESSION_TOKEN" in message and "--env RAY_AUTH_MODE" in message and "--env BAR" in message
+    assert "FOO" not in message and "AKIA" not in message and "\n" not in message
 
 
 def test_the_job_upload_is_an_allow_list_of_project_folders(tmp_path):

@@ -74,14 +74,14 @@ def job_id_of(r):
 def test_local_cluster_is_up_on_loopback_only(cluster):
     import psutil
 
-    from clusters import local
+    from clusters import local_nodes
 
     r = ok(run(["status", "--temp-dir", cluster["temp_dir"], "--json"], module="clusters.local"))
     st = json.loads(r.stdout)
     assert st["healthy"] and st["alive_nodes"] == 3 and st["cpus"] == 4
     assert st["token_source"] == "RAY_AUTH_TOKEN"
     # every socket the cluster's processes listen on is bound to loopback
-    pids = set(local._cluster_processes(cluster))
+    pids = set(local_nodes.cluster_processes(cluster))
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert len(listening) >= 6  # GCS, dashboard, 3 raylets, agents...
     bad = [(c.laddr, psutil.Process(c.pid).name()) for c in listening
@@ -218,7 +218,7 @@ def test_stop_a_running_job_and_fetch_its_logs(url, tmp_path):
 
 
 def test_the_token_is_never_printed_nor_stored_with_a_job(cluster, url):
-    from clusters.jobs import Cluster
+    from clusters.job_client import Cluster
 
     assert OUTPUTS and not any(TOKEN in o for o in OUTPUTS)
     with open(os.path.join(cluster["temp_dir"], "cluster.json")) as f:

@@ -20,7 +20,8 @@ from conftest import ROOT
 from s3_access import access_proxy, on_object  # noqa: F401  (the fixture)
 from pipelines.config import DataConfig
 from pipelines.corpus import make_corpus
-from pipelines.ownership import OutputBusy, OutputConflict, _process_start, acquire, check_no_overlap, holder_state
+from pipelines.ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, holder_state
+from pipelines.processes import process_start
 from pipelines.preprocess import fingerprint, preprocess
 from pipelines.shards import expand_shards
 from pipelines.storage import OutputStore
@@ -266,7 +267,7 @@ def test_the_holder_renews_its_lease_and_notices_when_its_lock_was_replaced(tmp_
 def test_a_holder_on_this_host_is_alive_exactly_while_its_process_runs():
     child = subprocess.Popen(["sleep", "600"])
     try:
-        record = {"host": socket.gethostname(), "pid": child.pid, "pid_started": _process_start(child.pid)}
+        record = {"host": socket.gethostname(), "pid": child.pid, "pid_started": process_start(child.pid)}
         assert holder_state(record) == "alive"
         assert holder_state({**record, "pid_started": "1"}) == "dead"  # its pid, reused by another process
         assert holder_state({**record, "released": True}) == "released"
