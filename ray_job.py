@@ -165,12 +165,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-# --- cluster jobs (Ray Jobs API; the logic is in clusters/jobs.py) -----------------------
-
-def _job_call(fn, *a, **kw) -> int:
-    # clusters' JobCommandError is a UserError: main shows it in one line
-    return fn(*a, **kw)
-
+# --- cluster jobs (Ray Jobs API; the logic is in clusters/jobs.py; its errors are UserErrors) ---
 
 def cmd_submit(args) -> int:
     from clusters import jobs
@@ -179,39 +174,39 @@ def cmd_submit(args) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     # before parsing: argparse's own errors would echo a credential given to an unknown flag
-    _job_call(jobs.refuse_secrets, argv, args.env, args.name)
+    jobs.refuse_secrets(argv, args.env, args.name)
     parsed = None
     if argv and argv[0] not in jobs.NOT_ALLOWED_INSIDE:
         # check the step's own arguments here, before anything is uploaded (argparse exits 2 on a bad one)
         parsed = build_parser().parse_args(argv)
-    return _job_call(jobs.submit, argv, address=args.address, parsed=parsed, wait=args.wait, name=args.name,
-                     env_vars=args.env, pip=args.pip, pip_project=args.pip_project, exclude=args.exclude,
-                     entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
-                     strict=args.strict, dry_run=args.dry_run)
+    return jobs.submit(argv, address=args.address, parsed=parsed, wait=args.wait, name=args.name,
+                       env_vars=args.env, pip=args.pip, pip_project=args.pip_project, exclude=args.exclude,
+                       entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+                       strict=args.strict, dry_run=args.dry_run)
 
 
 def cmd_status(args) -> int:
     from clusters import jobs
 
-    return _job_call(jobs.status, args.job_id, address=args.address, as_json=args.json)
+    return jobs.status(args.job_id, address=args.address, as_json=args.json)
 
 
 def cmd_logs(args) -> int:
     from clusters import jobs
 
-    return _job_call(jobs.logs, args.job_id, address=args.address, follow_logs=args.follow)
+    return jobs.logs(args.job_id, address=args.address, follow_logs=args.follow)
 
 
 def cmd_stop(args) -> int:
     from clusters import jobs
 
-    return _job_call(jobs.stop, args.job_id, address=args.address, timeout=args.timeout)
+    return jobs.stop(args.job_id, address=args.address, timeout=args.timeout)
 
 
 def cmd_list(args) -> int:
     from clusters import jobs
 
-    return _job_call(jobs.list_jobs, address=args.address, as_json=args.json)
+    return jobs.list_jobs(address=args.address, as_json=args.json)
 
 
 # --- parser -----------------------------------------------------------------------------

@@ -88,14 +88,12 @@ class Cluster:
 
     @contextmanager
     def translate(self, job_id: str | None = None):
-        """Ray's exceptions (and an unreadable token file) -> JobCommandError with one line that
+        """Ray's exceptions -> JobCommandError with one line that
         says what to do."""
         from ray.exceptions import AuthenticationError
 
         try:
             yield
-        except auth.TokenError as e:
-            raise JobCommandError(str(e)) from None
         except AuthenticationError as e:
             raise JobCommandError(self._auth_message(str(e))) from None
         except ConnectionError:
