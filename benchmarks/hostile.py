@@ -17,7 +17,7 @@ has the same shards and the same good samples:
 
 Every run is the CLI in a fresh process with its own embedded Ray, as a user runs it; the sum
 of PSS over its process tree (driver, GCS, raylet, Ray workers) is sampled every 0.2 s (the
-sampler of benchmarks/preprocess.py). A run whose tree passes --kill-above-gb, or that runs
+sampler of benchmarks/harness.py). A run whose tree passes --kill-above-gb, or that runs
 past --timeout, is killed and reported as such (a bomb that got through must not take the
 machine with it). Runs: clean, each bomb alone (with 4 clean shards), all bombs together;
 --repeats rounds, the order rotating. Goal: every hostile run's peak within 1.5 x the clean
@@ -33,24 +33,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import io
 import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import zlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+from harness import ROOT
+
+harness.single_threaded()
 sys.path.insert(0, ROOT)
-_spec = importlib.util.spec_from_file_location("bench_preprocess", os.path.join(ROOT, "benchmarks", "preprocess.py"))
-bench_preprocess = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_preprocess)  # its memory sampler and child environment
 
 BOMBS = ("gzip", "audio", "png16", "members", "longname")
 SHARDS = 5
@@ -238,52 +235,13 @@ def build_corpora(work: str, args) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ one run
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        procs = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        procs = []
-    proc.kill()  # the driver through Popen, which then reaps it and keeps its exit status
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
 def run_preprocess(corpus: str, out: str, log: str, args, config: str | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "ray_job.py"), "preprocess", corpus, "--output", out,
            "--workers", "2"] + (["--config", config] if config else [])
-    killed = None
-    with open(log, "ab") as lf:
-        lf.write(f"\n=== {' '.join(cmd)}\n".encode())
-        lf.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=lf, env=bench_preprocess._child_env(), cwd=ROOT)
-        sampler = bench_preprocess._MemorySampler(proc.pid)
-        sampler.start()
-        while proc.poll() is None:
-            time.sleep(0.2)
-            now = sampler.series[-1][1] if sampler.series else 0
-            if now > args.kill_above_gb * 2**30:
-                killed = f"killed: {now / 2**30:.1f} GiB > --kill-above-gb {args.kill_above_gb}"
-            elif time.perf_counter() - t0 > args.timeout:
-                killed = f"killed: still running after --timeout {args.timeout} s"
-            if killed:
-                _kill_tree(proc)
-                break
-        proc.wait()
-        wall = time.perf_counter() - t0
-        sampler.stop.set()
-        sampler.join()
-    res = {"exit": proc.returncode, "killed": killed, "wall_s": round(wall, 1),
-           "peak_mb": round(sampler.peak / 2**20, 1), "peak_rss_sum_mb": round(sampler.peak_rss / 2**20, 1),
-           "metric": sampler.metric, "peak_processes": sampler.peak_procs}
-    if proc.returncode == 0 and os.path.exists(os.path.join(out, "_stats.json")):
+    run = harness.run_tree(cmd, log, sample_memory=True, kill_above_gb=args.kill_above_gb, timeout=args.timeout)
+    res = {"exit": run.returncode, "killed": run.killed, "wall_s": round(run.wall_s, 1), **run.memory.summary()}
+    if run.returncode == 0 and os.path.exists(os.path.join(out, "_stats.json")):
         import pyarrow.parquet as pq
 
         stats = json.load(open(os.path.join(out, "_stats.json")))
@@ -300,11 +258,8 @@ def run_preprocess(corpus: str, out: str, log: str, args, config: str | None) ->
 # ------------------------------------------------------------------------------ report
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    import statistics
-
     def med(name, key):
-        xs = [r[key] for r in runs[name] if r["exit"] == 0]
-        return round(statistics.median(xs), 1) if xs else None
+        return harness.median([r[key] for r in runs[name] if r["exit"] == 0], digits=1)
 
     clean_peak, clean_wall = med("clean", "peak_mb"), med("clean", "wall_s")
     rows = {}
@@ -363,12 +318,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "hostile.json"))
     args = ap.parse_args()
 
-    work = args.workdir or tempfile.mkdtemp(prefix="hostile-bench-")
-    os.makedirs(work, exist_ok=True)
-    log = os.path.join(work, "runs.log")
     started = time.perf_counter()
     load_at_start = os.getloadavg()
-    try:
+    with harness.work_folder(args.workdir, "hostile-bench-") as work:
+        log = os.path.join(work, "runs.log")
         corpora = build_corpora(work, args)
         config = None
         if args.max_pixels:
@@ -387,19 +340,12 @@ def main() -> None:
         summary = summarize(runs)
         print()
         print(table(summary))
-        print(f"\nload average (1/5/15 min) at start {' '.join(f'{x:.2f}' for x in load_at_start)}, "
-              f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cpus")
+        print(f"\n{harness.load_line(load_at_start)}; {os.cpu_count()} cpus")
         result = {"config": {k: v for k, v in vars(args).items() if k not in ("workdir", "out")},
-                  "machine": {"cpus": os.cpu_count(), "loadavg_at_start": load_at_start,
-                              "loadavg_at_end": os.getloadavg()},
+                  "machine": harness.machine(load_at_start),
                   "summary": summary, "runs": runs, "total_seconds": round(time.perf_counter() - started, 1)}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        harness.write_json(args.out, result)
         print(f"wrote {args.out}; run logs in {log}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

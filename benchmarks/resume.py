@@ -26,8 +26,13 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+from harness import ROOT
+
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from mmtrain.metrics import read_metric_lines as metrics  # noqa: E402  (every line: replayed steps too)
+from paused_run import start_paused  # noqa: E402  (the tests' hold-then-kill helper)
 
 SCENARIOS = ("worker", "driver", "save", "elastic")
 CHECKPOINT_EVERY = 4
@@ -44,27 +49,11 @@ def env() -> dict:
     return {**e, "OMP_NUM_THREADS": "1"}
 
 
-def start_paused(cmd: list[str], log_path: str, pause: str) -> subprocess.Popen:
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                            env={**env(), "MMTRAIN_FAULT_PAUSE": pause})
-    while "fault injection: pausing" not in open(log_path).read():
-        if proc.poll() is not None:
-            raise RuntimeError(f"the run ended before the fault point; see {log_path}")
-        time.sleep(0.2)
-    return proc
-
-
 def train_worker_pids(proc: subprocess.Popen) -> list[int]:
     import psutil
 
     return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)
             if "RayTrainWorker" in " ".join(c.cmdline())]
-
-
-def metrics(run: str) -> list[dict]:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def scenario(name: str, data: str, run: str, config: str, pause_step: int, ids: set) -> dict:
@@ -74,7 +63,7 @@ def scenario(name: str, data: str, run: str, config: str, pause_step: int, ids: 
     cmd = train_cmd(data, run, config)
     # the save scenario is killed inside the first save at or after pause_step
     step = -(-pause_step // CHECKPOINT_EVERY) * CHECKPOINT_EVERY if name == "save" else pause_step
-    proc = start_paused(cmd, run + ".log", f"{'save' if name == 'save' else 'step'}@{step}:600")
+    proc = start_paused(cmd, run, f"{'save' if name == 'save' else 'step'}@{step}:600", env=env())
     before = len(metrics(run))
     if name == "worker":
         os.kill(train_worker_pids(proc)[0], signal.SIGKILL)
@@ -100,7 +89,7 @@ def scenario(name: str, data: str, run: str, config: str, pause_step: int, ids: 
             "last_loss": lines[-1]["loss"], "last_step": lines[-1]["step"]}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--shards", type=int, default=16)
@@ -108,8 +97,11 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--workdir", default="bench_out/resume")
     p.add_argument("--out", default="bench_out/resume.json")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def prepare(args) -> tuple[str, set, str]:
+    """The preprocessed corpus (made once under --workdir), its sample ids, a config that logs every step."""
     from pipelines.runtime import local_mode_env
 
     local_mode_env()
@@ -122,21 +114,37 @@ def main() -> None:
     if not os.path.exists(os.path.join(raw, "_corpus.json")):
         make_corpus(raw, args.samples, args.shards, seed=0, progress=True)
     preprocess([raw], clean, progress=False)
-    ids = manifest_ids([clean])
     config = os.path.join(args.workdir, "config.json")
     with open(config, "w") as f:
         json.dump({"train": {"log_every": 1}}, f)
+    return clean, manifest_ids([clean]), config
 
-    reference = os.path.join(args.workdir, "reference")
+
+def uninterrupted(clean: str, config: str, workdir: str) -> dict:
+    reference = os.path.join(workdir, "reference")
     shutil.rmtree(reference, ignore_errors=True)
     started = time.time()
     with open(reference + ".log", "w") as log:
         if subprocess.run(train_cmd(clean, reference, config), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                           env=env()).returncode != 0:
             raise RuntimeError(f"the uninterrupted run failed; see {reference}.log")
-    ref = {"seconds": round(time.time() - started, 1), "last_loss": metrics(reference)[-1]["loss"],
-           "first_step_after_start_s": round(metrics(reference)[0]["time"] - started, 1),
-           "steps": metrics(reference)[-1]["step"]}
+    lines = metrics(reference)
+    return {"seconds": round(time.time() - started, 1), "last_loss": lines[-1]["loss"],
+            "first_step_after_start_s": round(lines[0]["time"] - started, 1), "steps": lines[-1]["step"]}
+
+
+def table(results: list[dict]) -> str:
+    rows = [[r["scenario"], r["restart_to_first_step_s"], r["resumed_at_step"], r["steps_run_again"],
+             r["served_twice"], r["never_served"],
+             f"{r['loss_rel_diff']:.1e}" + (" (1 worker)" if r["scenario"] == "elastic" else "")] for r in results]
+    return harness.md_table(["scenario", "restart -> first new step, s", "resumed at step", "steps run again",
+                             "served twice", "never served", "last-step loss vs uninterrupted"], rows)
+
+
+def main() -> None:
+    args = parse_args()
+    clean, ids, config = prepare(args)
+    ref = uninterrupted(clean, config, args.workdir)
     print(f"uninterrupted: {ref}", flush=True)
     results = []
     for name in args.scenarios:
@@ -144,19 +152,10 @@ def main() -> None:
         r["loss_rel_diff"] = abs(r["last_loss"] - ref["last_loss"]) / abs(ref["last_loss"])
         print(r, flush=True)
         results.append(r)
-
     print(f"\n{len(ids)} samples, 2 epochs of {ref['steps'] // 2} steps, kill after step {args.pause_step}; "
           f"uninterrupted run: first step {ref['first_step_after_start_s']} s after the command started\n")
-    print("| scenario | restart -> first new step, s | resumed at step | steps run again | served twice | "
-          "never served | last-step loss vs uninterrupted |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        loss = f"{r['loss_rel_diff']:.1e}" if r["scenario"] != "elastic" else f"{r['loss_rel_diff']:.1e} (1 worker)"
-        print(f"| {r['scenario']} | {r['restart_to_first_step_s']} | {r['resumed_at_step']} | {r['steps_run_again']} | "
-              f"{r['served_twice']} | {r['never_served']} | {loss} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"reference": ref, "scenarios": results, "samples": len(ids)}, f, indent=1)
+    print(table(results))
+    harness.write_json(args.out, {"reference": ref, "scenarios": results, "samples": len(ids)})
 
 
 if __name__ == "__main__":

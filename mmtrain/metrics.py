@@ -49,17 +49,20 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(run_dir: str) -> list[dict]:
+def read_metric_lines(run_dir: str) -> list[dict]:
+    """Every record of RUN/metrics.jsonl in the order written: a resumed run's replayed steps
+    appear again (what the fault-tolerance tests and the resume benchmark look at). [] when
+    the run has logged nothing yet."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    by_step: dict[int, dict] = {}
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rec = json.loads(line)
-                by_step[rec["step"]] = rec
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The last record of each step, by step: what a run's curve is."""
+    by_step = {rec["step"]: rec for rec in read_metric_lines(run_dir)}
     return [by_step[s] for s in sorted(by_step)]
 
 

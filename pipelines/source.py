@@ -47,6 +47,12 @@ def base_plus_ext(path: str) -> tuple[str, str] | tuple[None, None]:
     return match.group(1), match.group(2)
 
 
+def gzip_member_ext(ext: str) -> tuple[str, bool]:
+    """("txt.gz") -> ("txt", True): a member KEY.EXT.gz is KEY.EXT gzip-compressed, inflated on read."""
+    gz = ext == "gz" or ext.endswith(".gz")
+    return (ext[:-3].rstrip(".") if gz else ext), gz
+
+
 @dataclass
 class RawSample:
     """One sample as found in a shard: members keyed by lowercased extension.
@@ -282,8 +288,7 @@ class _ShardReader:
         the header's size before reading; a gzip member is inflated to at most its limit + 1
         bytes, in pieces, whatever it would inflate to."""
         lim, name = self.limits, quoted(info.name)
-        gz = ext == "gz" or ext.endswith(".gz")
-        ext = ext[:-3].rstrip(".") if gz else ext
+        ext, gz = gzip_member_ext(ext)
         if self.count > lim.sample_members:
             return SampleError(reasons.SAMPLE_TOO_LARGE,
                                f"more than {lim.sample_members} members (data.max_sample_members)")

@@ -144,3 +144,21 @@ def s3_bucket(s3_server, request):
                  aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
     fs.invalidate_cache()
     yield name, fs
+
+
+def s3_raw_corpus(s3_server, root: Path, bucket_prefix: str, shards: list[str], samples: int, seed: int) -> dict:
+    """A new bucket holding a raw corpus made in code (`samples` over len(`shards`) shards) under
+    raw/; the local copy under ROOT/raw is the reference for what a read must give."""
+    import boto3
+    import s3fs
+
+    from pipelines.corpus import make_corpus
+
+    make_corpus(str(root / "raw"), samples, len(shards), seed=seed)
+    bucket = f"{bucket_prefix}-{int(time.time() * 1000) % 10**9}"
+    boto3.client("s3", endpoint_url=s3_server["endpoint"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server["storage_options"])
+    for name in shards:
+        fs.put_file(str(root / "raw" / name), f"{bucket}/raw/{name}")
+    return {"bucket": bucket, "local": root / "raw", "fs": fs}

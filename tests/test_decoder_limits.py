@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import tracemalloc
 import types
 import unicodedata
-import zlib
 
 import numpy as np
 import pytest
@@ -23,28 +21,14 @@ from pipelines.config import AudioConfig, ImageConfig, TextConfig
 from pipelines.modalities import (
     _NFC_MAX_SHRINK, _center_square, _to_rgb_or_rgba, decode_audio, decode_image, decode_text,
 )
+from mediautil import png_by_hand, wav_edited
 from test_modalities import ACFG, ICFG, TCFG, _audio_bytes, _img_bytes, _reason, _tone
-
-
-
-def _png(w: int, h: int, color_type: int, bit_depth: int, pixels: np.ndarray | None = None) -> bytes:
-    """A PNG written by hand: Pillow writes no 16-bit RGB/RGBA/LA and never lies about its size.
-    `pixels` (h x w x channels, big-endian for 16 bits); None: a header and no image data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
-    idat = b""
-    if pixels is not None:
-        rows = pixels.reshape(h, -1).view(np.uint8)
-        idat = zlib.compress(np.hstack([np.zeros((h, 1), np.uint8), rows]).tobytes(), 1)  # filter 0 per row
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_pixel_cap_is_checked_from_the_header() -> None:
     # 8000 x 8000 announced, no pixel data: decoding would fail, so the header alone decided
     with pytest.raises(R.SampleError) as e:
-        decode_image(_png(8000, 8000, 2, 8), "png", ICFG)
+        decode_image(png_by_hand(8000, 8000, 2, 8), "png", ICFG)
     assert _reason(e) == R.IMAGE_TOO_LARGE and e.value.kind == R.ERROR and "64000000" in e.value.detail
     small = _img_bytes(Image.new("RGB", (640, 480)), "PNG")
     with pytest.raises(R.SampleError) as e:
@@ -60,8 +44,8 @@ def test_16bit_png_decodes_like_its_8bit_version(color_type: int, channels: int)
     eight = np.stack([ramp, 255 - ramp, ramp // 2, 128 + ramp // 2][:channels], axis=-1)
     low = np.random.default_rng(5).integers(0, 256, eight.shape, dtype=np.uint16)  # the low byte is noise
     sixteen = ((eight.astype(np.uint16) << 8) | low).astype(">u2")
-    out16, size = decode_image(_png(w, h, color_type, 16, sixteen), "png", ICFG)
-    out8, _ = decode_image(_png(w, h, color_type, 8, eight), "png", ICFG)
+    out16, size = decode_image(png_by_hand(w, h, color_type, 16, sixteen), "png", ICFG)
+    out8, _ = decode_image(png_by_hand(w, h, color_type, 8, eight), "png", ICFG)
     assert size == (w, h) and np.abs(out16.astype(int) - out8).max() <= 1
 
 
@@ -166,18 +150,6 @@ def test_deeply_nested_json() -> None:
     assert _reason(e) == R.CAPTION_TOO_LONG
 
 
-def _wav_with(data: bytes, *, rate: int | None = None, data_size: int | None = None) -> bytes:
-    """A WAV whose header fields are edited: the fmt sample rate, the data chunk's size."""
-    b = bytearray(data)
-    if rate is not None:
-        i = b.find(b"fmt ")
-        b[i + 12:i + 16] = struct.pack("<I", rate)
-    if data_size is not None:
-        j = b.find(b"data")
-        b[j + 4:j + 8] = struct.pack("<I", data_size)
-    return bytes(b)
-
-
 def _no_read(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_read(*a, **k):
         raise AssertionError("samples decoded for a refused file")
@@ -197,7 +169,7 @@ def test_too_many_channels_are_refused_from_the_header(monkeypatch, channels: in
 @pytest.mark.parametrize("rate,edit", [(384_000, False), (2**31 - 1, True), (200_000, False)])
 def test_sample_rate_above_the_limit_is_refused_from_the_header(monkeypatch, rate: int, edit: bool) -> None:
     data = _audio_bytes(np.zeros(1600, np.float32), 16000 if edit else rate, "WAV")
-    data = _wav_with(data, rate=rate) if edit else data
+    data = wav_edited(data, rate=rate) if edit else data
     _no_read(monkeypatch)
     with pytest.raises(R.SampleError) as e:
         decode_audio(data, "wav", ACFG)
@@ -206,7 +178,7 @@ def test_sample_rate_above_the_limit_is_refused_from_the_header(monkeypatch, rat
 
 def test_zero_sample_rate_and_unknown_length() -> None:
     with pytest.raises(R.SampleError) as e:  # libsndfile refuses it when opening
-        decode_audio(_wav_with(_audio_bytes(np.zeros(1600, np.float32), 16000, "WAV"), rate=0), "wav", ACFG)
+        decode_audio(wav_edited(_audio_bytes(np.zeros(1600, np.float32), 16000, "WAV"), rate=0), "wav", ACFG)
     assert _reason(e) == R.AUDIO_DECODE_ERROR
     flac = bytearray(_audio_bytes(np.zeros(16000, np.float32), 16000, "FLAC"))
     field = int.from_bytes(flac[18:26], "big") & ~((1 << 36) - 1)  # STREAMINFO total samples := 0, "unknown"
@@ -219,10 +191,10 @@ def test_zero_sample_rate_and_unknown_length() -> None:
 def test_the_header_bounds_the_read() -> None:
     tone = _tone(440.0, 16000, 2.0)
     wav = _audio_bytes(tone, 16000, "WAV", "FLOAT")
-    wave, seconds = decode_audio(_wav_with(wav, data_size=1600 * 4), "wav", ACFG)  # under-reports: 0.1 s
+    wave, seconds = decode_audio(wav_edited(wav, data_size=1600 * 4), "wav", ACFG)  # under-reports: 0.1 s
     assert seconds == 0.1 and np.array_equal(wave, tone[:1600])
     with pytest.raises(R.SampleFiltered) as e:  # over-reports: libsndfile takes the file's length
-        decode_audio(_wav_with(wav, data_size=0xFFFFFFFF), "wav", AudioConfig(max_source_seconds=1.0))
+        decode_audio(wav_edited(wav, data_size=0xFFFFFFFF), "wav", AudioConfig(max_source_seconds=1.0))
     assert _reason(e) == R.AUDIO_TOO_LONG
 
 

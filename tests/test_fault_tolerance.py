@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import psutil
 import pytest
@@ -22,6 +21,8 @@ import pytest
 from conftest import ROOT
 from mmtrain.audit import check, manifest_ids, read_audit
 from mmtrain.checkpoint import list_checkpoints, problem, staging_dir
+from mmtrain.metrics import read_metric_lines
+from paused_run import start_paused
 from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
 
@@ -55,27 +56,13 @@ def run_to_end(cmd, env=None):
     return r.stdout + r.stderr
 
 
-def start_paused(cmd, run, pause):
-    """Starts the command in its own session with the first attempt held at `pause`; returns
-    once the hold is reached (the run's checkpoints before it are complete)."""
-    log = open(f"{run}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "MMTRAIN_FAULT_PAUSE": pause})
-    deadline = time.time() + 600
-    while "fault injection: pausing" not in open(f"{run}.log").read():
-        assert proc.poll() is None, open(f"{run}.log").read()[-4000:]
-        assert time.time() < deadline, "the run never reached the fault injection point"
-        time.sleep(0.5)
-    return proc
-
-
 def kill_driver(proc):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
 
 def last_loss(run):
-    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    lines = read_metric_lines(str(run))
     assert lines[-1]["step"] == STEPS
     return lines[-1]["loss"]
 

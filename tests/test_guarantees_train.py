@@ -28,6 +28,7 @@ from conftest import ROOT
 from faulty_s3 import faulty_s3  # noqa: F401  (the fixture)
 from mmtrain.audit import read_audit
 from mmtrain.checkpoint import problem
+from mmtrain.metrics import read_metric_lines
 from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
 
@@ -74,7 +75,7 @@ def audit_cli(run, data):
 
 def logged_steps(run) -> list[dict]:
     """Every line of RUN/metrics.jsonl, in order (a resumed run logs its replayed steps again)."""
-    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    return read_metric_lines(str(run))
 
 
 def differences(run_rows: list[dict], reference_rows: list[dict]) -> list[str]:

@@ -12,7 +12,6 @@ import os
 import struct
 import tarfile
 import unicodedata
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +27,7 @@ from pipelines.modalities import decode_image
 from pipelines.preprocess import preprocess
 from pipelines.shard_job import process_shard
 from pipelines.storage import OutputStore
+from mediautil import png_by_hand, wav_edited
 from tarutil import write_tar
 
 WRITTEN = "written"
@@ -40,14 +40,7 @@ def _wav(wave: np.ndarray, sr: int, subtype: str = "PCM_16", *, rate: int | None
     """WAV bytes, optionally with the header's sample rate or data size edited afterwards."""
     buf = io.BytesIO()
     sf.write(buf, wave, sr, format="WAV", subtype=subtype)
-    b = bytearray(buf.getvalue())
-    if rate is not None:
-        i = b.find(b"fmt ")
-        b[i + 12:i + 16] = struct.pack("<I", rate)
-    if data_size is not None:
-        j = b.find(b"data")
-        b[j + 4:j + 8] = struct.pack("<I", data_size)
-    return bytes(b)
+    return wav_edited(buf.getvalue(), rate=rate, data_size=data_size)
 
 
 def _encoded(wave: np.ndarray, sr: int, fmt: str) -> bytes:
@@ -58,25 +51,6 @@ def _encoded(wave: np.ndarray, sr: int, fmt: str) -> bytes:
 
 def _tone(sr: int, seconds: float, freq: float = 440.0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * freq * np.arange(int(sr * seconds)) / sr)).astype(np.float32)
-
-
-def _png(w: int, h: int, color_type: int, bit_depth: int, pixels: np.ndarray | None = None,
-         rows: int | None = None) -> bytes:
-    """A PNG written by hand (16-bit RGB, or a header that lies about the size). `pixels`:
-    h x w x channels (big-endian for 16 bits); `rows`: only that many rows of zeros, in a zlib
-    stream that breaks off (a complete stream of fewer rows, Pillow fills up with black)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    if pixels is not None:
-        raw = np.hstack([np.zeros((h, 1), np.uint8), pixels.reshape(h, -1).view(np.uint8)]).tobytes()
-    else:
-        raw = bytes((1 + w * 3 * bit_depth // 8) * (rows or 0))
-    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
-    z = zlib.compressobj(1)
-    idat = z.compress(raw) + z.flush(zlib.Z_FINISH if pixels is not None else zlib.Z_SYNC_FLUSH)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
 
 
 def _saved(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -149,14 +123,14 @@ def _hostile_cases() -> dict[str, list[tuple[str, dict[str, bytes], tuple[str, s
             ("a-192khz-stereo", {"wav": _wav(np.stack([_tone(192_000, 0.5)] * 2, 1), 192_000)}, (WRITTEN, "")),
         ],
         "image": [
-            ("i-over-cap", {"png": _png(8000, 8000, 2, 8)}, (R.IMAGE_TOO_LARGE, err)),
-            ("i-pillow-bomb", {"png": _png(20000, 20000, 2, 8)}, (R.IMAGE_TOO_LARGE, err)),
-            ("i-png-lying", {"png": _png(4000, 4000, 2, 8, rows=10)}, (R.IMAGE_DECODE_ERROR, err)),
+            ("i-over-cap", {"png": png_by_hand(8000, 8000, 2, 8)}, (R.IMAGE_TOO_LARGE, err)),
+            ("i-pillow-bomb", {"png": png_by_hand(20000, 20000, 2, 8)}, (R.IMAGE_TOO_LARGE, err)),
+            ("i-png-lying", {"png": png_by_hand(4000, 4000, 2, 8, rows=10)}, (R.IMAGE_DECODE_ERROR, err)),
             ("i-webp-lying", {"webp": _webp_claiming(4000, 4000)}, (R.IMAGE_DECODE_ERROR, err)),
             ("i-webp-over-cap", {"webp": _webp_claiming(8000, 8000)}, (R.IMAGE_TOO_LARGE, err)),
-            ("i-png16-grey", {"png": _png(1200, 800, 0, 16, ((grey8.astype(np.uint16) << 8) | low).astype(">u2"))},
+            ("i-png16-grey", {"png": png_by_hand(1200, 800, 0, 16, ((grey8.astype(np.uint16) << 8) | low).astype(">u2"))},
              (WRITTEN, "")),
-            ("i-png16-rgb", {"png": _png(1200, 800, 2, 16, (rgb8.astype(np.uint16) << 8).astype(">u2"))},
+            ("i-png16-rgb", {"png": png_by_hand(1200, 800, 2, 16, (rgb8.astype(np.uint16) << 8).astype(">u2"))},
              (WRITTEN, "")),
             ("i-palette-alpha", {"png": _saved(Image.new("P", (300, 200), 3), "PNG", transparency=3)},
              (WRITTEN, "")),

@@ -8,17 +8,14 @@ import io
 import json
 import subprocess
 import sys
-import time
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from conftest import ROOT
+from conftest import ROOT, s3_raw_corpus
 from mmtrain.audit import read_audit
 from faulty_s3 import faulty_s3  # noqa: F401  (the fixture)
-from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
 from pipelines.retry import S3_RETRIES, ReadRetriesExhausted, RetryPolicy, open_retrying, with_retry_defaults
 from pipelines.source import _iter_stream, iter_tar_samples
@@ -30,15 +27,7 @@ SHARDS = [f"shard-{i:06d}.tar" for i in range(4)]
 def data(s3_server, tmp_path_factory):
     """One bucket for the module, holding a raw corpus (48 samples, 4 shards of 1.6-3 MB)
     under raw/ (the local copy too, as the reference for what a read must give)."""
-    root = tmp_path_factory.mktemp("s3retry")
-    make_corpus(str(root / "raw"), 48, 4, seed=11)
-    bucket = f"retry-{int(time.time() * 1000) % 10**9}"
-    boto3.client("s3", endpoint_url=s3_server["endpoint"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server["storage_options"])
-    for name in SHARDS:
-        fs.put_file(str(root / "raw" / name), f"{bucket}/raw/{name}")
-    return {"bucket": bucket, "local": root / "raw", "fs": fs}
+    return s3_raw_corpus(s3_server, tmp_path_factory.mktemp("s3retry"), "retry", SHARDS, samples=48, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,13 @@ object read.
 import json
 import subprocess
 import sys
-import time
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
-from conftest import ROOT
+from conftest import ROOT, s3_raw_corpus
 from s3_access import access_proxy, on_object  # noqa: F401  (the fixture)
 from pipelines import reasons
-from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
 from pipelines.retry import DENIED, FAILED, NOT_FOUND, TRANSIENT, StoreError, store_error_kind
 from pipelines.shards import expand_shards
@@ -36,15 +32,7 @@ def proxy(access_proxy):
 @pytest.fixture(scope="module")
 def data(s3_server, tmp_path_factory):
     """A bucket with a raw corpus (3 shards of 4 samples) under raw/, and its local copy."""
-    root = tmp_path_factory.mktemp("storeerr")
-    make_corpus(str(root / "raw"), 12, 3, seed=4)
-    bucket = f"storeerr-{int(time.time() * 1000) % 10**9}"
-    boto3.client("s3", endpoint_url=s3_server["endpoint"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server["storage_options"])
-    for name in SHARDS:
-        fs.put_file(str(root / "raw" / name), f"{bucket}/raw/{name}")
-    return {"bucket": bucket, "local": root / "raw", "fs": fs}
+    return s3_raw_corpus(s3_server, tmp_path_factory.mktemp("storeerr"), "storeerr", SHARDS, samples=12, seed=4)
 
 
 def run_cli(*args):

@@ -13,6 +13,7 @@ from conftest import ROOT, cli
 from mmtrain.audit import manifest_ids, read_audit
 from mmtrain.checkpoint import is_complete, list_checkpoints
 from mmtrain.export import load_exported, verify_probe
+from mmtrain.metrics import read_metric_lines
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -23,7 +24,7 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
         "--batch-size", 8, "--checkpoint-every", 2, "--audit-samples")
     rows = read_audit(str(run))
     last = max(r["step"] for r in rows)
-    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    metrics = read_metric_lines(str(run))
     assert [m["step"] for m in metrics] == [last]  # log_every 10: only the last step is logged
     m = metrics[0]
     assert math.isfinite(m["loss"]) and m["loss"] > 0 and 0 <= m["data_wait_frac"] <= 1 and m["samples"] > 0

@@ -1,0 +1,264 @@
+"""What the benchmarks share: measurements in fresh subprocesses with a memory meter over their
+whole process tree, CPU meters, medians of repeats, markdown tables and the report's tail.
+
+Each benchmark script imports this module first and calls `single_threaded()` before numpy or
+torch is imported: one BLAS thread per process, here and in every child, so that two cores are
+shared the same way by every configuration measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def single_threaded() -> None:
+    for k, v in THREAD_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def child_env() -> dict:
+    """The environment of a measured child: one BLAS thread, its own Ray auth token (no
+    ~/.ray/auth_token of another run is read or written) and never RAY_ADDRESS (always a fresh
+    embedded Ray, never somebody's cluster)."""
+    env = {**os.environ, **THREAD_ENV, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+# ------------------------------------------------------------------------------ CPU meters
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy so far (all cores, niced work included)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def tree_cpu(root_pid: int | None = None) -> float:
+    """CPU seconds of a process and its live descendants (plus children they have reaped)."""
+    import psutil
+
+    root = psutil.Process(root_pid or os.getpid())
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            c = p.cpu_times()
+            total += c.user + c.system + c.children_user + c.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+class Meter:
+    """Wall time, CPU of our process tree and CPU of everything else, over a `with` block."""
+
+    def __enter__(self):
+        self.t0, self.cpu0, self.busy0 = time.perf_counter(), tree_cpu(), busy_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = tree_cpu() - self.cpu0
+        self.other = max(0.0, busy_seconds() - self.busy0 - self.cpu)
+        return False
+
+    def result(self, samples: int) -> dict:
+        return {"seconds": round(self.wall, 3), "samples": samples,
+                "samples_per_s": round(samples / self.wall, 2),
+                "cpu_s": round(self.cpu, 2), "cores_used": round(self.cpu / self.wall, 2),
+                "other_cores": round(self.other / self.wall, 2)}
+
+
+# ------------------------------------------------------------------------------ memory meter
+
+class MemorySampler(threading.Thread):
+    """Sum of PSS (USS where PSS can't be read) over a process and its descendants, every
+    `interval` seconds: a Ray job's memory is spread over its driver, GCS, raylet and workers."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.metric = None
+        self.peak = self.peak_rss = 0
+        self.peak_procs = 0
+        self.series: list[tuple[float, int]] = []
+
+    def _one(self, p) -> tuple[int, int]:
+        if self.metric in (None, "pss"):
+            try:
+                mi = p.memory_full_info()
+                if getattr(mi, "pss", None) is not None:
+                    self.metric = "pss"
+                    return mi.pss, mi.rss
+            except Exception:
+                if self.metric == "pss":
+                    raise
+        self.metric = "uss"
+        mi = p.memory_full_info()
+        return mi.uss, mi.rss
+
+    def run(self) -> None:
+        import psutil
+
+        t0 = time.perf_counter()
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self.stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            total = rss = 0
+            for p in procs:
+                try:
+                    a, b = self._one(p)
+                    total, rss = total + a, rss + b
+                except psutil.Error:
+                    pass  # exited between listing and reading
+            self.peak, self.peak_rss = max(self.peak, total), max(self.peak_rss, rss)
+            self.peak_procs = max(self.peak_procs, len(procs))
+            self.series.append((round(time.perf_counter() - t0, 2), total))
+            self.stop.wait(self.interval)
+
+    def now(self) -> int:
+        return self.series[-1][1] if self.series else 0
+
+    def summary(self) -> dict:
+        return {"metric": self.metric, "peak_mb": round(self.peak / 2**20, 1),
+                "peak_rss_sum_mb": round(self.peak_rss / 2**20, 1), "peak_processes": self.peak_procs}
+
+
+# ------------------------------------------------------------------------------ a measured run
+
+@dataclass
+class TreeRun:
+    returncode: int
+    wall_s: float
+    stdout: str  # only when captured
+    killed: str | None  # why the guard killed it
+    memory: MemorySampler | None
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        procs = []
+    proc.kill()  # the driver through Popen, which then reaps it and keeps its exit status
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def run_tree(cmd: list[str], log: str, *, capture: bool = False, sample_memory: bool = False,
+             kill_above_gb: float | None = None, timeout: float | None = None) -> TreeRun:
+    """Runs `cmd` in a fresh process (`child_env`), its stderr (and its stdout unless
+    `capture`) appended to `log` after the command line. With `sample_memory` a
+    `MemorySampler` follows its process tree; a tree over `kill_above_gb`, or a run past
+    `timeout` seconds, is killed whole: a run that got out of hand must not take a shared
+    machine with it."""
+    with open(log, "ab") as lf, tempfile.TemporaryFile() as out:
+        lf.write(f"\n=== {' '.join(cmd)}\n".encode())
+        lf.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out if capture else lf, stderr=lf, env=child_env(), cwd=ROOT)
+        sampler = MemorySampler(proc.pid) if sample_memory else None
+        if sampler:
+            sampler.start()
+        killed = None
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = sampler.now() if sampler else 0
+            if kill_above_gb is not None and now > kill_above_gb * 2**30:
+                killed = f"killed: {now / 2**30:.1f} GiB > --kill-above-gb {kill_above_gb}"
+            elif timeout is not None and time.perf_counter() - t0 > timeout:
+                killed = f"killed: still running after --timeout {timeout} s"
+            if killed:
+                kill_tree(proc)
+                proc.wait()
+                break
+        wall = time.perf_counter() - t0
+        if sampler:
+            sampler.stop.set()
+            sampler.join()
+        out.seek(0)
+        stdout = out.read().decode() if capture else ""
+    return TreeRun(proc.returncode, wall, stdout, killed, sampler)
+
+
+# ------------------------------------------------------------------------------ reporting
+
+def median(xs, digits: int = 2):
+    return round(statistics.median(xs), digits) if xs else None
+
+
+def ratio(a, b, digits: int = 3):
+    return round(a / b, digits) if a is not None and b else None
+
+
+def md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table: the header, its rule, a line per row."""
+    return "\n".join([md_row(header), "|" + "---|" * len(header), *(md_row(r) for r in rows)])
+
+
+def loads(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def load_line(load_at_start: tuple[float, float, float]) -> str:
+    """How busy the machine was: a shared machine's load explains slow rounds."""
+    return f"load average (1/5/15 min) at start {loads(load_at_start)}, at end {loads(os.getloadavg())}"
+
+
+def machine(load_at_start: tuple[float, float, float]) -> dict:
+    return {"cpus": os.cpu_count(), "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()}
+
+
+def write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+@contextlib.contextmanager
+def work_folder(workdir: str | None, prefix: str):
+    """`workdir` (kept for the next run: corpora are slow to make), or a temporary folder
+    deleted at the end."""
+    work = workdir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if not workdir:
+            shutil.rmtree(work, ignore_errors=True)
