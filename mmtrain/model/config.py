@@ -93,12 +93,10 @@ _SIZE_FIELDS = ("width", "heads", "image_depth", "text_depth", "audio_depth", "f
                 "embed_dim", "audio_stride")
 
 PRESETS: dict[str, ModelConfig] = {
-    # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 6 blocks in all, so
-    # a training step is ~0.8 GFLOP/sample: ~0.37 s for a batch of 32 (224 px, 10 s, 64 tokens) on one core.
-    # Its front ends are tuned for learning speed on the 16-subject synthetic corpus: 8 px sub-patches
-    # merged into each 32 px token (same token count, +5% step time), mean-pooled image tokens and
-    # Whisper's log-mel scaling take held-out 16-way image->text recall@1 from 0.125 (12 epochs) or
-    # 0.25 (30 epochs) to 0.88-1.0 over 3 seeds in 20 epochs at lr 1e-3.
+    # ~2M params: the CPU default. Few tokens (50 image, 63 audio, 64 text) and 6 blocks in all, so a
+    # step on a CPU core takes a fraction of a second. Its front ends (8 px sub-patches merged into each
+    # 32 px token, mean-pooled image tokens, Whisper's log-mel scaling) are chosen for how fast they
+    # learn the synthetic corpus (benchmarks/README.md, "Measurements behind design choices").
     "tiny": ModelConfig(),
     **{name: ModelConfig(**dict(zip(_SIZE_FIELDS, size)), **_ORIGINAL_FRONT_END) for name, size in {
         #         width heads image text audio fusion decoder embed audio_stride
