@@ -107,6 +107,9 @@ def train(cfg: RunConfig, *, log=print) -> dict:
 
 
 def _train(cfg: RunConfig, *, log=print) -> dict:
+    """Settle storage -> resolve data -> count samples -> plan epochs and steps -> write run
+    files -> say where it resumes -> plan the workers -> build the Ray Train trainer -> fit.
+    Ray starts once the data is resolved: counting raw shards is already a Ray Data job."""
     import ray
 
     from pipelines.ingest import epoch_clock
