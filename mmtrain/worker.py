@@ -55,10 +55,10 @@ class Worker:
         self.shard = ray.train.get_dataset_shard(f"train_{rank}" if plan.per_rank_data else "train")
         self.clock = ray.get_actor(plan.clock)
         self.writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
-        self.window = MetricsWindow()
         self.attempt = attempt_number(cfg.run_dir, rank)
         self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
+        self.window = MetricsWindow()  # its clock starts here: the first line's throughput counts from now
         self.run_config_json = cfg.to_json()
         self.hooks = []
         # one pass = several epochs served as one stream (see pipelines/ingest.py): state.epoch
