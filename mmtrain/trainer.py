@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 from ray.train import DataConfig
 
@@ -18,8 +19,10 @@ from . import storage
 from .checkpoint import latest_complete, saved_state
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
+from .fault_injection import FaultPause
 from .run_lock import RunLock
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from .worker_plan import WorkerPlan
 
 
 def prepare_tokenizer(cfg: RunConfig, shards: list[str], preprocessed: bool):
@@ -61,35 +64,90 @@ def train(cfg: RunConfig, *, log=print) -> dict:
 
 
 def _train(cfg: RunConfig, *, log=print) -> dict:
+    """Settle storage -> resolve data -> count samples -> plan epochs and steps -> write run
+    files -> say where it resumes -> plan the workers -> build the Ray Train trainer -> fit.
+    Ray starts once the data is resolved: counting raw shards is already a Ray Data job."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ingest import build_dataset, epoch_clock, epochs_per_pass
+    from pipelines.ingest import epoch_clock
     from pipelines.runtime import init_ray
 
-    from .loop import train_loop_per_worker
+    cfg, checkpoints = _settle_storage(cfg)
+    cfg, shards, dataset_kwargs = _resolve_data(cfg)
+    init_ray(num_cpus=local_cpus(cfg))
+    _check_cpus_left_for_data(cfg)
+    n_samples = _count_samples(cfg, shards, dataset_kwargs, log)
+    cfg, schedule = _plan_epochs(cfg, n_samples, log)
+    ds_config = build_deepspeed_config(cfg, cfg.scale.workers, schedule.steps, on_gpu=cfg.scale.use_gpu)
+    _write_run_files(cfg, ds_config)
+    latest = _say_resume(cfg, checkpoints, log)
 
-    # workers run in other directories (and on other nodes): every path they get is absolute
+    clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
+    clock = epoch_clock(clock_name)
+    plan = WorkerPlan(run=cfg, deepspeed=ds_config, clock=clock_name, storage=checkpoints,
+                      per_rank_data=cfg.train.deterministic, epochs_per_pass=schedule.per_pass,
+                      samples_per_epoch=n_samples, fault=FaultPause.from_environment())
+    started = time.time()
+    try:
+        result = _fit(_torch_trainer(cfg, plan, shards, dataset_kwargs))
+    finally:
+        ray.kill(clock)
+    done = (result.metrics or {}).get("step", schedule.steps)
+    return {"steps": done, "scheduled_steps": schedule.steps, "steps_per_epoch": schedule.steps_per_epoch,
+            "samples": n_samples, "resumed_from": latest,
+            "seconds": round(time.time() - started, 1),
+            "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
+            if result.checkpoint else None}
+
+
+def _settle_storage(cfg: RunConfig) -> tuple[RunConfig, str]:
+    """The run directory made absolute (workers run in other directories, and on other nodes)
+    and created, and the checkpoint storage root, checked writable before anything runs."""
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))
     os.makedirs(cfg.run_dir, exist_ok=True)
     cfg = cfg.replace(checkpoint_storage=storage.settled(cfg.run_dir, cfg.checkpoint_storage))
     checkpoints = storage.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
     storage.check_writable(checkpoints, cfg.storage_options)
+    return cfg, checkpoints
+
+
+def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, list[str], dict]:
+    """The shards, their kind and counts, and the tokenizer (its vocabulary sizes the model):
+    the run config completed, the shards, and the keywords that build their dataset."""
     shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
     preprocessed = check_preprocessed(shards, cfg.data, cfg.storage_options)
     tokenizer = prepare_tokenizer(cfg, shards, preprocessed)
     cfg = cfg.replace(model={"vocab_size": tokenizer.vocab_size,
                              "gradient_checkpointing": cfg.train.activation_checkpointing})
     counts = shard_counts(shards, cfg.storage_options)
-    init_ray(num_cpus=local_cpus(cfg))
-    _check_cpus_left_for_data(cfg)
     dataset_kwargs = dict(seed=cfg.seed, preprocessed=preprocessed, storage_options=cfg.storage_options,
                           shard_counts=counts)
+    return cfg, shards, dataset_kwargs
+
+
+def _count_samples(cfg: RunConfig, shards: list[str], dataset_kwargs: dict, log) -> int | None:
+    """Samples per epoch: from the manifests, else counted by reading the shards when the run
+    is given in epochs (None with --max-steps: the step count alone schedules the run)."""
+    from pipelines.ingest import build_dataset
+
+    counts = dataset_kwargs["shard_counts"]
     n_samples = sum(counts.values()) if counts else None
     if n_samples is None and cfg.train.max_steps is None:
         log("counting samples (raw shards carry no manifest; preprocess them to skip this)...")
         n_samples = build_dataset(shards, cfg.data, **dataset_kwargs).count()
+    return n_samples
+
+
+@dataclass(frozen=True)
+class Schedule:
+    per_pass: int                  # epochs served as one stream
+    steps_per_epoch: int | None    # None: the epoch's size is unknown
+    steps: int                     # optimizer steps the learning-rate schedule spans
+
+
+def _plan_epochs(cfg: RunConfig, n_samples: int | None, log) -> tuple[RunConfig, Schedule]:
+    from pipelines.ingest import epochs_per_pass
+
     world = cfg.scale.workers
     per_pass = cfg.train.epochs_per_pass or epochs_per_pass(n_samples)
     buffer = n_samples // world // 4 if n_samples else None
@@ -101,15 +159,21 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
         cfg = cfg.replace(train={"shuffle_buffer": buffer})
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps_per_epoch = math.ceil(math.ceil(n_samples / world) / per_step) if n_samples else None
-    steps = total_steps(cfg, n_samples, world, per_pass)
-    ds_config = build_deepspeed_config(cfg, world, steps, on_gpu=cfg.scale.use_gpu)
+    return cfg, Schedule(per_pass, steps_per_epoch, total_steps(cfg, n_samples, world, per_pass))
+
+
+def _write_run_files(cfg: RunConfig, ds_config: dict) -> None:
     with open(os.path.join(cfg.run_dir, "run_config.json"), "w") as f:
         f.write(cfg.to_json())
     with open(os.path.join(cfg.run_dir, "deepspeed_config.json"), "w") as f:
         json.dump(ds_config, f, indent=1)
 
-    # Ray Train finds the run's checkpoints itself (its snapshot next to them) and the workers
-    # check them (loop._resume_point); this tells the user what will happen
+
+def _say_resume(cfg: RunConfig, checkpoints: str, log) -> str | None:
+    """The checkpoint the run will resume from, said to the user; a change of ZeRO stage is
+    refused here. Ray Train finds the run's checkpoints itself (its snapshot next to them) and
+    the workers check them (resume.resume_point): this only tells the user what will happen."""
+    world = cfg.scale.workers
     latest = latest_complete(checkpoints, log=log, storage_options=cfg.storage_options)
     if latest:
         saved = saved_state(latest, cfg.storage_options)
@@ -118,10 +182,14 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
                               f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
         log(f"resuming from {latest}" + (f" (written by {saved.world_size} workers, now {world}: elastic resume)"
                                          if saved.world_size != world else ""))
-    # the controller polls workers every 2 s by default, which stalls each checkpoint report
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
-    clock = epoch_clock(clock_name)
+    return latest
+
+
+def _datasets(cfg: RunConfig, clock_name: str, shards: list[str], dataset_kwargs: dict) -> tuple[dict, DataConfig]:
+    """Ray Train's datasets and their split over the workers."""
+    from pipelines.ingest import build_dataset
+
+    world = cfg.scale.workers
     if cfg.train.deterministic:
         # a reproducible split: rank r reads the shards at r, r+W, ... of the epoch's order, in
         # order, so a resumed rank is served exactly the rest of what it would have read
@@ -129,23 +197,29 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
                                                 **dataset_kwargs) for r in range(world)}
         options = DataConfig.default_ingest_options()
         options.preserve_order = True
-        dataset_config = DataConfig(datasets_to_split=[], execution_options=options)
-    else:
-        datasets = {"train": build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)}
-        dataset_config = ExactSplit(datasets_to_split=["train"])
-    # Ray Train's dashboard (Train state API) serves train_loop_config to every token holder: the
-    # credentials in the storage options reach the workers as an object reference instead (owned
-    # by this driver, so it resolves for every worker group Ray Train starts while the run lives)
-    trainer = TorchTrainer(
+        return datasets, DataConfig(datasets_to_split=[], execution_options=options)
+    datasets = {"train": build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)}
+    return datasets, ExactSplit(datasets_to_split=["train"])
+
+
+def _torch_trainer(cfg: RunConfig, plan: WorkerPlan, shards: list[str], dataset_kwargs: dict):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    datasets, dataset_config = _datasets(cfg, plan.clock, shards, dataset_kwargs)
+    # the controller polls workers every 2 s by default, which stalls each checkpoint report
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # the credentials reach the workers as an object reference (see WorkerPlan), owned by this
+    # driver, so it resolves for every worker group Ray Train starts while the run lives
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_public_dict(), "storage_options": ray.put(cfg.storage_options),
-                           "deepspeed": ds_config, "clock": clock_name,
-                           "storage": checkpoints, "per_rank_data": cfg.train.deterministic,
-                           "epochs_per_pass": per_pass, "samples_per_epoch": n_samples,
-                           "fault_pause": os.environ.get("MMTRAIN_FAULT_PAUSE")},
+        train_loop_config=plan.to_loop_config(ray.put(cfg.storage_options)),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=cfg.scale.use_gpu,
+            num_workers=cfg.scale.workers, use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
                                   **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                                   **cfg.scale.resources_per_worker}),
@@ -157,22 +231,16 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
         datasets=datasets,
         dataset_config=dataset_config,
     )
-    started = time.time()
+
+
+def _fit(trainer):
     try:
-        result = trainer.fit()  # raises Ray Train's report when the run fails
+        return trainer.fit()  # raises Ray Train's report when the run fails
     except Exception as e:
         user = _user_error(e)
         if user is None:
             raise
         raise user from e
-    finally:
-        ray.kill(clock)
-    done = (result.metrics or {}).get("step", steps)
-    return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples,
-            "resumed_from": latest,
-            "seconds": round(time.time() - started, 1),
-            "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
-            if result.checkpoint else None}
 
 
 def local_cpus(cfg: RunConfig) -> int:

@@ -29,7 +29,7 @@ from mmtrain.checkpoint import (DS_TAG, UNIVERSAL_TAG, TrainState, ensure_univer
 from mmtrain.config import RunConfig  # noqa: E402
 from mmtrain.data_position import DataPosition  # noqa: E402
 from mmtrain.deepspeed_config import build_deepspeed_config  # noqa: E402
-from mmtrain.loop import probe_batch  # noqa: E402
+from mmtrain.probe import probe_batch  # noqa: E402
 from mmtrain.model import build_model  # noqa: E402
 from mmtrain.weights_only import use_weights_only_loads  # noqa: E402
 

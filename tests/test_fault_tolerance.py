@@ -5,7 +5,7 @@ with the last step's loss of the uninterrupted run.
 
 64 samples in 8 shards, 2 workers x 8 per step: 4 steps per epoch, 2 epochs, a checkpoint
 every 2 steps. MMTRAIN_FAULT_PAUSE holds the first attempt at a chosen point so the kill
-lands where it is meant to (see mmtrain/loop.py:_fault_pause).
+lands where it is meant to (see mmtrain/fault_injection.py).
 """
 import json
 import os

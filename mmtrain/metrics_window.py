@@ -1,0 +1,50 @@
+"""What one metrics line reports: sums over the micro-steps since the last line, reduced over
+ranks when the line is written (every rank calls `report`: it is a collective)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LOSS_KEYS = ("loss", "loss_image_text", "loss_image_audio", "loss_text_audio", "loss_caption")
+
+
+class MetricsWindow:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = {k: 0.0 for k in LOSS_KEYS}
+        self.micro, self.samples, self.tokens, self.wait = 0, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, out: dict, ids: list, inputs: dict) -> None:
+        for k in LOSS_KEYS:
+            self.sums[k] += float(out[k].detach())
+        self.micro += 1
+        self.samples += len(ids)
+        present = inputs["text_present"].bool()
+        self.tokens += int((inputs["text_ids"][present] > 0).sum())
+
+    def report(self, engine, world: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        vec = torch.tensor([*self.sums.values(), self.micro, self.samples, self.tokens, self.wait, elapsed],
+                           dtype=torch.float64)
+        dist.all_reduce(vec)
+        n = max(vec[len(LOSS_KEYS)].item(), 1.0)
+        values = {k: vec[i].item() / n for i, k in enumerate(LOSS_KEYS)}
+        samples, tokens = vec[len(LOSS_KEYS) + 1].item(), vec[len(LOSS_KEYS) + 2].item()
+        wait, total = vec[-2].item() / world, vec[-1].item() / world
+        norm = engine.get_global_grad_norm()
+        values.update({
+            "samples": int(samples),
+            "samples_per_s": samples / max(total, 1e-9),
+            "tokens_per_s": tokens / max(total, 1e-9),
+            "data_wait_frac": wait / max(total, 1e-9),
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(norm) if norm is not None and np.isfinite(float(norm)) else None,
+        })
+        self.reset()
+        return values

@@ -1,0 +1,174 @@
+"""One Ray Train worker's training state and steps; loop.py drives it top to bottom.
+
+The worker holds the DeepSpeed engine, where training stands (`TrainState`), which rows this
+rank trained on (`DataPosition`), the metrics writer and window, and the audit file. Hooks
+(objects with `inside_save(worker)` and `after_step(worker)`; fault_injection.py is the one
+there is) see the moments a test aims a kill at.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import deepspeed
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from .attempts import AuditFile, attempt_number
+from .batch import Collate
+from .checkpoint import TrainState, checkpoint_name, restore, seed_everything, staged_checkpoint
+from .data_position import DataPosition
+from .metrics import MetricsWriter
+from .metrics_window import MetricsWindow
+from .model import build_model
+from .probe import write_probe
+from .resume import resume_point
+from .tokenizer import load_tokenizer
+from .worker_plan import WorkerPlan
+
+
+class Worker:
+    def __init__(self, plan: WorkerPlan, storage_options: dict):
+        self.plan = plan
+        self.cfg = cfg = plan.run_config(storage_options)
+        t = cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        # seeded before the model is built: its initial weights come from this seed
+        seed_everything(cfg.seed + rank, t.deterministic)
+        if not cfg.scale.use_gpu:
+            torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.scale.use_gpu else torch.device("cpu")
+        tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
+
+        resume_from, universal, self.taken = resume_point(plan.storage, rank, world, cfg.storage_options)
+        self.engine = _engine(cfg, plan.deepspeed, universal)
+        self.state, self.position = TrainState(world_size=world, zero_stage=t.zero_stage), DataPosition()
+        if resume_from is not None:
+            self.state, self.position = restore(self.engine, resume_from, rank, world, universal)
+        self.last_saved = self.state.step if resume_from is not None else -1
+
+        self.collate = Collate(tokenizer, t.batch_size, cfg.model.max_text_len, cfg.data.image.size,
+                               cfg.data.audio.n_mels, cfg.data.audio.num_frames)
+        self.shard = ray.train.get_dataset_shard(f"train_{rank}" if plan.per_rank_data else "train")
+        self.clock = ray.get_actor(plan.clock)
+        self.writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
+        self.attempt = attempt_number(cfg.run_dir, rank)
+        self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
+        self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
+        self.window = MetricsWindow()  # its clock starts here: the first line's throughput counts from now
+        self.run_config_json = cfg.to_json()
+        self.hooks = []
+        # one pass = several epochs served as one stream (see pipelines/ingest.py): state.epoch
+        # is the pass's first epoch, `seen` the newest epoch trained on, for the metrics
+        self.seen = self.state.epoch
+        self.pass_end = self.state.epoch
+
+    def has_work_left(self) -> bool:
+        return self.state.step < self.max_steps and self.state.epoch < self.cfg.train.epochs
+
+    def start_pass(self):
+        """Sets the epoch clock to this pass's epochs and returns this rank's batches of them."""
+        t, state = self.cfg.train, self.state
+        self.pass_end = _pass_end(state, t, self.world, self.plan.epochs_per_pass, self.plan.samples_per_epoch)
+        if self.rank == 0:
+            consumed = {e: sorted(ids) for e, ids in self.position.consumed().items()}
+            ray.get(self.clock.set.remote(state.epoch, self.pass_end, consumed))
+        dist.barrier()
+        # a shuffle buffer's contents at a checkpoint are not saved, so a resumed run would fill
+        # it differently: deterministic runs shuffle by shard order alone
+        buffer = 0 if t.deterministic else t.shuffle_buffer
+        return self.shard.iter_torch_batches(
+            batch_size=t.batch_size, collate_fn=self.collate, prefetch_batches=t.prefetch_batches,
+            local_shuffle_buffer_size=buffer or None,
+            local_shuffle_seed=(self.cfg.seed * 1_000_003 + state.epoch * 1009 + self.rank) if buffer else None,
+        )
+
+    def train_on(self, batch: dict, waited: float) -> bool:
+        """One micro-step; at a gradient-accumulation boundary also the optimizer step's
+        bookkeeping, metrics line and checkpoint. True when an optimizer step was taken."""
+        self.window.wait += waited
+        ids = batch.pop("ids")
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = self.engine(inputs)
+        self.engine.backward(out["loss"])
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        self.position.add(ids)
+        self.window.add(out, ids, inputs)
+        self.seen = max([self.seen] + [e for _, _, e in ids])
+        if self.audit is not None and ids:
+            self.audit.write(self.state.step + 1, ids)
+        if boundary:
+            self._stepped()
+        return boundary
+
+    def _stepped(self) -> None:
+        state, t = self.state, self.cfg.train
+        self.position.commit()
+        state.step += 1
+        if state.step % t.log_every == 0 or state.step == self.max_steps:
+            self.log()
+        if state.step % t.checkpoint_every == 0 and state.step < self.max_steps:
+            self.save()
+        for hook in self.hooks:
+            hook.after_step(self)
+
+    def end_pass(self) -> None:
+        if self.state.step < self.max_steps:  # the stream ran out: every epoch of the pass was served
+            self.state.epoch = self.pass_end + 1
+            self.position.next_pass(self.state.epoch)
+
+    def log(self) -> None:
+        metrics = self.window.report(self.engine, self.world)
+        self.state.samples += metrics["samples"]
+        self.writer.log(self.state.step, {**metrics, "epoch": self.seen})
+
+    def save(self) -> None:
+        engine, state, position, rank, taken = self.engine, self.state, self.position, self.rank, self.taken
+        run_config_json, run_dir = self.run_config_json, self.cfg.run_dir
+        if self.audit is not None:
+            self.audit.flush()
+        with staged_checkpoint(engine, state, position, run_config_json, rank, run_dir) as d:
+            for hook in self.hooks:
+                hook.inside_save(self)
+            ray.train.report({"step": state.step, "epoch": state.epoch},
+                             checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=checkpoint_name(state.step, taken))
+        self.last_saved = state.step
+
+    def finish(self) -> None:
+        """The last metrics line and checkpoint, if the last step has none yet, and the probe."""
+        if self.window.micro:  # steps since the last log line (every rank has the same count)
+            self.log()
+        if self.last_saved != self.state.step:
+            self.save()
+        write_probe(self.engine, self.cfg, self.rank, self.device)
+        self.writer.close()
+        if self.audit is not None:
+            self.audit.close()
+
+
+def _engine(cfg, ds_config: dict, universal: bool):
+    """The DeepSpeed engine over a new model; a universal checkpoint (the worker count changed)
+    needs DeepSpeed told so before it loads."""
+    if universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    model = build_model(cfg.model)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad],
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def _pass_end(state, t, world: int, epochs_per_pass: int, samples_per_epoch: int | None) -> int:
+    """The last epoch of the pass starting at state.epoch: no further than --epochs, and with
+    --max-steps no further than the steps left can reach, so a run stopped by its step count
+    leaves at most the epoch it stopped in (and the next, begun by prefetch) partly served."""
+    last = min(t.epochs, state.epoch + epochs_per_pass) - 1
+    if t.max_steps and samples_per_epoch:
+        samples_left = (t.max_steps - state.step) * t.batch_size * t.grad_accum * world
+        last = min(last, state.epoch + math.ceil(samples_left / samples_per_epoch))
+    return last
