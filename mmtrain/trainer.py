@@ -14,9 +14,9 @@ from ray.train import DataConfig
 
 from pipelines.retry import open_retrying, read_parquet_retrying, with_retry_defaults
 from pipelines.shards import expand_shards
+from pipelines.storage import join
 
-from . import storage
-from .checkpoint import latest_complete, saved_state
+from .checkpoint import CheckpointStore, location
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .run_lock import RunLock
@@ -116,9 +116,9 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     # workers run in other directories (and on other nodes): every path they get is absolute
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))
     os.makedirs(cfg.run_dir, exist_ok=True)
-    cfg = cfg.replace(checkpoint_storage=storage.settled(cfg.run_dir, cfg.checkpoint_storage))
-    checkpoints = storage.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
-    storage.check_writable(checkpoints, cfg.storage_options)
+    cfg = cfg.replace(checkpoint_storage=location.settled(cfg.run_dir, cfg.checkpoint_storage))
+    checkpoints = location.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
+    store = CheckpointStore.writable(checkpoints, cfg.storage_options)
     shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
     preprocessed = check_preprocessed(shards, cfg)
     tokenizer = prepare_tokenizer(cfg, shards)
@@ -153,9 +153,9 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
 
     # Ray Train finds the run's checkpoints itself (its snapshot next to them) and the workers
     # check them (loop._resume_point); this tells the user what will happen
-    latest = latest_complete(checkpoints, log=log, storage_options=cfg.storage_options)
+    latest = store.latest_complete(log=log)
     if latest:
-        saved = saved_state(latest, cfg.storage_options)
+        saved = store.saved_state(latest)
         if saved.zero_stage != cfg.train.zero_stage:
             raise ConfigError(f"{latest} was written with ZeRO stage {saved.zero_stage}; resume with "
                               f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
@@ -193,7 +193,7 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
                                   **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                                   **cfg.scale.resources_per_worker}),
         run_config=RayRunConfig(
-            **storage.ray_storage(cfg.run_dir, cfg.checkpoint_storage, cfg.storage_options),
+            **location.ray_storage(cfg.run_dir, cfg.checkpoint_storage, cfg.storage_options),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
@@ -214,7 +214,7 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     return {"steps": done, "scheduled_steps": steps, "steps_per_epoch": steps_per_epoch, "samples": n_samples,
             "resumed_from": latest,
             "seconds": round(time.time() - started, 1),
-            "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
+            "checkpoint": join(checkpoints, os.path.basename(result.checkpoint.path))
             if result.checkpoint else None}
 
 
@@ -250,7 +250,7 @@ def _user_error(error: BaseException) -> BaseException | None:
     one-line error it is. Anything else keeps Ray Train's full report (a bug's traceback)."""
     from pipelines.retry import StoreError
 
-    from .checkpoint_records import CheckpointUnreadable
+    from .checkpoint import CheckpointUnreadable
 
     for failure in getattr(error, "worker_failures", {}).values():
         seen, e = 0, failure
