@@ -15,8 +15,8 @@ from pipelines.dataset import check_preprocessed
 from pipelines.errors import UserError
 from pipelines.shards import expand_shards
 
-from . import storage
 from .batch import Collate
+from .checkpoint.location import run_store
 from .export import load_latest
 from .model import build_model
 from .tokenizer import load_tokenizer
@@ -43,8 +43,7 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
 
     from .config import RunConfig
 
-    root, checkpoint_options = storage.run_checkpoints(run_dir, storage_options)
-    checkpoint, run, weights = load_latest(root, checkpoint_options, checkpoint)
+    checkpoint, run, weights = load_latest(run_store(run_dir, storage_options), checkpoint)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to evaluate; train first")
     cfg = RunConfig.from_dict({**run, "storage_options": storage_options or {}})

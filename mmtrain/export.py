@@ -11,15 +11,9 @@ import os
 
 import torch
 
-from pipelines.errors import UserError
-
-from . import storage
-from .checkpoint import DS_TAG, all_records, latest_complete, local_problem, say_incomplete
+from .checkpoint import DS_TAG, CheckpointDamaged, CheckpointStore, local_problem, say_incomplete
+from .checkpoint.location import run_store
 from .model import ModelConfig, build_model
-
-
-class CheckpointDamaged(UserError):
-    """A checkpoint's files do not match its done records (one line)."""
 
 
 def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -40,15 +34,15 @@ def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def load_checkpoint(checkpoint: str, storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the run config it was saved with, consolidated fp32 weights) of a checkpoint in any
-    storage; from remote storage, through a temporary local copy of its DeepSpeed files.
+def load_checkpoint(store: CheckpointStore, checkpoint: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the run config it was saved with, consolidated fp32 weights) of a checkpoint of
+    `store`; from remote storage, through a temporary local copy of its DeepSpeed files.
     Every file read is first checked against the done records (CheckpointDamaged if not)."""
     def wanted(name: str) -> bool:
         return "/" not in name or name.startswith(f"{DS_TAG}/")
 
-    expected = all_records(checkpoint, storage_options)
-    with storage.local_copy(checkpoint, storage_options, wanted) as local:
+    expected = store.all_records(checkpoint)
+    with store.local_copy(checkpoint, wanted) as local:
         why = local_problem(local, expected, wanted, (DS_TAG,))
         if why is not None:
             raise CheckpointDamaged(say_incomplete(checkpoint, why))
@@ -61,8 +55,8 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     """`storage_options`: for the run's checkpoint storage (default: those it was trained with)."""
     from safetensors.torch import save_file
 
-    root, storage_options = storage.run_checkpoints(run_dir, storage_options)
-    checkpoint, run, state = load_latest(root, storage_options, checkpoint)
+    store = run_store(run_dir, storage_options)
+    checkpoint, run, state = load_latest(store, checkpoint)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first")
     tok_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
@@ -75,23 +69,24 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     save_file(state, output, metadata=metadata)
     model, _, _ = load_exported(output)
-    latest = latest_complete(root, storage_options=storage_options)
+    latest = store.latest_complete()
     diff = verify_probe(model, run_dir) if latest == checkpoint else None
     return {"output": output, "checkpoint": checkpoint, "tensors": len(state),
             "parameters": int(sum(v.numel() for v in state.values())), "probe_max_abs_diff": diff}
 
 
-def load_latest(root: str, storage_options: dict | None, checkpoint: str | None = None, log=print
+def load_latest(store: CheckpointStore, checkpoint: str | None = None, log=print
                 ) -> tuple[str | None, dict, dict[str, torch.Tensor]]:
-    """(checkpoint, run config, weights) of `checkpoint`, or of the newest complete
-    checkpoint under `root` whose files match their records, falling back past damaged ones
-    with one line each. (None, {}, {}) if there is none."""
+    """(checkpoint, run config, weights) of `checkpoint` (in any folder, reached with the
+    store's options), or of the newest complete checkpoint of `store` whose files match their
+    records, falling back past damaged ones with one line each. (None, {}, {}) if there is none."""
     if checkpoint is not None:
-        return (checkpoint, *load_checkpoint(checkpoint, storage_options))
+        return (checkpoint, *load_checkpoint(CheckpointStore.containing(checkpoint, store.storage_options),
+                                             checkpoint))
     before = None
-    while (checkpoint := latest_complete(root, log, before=before, storage_options=storage_options)) is not None:
+    while (checkpoint := store.latest_complete(log, before=before)) is not None:
         try:
-            return (checkpoint, *load_checkpoint(checkpoint, storage_options))
+            return (checkpoint, *load_checkpoint(store, checkpoint))
         except CheckpointDamaged as e:
             log(str(e))
             before = checkpoint

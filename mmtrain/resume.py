@@ -6,8 +6,7 @@ import os
 import ray.train
 import torch.distributed as dist
 
-from .checkpoint import (checkpoint_folders, discard_newer, ensure_universal, fetch, latest_complete, needs_universal,
-                         say_incomplete, select, step_of)
+from .checkpoint import CheckpointStore, fetch, say_incomplete, step_of
 
 
 def resume_point(storage: str, rank: int, world: int, storage_options: dict
@@ -19,21 +18,20 @@ def resume_point(storage: str, rank: int, world: int, storage_options: dict
     abandoned saves after the one chosen (none when there is none: a run that finds no
     complete checkpoint starts over beside the others and deletes nothing). Returns, on every
     rank, the checkpoint, whether it is universal, and the folder names saves must not reuse."""
-    path = None
+    path, store = None, CheckpointStore(storage, storage_options)
     if rank == 0:
         registered = ray.train.get_checkpoint()
         # Ray's path is on its own filesystem object, without the URL scheme: name it by ours
-        path = select(f"{storage}/{os.path.basename(registered.path)}" if registered is not None else None,
-                      storage, storage_options=storage_options)
+        path = store.select(f"{storage}/{os.path.basename(registered.path)}" if registered is not None else None)
     while True:
-        choice = [(path, rank == 0 and path is not None and needs_universal(path, world, storage_options))]
+        choice = [(path, rank == 0 and path is not None and store.needs_universal(path, world))]
         dist.broadcast_object_list(choice, src=0)
         path, universal = choice[0]
         if path is None:
             break
-        why = ensure_universal(path, storage_options=storage_options) if universal and rank == 0 else None
+        why = store.ensure_universal(path) if universal and rank == 0 else None
         dist.barrier()  # the universal copy, if any, is in storage
-        why = why or fetch(path, rank, universal, storage_options)
+        why = why or fetch(store, path, rank, universal)
         reasons = [None] * world
         dist.all_gather_object(reasons, why)
         found = next((f"rank {r}: {w}" for r, w in enumerate(reasons) if w is not None), None)
@@ -41,12 +39,12 @@ def resume_point(storage: str, rank: int, world: int, storage_options: dict
             break
         if rank == 0:
             print(f"rank 0: {say_incomplete(path, found)}")
-            path = latest_complete(storage, before=path, storage_options=storage_options)
+            path = store.latest_complete(before=path)
     taken = [frozenset()]
     if rank == 0:
-        discard_newer(storage, step_of(path) if path is not None else None, storage_options=storage_options)
+        store.discard_newer(step_of(path) if path is not None else None)
         if path is not None:
             print(f"rank 0: resuming from {path}" + (" (universal, new worker count)" if universal else ""))
-        taken = [frozenset(checkpoint_folders(storage, storage_options))]
+        taken = [frozenset(store.folders())]
     dist.broadcast_object_list(taken, src=0)
     return path, universal, taken[0]

@@ -1,7 +1,7 @@
 """One `train` at a time per run directory: RUN/train.lock.
 
 Two drivers on one run would interleave their audits and metrics and each empty the other's
-checkpoints as "abandoned" (checkpoint.discard_newer). So a driver holds the lock from before
+checkpoints as "abandoned" (CheckpointStore.discard_newer). So a driver holds the lock from before
 it writes anything into the run until it ends, on success or error. A second `train` is
 refused in one line; the lock of a driver that died (kill -9, a lost node) is taken over by
 the next `train`, which says so.

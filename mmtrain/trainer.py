@@ -14,9 +14,9 @@ from ray.train import DataConfig
 
 from pipelines.dataset import check_preprocessed, shard_counts
 from pipelines.shards import expand_shards
+from pipelines.storage import join
 
-from . import storage
-from .checkpoint import latest_complete, saved_state
+from .checkpoint import CheckpointStore, location
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .fault_injection import FaultPause
@@ -96,7 +96,7 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     return {"steps": done, "scheduled_steps": schedule.steps, "steps_per_epoch": schedule.steps_per_epoch,
             "samples": n_samples, "resumed_from": latest,
             "seconds": round(time.time() - started, 1),
-            "checkpoint": storage.join(checkpoints, os.path.basename(result.checkpoint.path))
+            "checkpoint": join(checkpoints, os.path.basename(result.checkpoint.path))
             if result.checkpoint else None}
 
 
@@ -105,9 +105,9 @@ def _settle_storage(cfg: RunConfig) -> tuple[RunConfig, str]:
     and created, and the checkpoint storage root, checked writable before anything runs."""
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))
     os.makedirs(cfg.run_dir, exist_ok=True)
-    cfg = cfg.replace(checkpoint_storage=storage.settled(cfg.run_dir, cfg.checkpoint_storage))
-    checkpoints = storage.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
-    storage.check_writable(checkpoints, cfg.storage_options)
+    cfg = cfg.replace(checkpoint_storage=location.settled(cfg.run_dir, cfg.checkpoint_storage))
+    checkpoints = location.checkpoint_root(cfg.run_dir, cfg.checkpoint_storage)
+    CheckpointStore.writable(checkpoints, cfg.storage_options)
     return cfg, checkpoints
 
 
@@ -174,9 +174,10 @@ def _say_resume(cfg: RunConfig, checkpoints: str, log) -> str | None:
     refused here. Ray Train finds the run's checkpoints itself (its snapshot next to them) and
     the workers check them (resume.resume_point): this only tells the user what will happen."""
     world = cfg.scale.workers
-    latest = latest_complete(checkpoints, log=log, storage_options=cfg.storage_options)
+    store = CheckpointStore(checkpoints, cfg.storage_options)
+    latest = store.latest_complete(log=log)
     if latest:
-        saved = saved_state(latest, cfg.storage_options)
+        saved = store.saved_state(latest)
         if saved.zero_stage != cfg.train.zero_stage:
             raise ConfigError(f"{latest} was written with ZeRO stage {saved.zero_stage}; resume with "
                               f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
@@ -224,7 +225,7 @@ def _torch_trainer(cfg: RunConfig, plan: WorkerPlan, shards: list[str], dataset_
                                   **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                                   **cfg.scale.resources_per_worker}),
         run_config=RayRunConfig(
-            **storage.ray_storage(cfg.run_dir, cfg.checkpoint_storage, cfg.storage_options),
+            **location.ray_storage(cfg.run_dir, cfg.checkpoint_storage, cfg.storage_options),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),

@@ -9,7 +9,7 @@ A file needing anything else is refused by torch with the class named, rather th
 
 Not covered, as DeepSpeed offers no hook there: the universal-checkpoint converter and loader
 (an elastic resume) and `zero_to_fp32` (export). There, and as a second guard here, a rank
-loads only files whose sha256 matches what our save recorded (checkpoint_records.py).
+loads only files whose sha256 matches what our save recorded (checkpoint/records.py).
 """
 from __future__ import annotations
 

@@ -18,11 +18,12 @@ import torch.distributed as dist
 
 from .attempts import AuditFile, attempt_number
 from .batch import Collate
-from .checkpoint import TrainState, checkpoint_name, restore, seed_everything, staged_checkpoint
+from .checkpoint import TrainState, checkpoint_name, restore, staged_checkpoint
 from .data_position import DataPosition
 from .metrics import MetricsWriter
 from .metrics_window import MetricsWindow
 from .model import build_model
+from .seeding import seed_everything
 from .probe import write_probe
 from .resume import resume_point
 from .tokenizer import load_tokenizer

@@ -24,8 +24,8 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mmtrain.checkpoint import (DS_TAG, UNIVERSAL_TAG, TrainState, ensure_universal, needs_universal,  # noqa: E402
-                                saved_state, staged_checkpoint)
+from mmtrain.checkpoint import (DS_TAG, UNIVERSAL_TAG, CheckpointStore, TrainState,  # noqa: E402
+                                staged_checkpoint)
 from mmtrain.config import RunConfig  # noqa: E402
 from mmtrain.data_position import DataPosition  # noqa: E402
 from mmtrain.deepspeed_config import build_deepspeed_config  # noqa: E402
@@ -44,9 +44,10 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
         model={"vocab_size": 260, "contrastive_weight": 0.0}, train={"zero_stage": stage, "batch_size": GLOBAL_BATCH // world, "lr": 1e-2,
                                           "warmup_steps": 0, "epochs": 1})
     ckpt = os.path.join(out, "ckpt")
-    universal = phase == "load" and mode == "full" and needs_universal(ckpt, world)
+    store = CheckpointStore(out)
+    universal = phase == "load" and mode == "full" and store.needs_universal(ckpt, world)
     if universal and rank == 0:
-        assert ensure_universal(ckpt) is None
+        assert store.ensure_universal(ckpt) is None
     dist.barrier()
     ds_config = build_deepspeed_config(cfg, world, steps=10, on_gpu=False)
     if universal:
@@ -91,7 +92,7 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
         if mode == "full":
             assert use_weights_only_loads(engine)  # as the training loop restores
             engine.load_checkpoint(ckpt, tag=UNIVERSAL_TAG if universal else DS_TAG)
-        assert saved_state(ckpt).step == 2
+        assert store.saved_state(ckpt).step == 2
         step()
         result = {"loss": loss_now(), "universal": universal}
         name = f"got_{mode}.json"

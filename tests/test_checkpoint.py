@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port
-from mmtrain.checkpoint import (ABANDONED, UNIVERSAL_TAG, checkpoint_folders, checkpoint_name, discard_newer, fetch,
-                                list_checkpoints, latest_complete, problem, select, step_of)
+from mmtrain.checkpoint import ABANDONED, UNIVERSAL_TAG, CheckpointStore, checkpoint_name, fetch, step_of
 from mmtrain.export import load_latest
 from mmtrain.weights_only import load_weights_only
 
@@ -67,7 +66,7 @@ def storage_with(tmp_path, saved, steps):
 
 
 def test_a_complete_checkpoint_passes_the_check(saved):
-    assert problem(str(saved)) is None
+    assert CheckpointStore.containing(str(saved)).problem(str(saved)) is None
 
 
 def test_a_checkpoint_cut_short_falls_back_to_the_previous_one(tmp_path, saved):
@@ -77,36 +76,36 @@ def test_a_checkpoint_cut_short_falls_back_to_the_previous_one(tmp_path, saved):
     optim = next((storage / "checkpoint_000000004" / "ds").glob("*rank_1*optim_states.pt"))
     with open(optim, "r+b") as f:
         f.truncate(os.path.getsize(optim) // 2)
-    said = []
-    assert latest_complete(str(storage), log=said.append) == str(storage / "checkpoint_000000002")
+    said, store = [], CheckpointStore(str(storage))
+    assert store.latest_complete(log=said.append) == str(storage / "checkpoint_000000002")
     assert "rank 1 of 2 did not finish its part" in said[0] and "checkpoint_000000006" in said[0]
     assert "checkpoint_000000004" in said[1] and "bytes" in said[1] and "falling back" in said[1]
     # Ray Train's registered latest is used when it is complete, skipped when it is not
-    assert select(str(storage / "checkpoint_000000002"), str(storage), log=said.append).endswith("_000000002")
-    assert select(str(storage / "checkpoint_000000004"), str(storage), log=said.append).endswith("_000000002")
+    assert store.select(str(storage / "checkpoint_000000002"), log=said.append).endswith("_000000002")
+    assert store.select(str(storage / "checkpoint_000000004"), log=said.append).endswith("_000000002")
 
 
 def test_a_missing_file_or_state_is_named(tmp_path, saved):
     storage = storage_with(tmp_path, saved, [2])
-    ckpt = storage / "checkpoint_000000002"
+    ckpt, store = storage / "checkpoint_000000002", CheckpointStore(str(storage))
     os.remove(next((ckpt / "position").glob("rank_*.json")))
-    assert "is missing" in problem(str(ckpt))
+    assert "is missing" in store.problem(str(ckpt))
     os.remove(ckpt / "train_state.json")
-    assert "train_state.json" in problem(str(ckpt))
+    assert "train_state.json" in store.problem(str(ckpt))
 
 
 def test_abandoned_saves_are_emptied_and_their_names_not_reused(tmp_path, saved):
     storage = storage_with(tmp_path, saved, [2, 4, 6])
     shutil.copytree(saved, storage / "checkpoint_000000004_r1")  # an earlier fallback's save of 4
-    said = []
-    discard_newer(str(storage), 2, log=said.append)
+    said, store = [], CheckpointStore(str(storage))
+    store.discard_newer(2, log=said.append)
     # the folders stay (Ray Train may still list them and delete them itself), emptied
     for name in ("checkpoint_000000004", "checkpoint_000000004_r1", "checkpoint_000000006"):
         assert os.listdir(storage / name) == [ABANDONED]
     assert len(said) == 3 and all("removing" in s for s in said)
-    assert list_checkpoints(str(storage)) == [str(storage / "checkpoint_000000002")]
-    assert latest_complete(str(storage), log=said.append) == str(storage / "checkpoint_000000002")
-    taken = set(checkpoint_folders(str(storage)))
+    assert store.list() == [str(storage / "checkpoint_000000002")]
+    assert store.latest_complete(log=said.append) == str(storage / "checkpoint_000000002")
+    taken = set(store.folders())
     assert checkpoint_name(4, taken) == "checkpoint_000000004_r2"
     assert checkpoint_name(6, taken) == "checkpoint_000000006_r1"
     assert checkpoint_name(8, taken) == "checkpoint_000000008"
@@ -115,7 +114,7 @@ def test_abandoned_saves_are_emptied_and_their_names_not_reused(tmp_path, saved)
 
 def test_a_same_size_change_to_a_real_file_is_caught_before_it_is_unpickled(tmp_path, saved):
     storage = storage_with(tmp_path, saved, [2, 4])
-    ckpt = storage / "checkpoint_000000004"
+    ckpt, store = storage / "checkpoint_000000004", CheckpointStore(str(storage))
     record = json.loads((ckpt / "done" / "rank_00000").read_text())
     assert record["format"] == 2 and all(len(v["sha256"]) == 64 for v in record["files"].values())
     assert json.loads((ckpt / "rng" / "rank_00001.json").read_text())["torch"]  # RNG states are JSON, not pickles
@@ -123,12 +122,12 @@ def test_a_same_size_change_to_a_real_file_is_caught_before_it_is_unpickled(tmp_
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    assert problem(str(ckpt)) is None  # sizes cannot tell
+    assert store.problem(str(ckpt)) is None  # sizes cannot tell
     for rank in (0, 1):  # both ranks load the model states
-        assert fetch(str(ckpt), rank) == "ds/mp_rank_00_model_states.pt does not match the sha256 it was written with"
-    assert fetch(str(storage / "checkpoint_000000002"), 1) is None
+        assert fetch(store, str(ckpt), rank) == "ds/mp_rank_00_model_states.pt does not match the sha256 it was written with"
+    assert fetch(store, str(storage / "checkpoint_000000002"), 1) is None
     said = []
-    checkpoint, run, weights = load_latest(str(storage), None, log=said.append)
+    checkpoint, run, weights = load_latest(store, log=said.append)
     assert checkpoint == str(storage / "checkpoint_000000002") and weights and run["model"]
     assert len(said) == 1 and "checkpoint_000000004 is incomplete (ds/mp_rank_00_model_states.pt does not" in said[0]
 

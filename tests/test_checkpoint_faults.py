@@ -22,11 +22,10 @@ import torch
 
 from conftest import ROOT
 from faulty_s3 import FaultyS3Proxy, _object_of
-from mmtrain.checkpoint import (ABANDONED, CheckpointUnreadable, discard_newer, fetch, latest_complete,
-                                list_checkpoints, problem, record_of, restore_dir, rng_state, select,
-                                set_rng_state)
+from mmtrain.checkpoint import (ABANDONED, CheckpointStore, CheckpointUnreadable, UnsafeKey, fetch, record_of,
+                                restore_dir)
 from mmtrain.export import CheckpointDamaged, load_checkpoint
-from mmtrain.storage import UnsafeKey
+from mmtrain.seeding import rng_state, set_rng_state
 
 DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
                b"<Message>Access Denied</Message><RequestId>faulty</RequestId></Error>")
@@ -107,10 +106,10 @@ def test_a_store_error_on_the_newest_checkpoint_fails_the_resume_and_deletes_not
         put_checkpoint(fs, root, tmp_path, step)
     before = snapshot(fs, bucket)
     getattr(proxy, fault).add(f"checkpoint_000000006/{target}")
-    opts = proxy.storage_options
+    store = CheckpointStore(root, proxy.storage_options)
     said = []
-    for resume in (lambda: select(f"{root}/checkpoint_000000006", root, said.append, storage_options=opts),
-                   lambda: latest_complete(root, said.append, storage_options=opts)):
+    for resume in (lambda: store.select(f"{root}/checkpoint_000000006", said.append),
+                   lambda: store.latest_complete(said.append)):
         with pytest.raises(CheckpointUnreadable) as e:
             resume()
         message = str(e.value)
@@ -121,39 +120,41 @@ def test_a_store_error_on_the_newest_checkpoint_fails_the_resume_and_deletes_not
     assert snapshot(fs, bucket) == before
     # the same store answering again: the newest is complete and nothing was lost on the way
     getattr(proxy, fault).clear()
-    assert select(f"{root}/checkpoint_000000006", root, storage_options=opts) == f"{root}/checkpoint_000000006"
+    assert store.select(f"{root}/checkpoint_000000006") == f"{root}/checkpoint_000000006"
 
 
 def test_a_same_size_replacement_fails_its_hash_where_it_is_loaded_and_falls_back(s3_bucket, s3_server, tmp_path):
     bucket, fs = s3_bucket
     opts = s3_server["storage_options"]
     root = f"s3://{bucket}/run/train"
+    store = CheckpointStore(root, opts)
     two, four = (put_checkpoint(fs, root, tmp_path, s) for s in (2, 4))
     victim = f"{bucket}/run/train/checkpoint_000000004/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     fs.pipe_file(victim, b"x" * 500)  # the size it was written with, other bytes
-    assert problem(four, opts) is None  # the listing cannot tell
-    assert fetch(four, 0, storage_options=opts) is None  # rank 0 does not load rank 1's partition
-    why = fetch(four, 1, storage_options=opts)
+    assert store.problem(four) is None  # the listing cannot tell
+    assert fetch(store, four, 0) is None  # rank 0 does not load rank 1's partition
+    why = fetch(store, four, 1)
     assert why == "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match the sha256 it was written with"
     assert not os.path.exists(restore_dir(four, 1))  # the copy that failed is not kept
     said = []
-    assert latest_complete(root, said.append, before=four, storage_options=opts) == two
-    assert all(fetch(two, r, storage_options=opts) is None for r in (0, 1))
+    assert store.latest_complete(said.append, before=four) == two
+    assert all(fetch(store, two, r) is None for r in (0, 1))
     # export and evaluate check what they unpickle too: the stand-in bytes are never loaded
     fs.pipe_file(f"{bucket}/run/train/checkpoint_000000002/ds/mp_rank_00_model_states.pt", b"y" * 300)
     with pytest.raises(CheckpointDamaged, match="checkpoint_000000002 is incomplete .*mp_rank_00_model_states.pt "
                                                 "does not match the sha256"):
-        load_checkpoint(two, opts)
+        load_checkpoint(store, two)
 
 
 def test_a_file_planted_beside_the_recorded_ones_is_not_loaded(s3_bucket, s3_server, tmp_path):
     bucket, fs = s3_bucket
     opts = s3_server["storage_options"]
     four = put_checkpoint(fs, f"s3://{bucket}/run/train", tmp_path, 4)
+    store = CheckpointStore.containing(four, opts)
     # DeepSpeed finds model files by pattern: an extra one would be unpickled
     fs.pipe_file(f"{bucket}/run/train/checkpoint_000000004/ds/mp_rank_01_model_states.pt", b"evil")
-    assert problem(four, opts) is None
-    assert fetch(four, 0, storage_options=opts) == \
+    assert store.problem(four) is None
+    assert fetch(store, four, 0) == \
         "ds/mp_rank_01_model_states.pt is not in any done record (not written by this run's save)"
 
 
@@ -167,11 +168,12 @@ def test_keys_that_escape_the_checkpoint_folder_are_refused(s3_bucket, s3_server
                  region_name="us-east-1").put_object(Bucket=bucket, Key=f"run/train/checkpoint_000000004/{key}",
                                                      Body=b"x")
     assert any(k.endswith("escaped") for k in snapshot(fs, bucket))
+    store = CheckpointStore.containing(four, opts)
     with pytest.raises(UnsafeKey, match="refusing .*escaped.*: it has") as e:
-        problem(four, opts)
+        store.problem(four)
     assert "\n" not in str(e.value)
     with pytest.raises(UnsafeKey):
-        fetch(four, 0, storage_options=opts)
+        fetch(store, four, 0)
     local = restore_dir(four, 0)
     assert not os.path.exists(os.path.normpath(os.path.join(local, key))) and not os.path.exists(local)
 
@@ -183,7 +185,7 @@ def test_a_record_naming_a_path_outside_the_folder_is_refused(s3_bucket, s3_serv
     fs.pipe_file(f"{bucket}/run/train/checkpoint_000000004/done/rank_00001",
                  json.dumps({"format": 2, "files": {"../../outside": {"size": 1, "sha256": "0" * 64}}}).encode())
     with pytest.raises(UnsafeKey, match="/../../outside': it has a '..'"):
-        problem(four, opts)
+        CheckpointStore.containing(four, opts).problem(four)
 
 
 def test_with_no_complete_checkpoint_nothing_is_emptied(s3_bucket, s3_server, tmp_path):
@@ -194,13 +196,13 @@ def test_with_no_complete_checkpoint_nothing_is_emptied(s3_bucket, s3_server, tm
         put_checkpoint(fs, root, tmp_path, step)
         fs.rm(f"{bucket}/run/train/checkpoint_{step:09d}/done/rank_00001")  # neither finished
     before = snapshot(fs, bucket)
-    said = []
-    chosen = select(f"{root}/checkpoint_000000004", root, said.append, storage_options=opts)
+    said, store = [], CheckpointStore(root, opts)
+    chosen = store.select(f"{root}/checkpoint_000000004", said.append)
     assert chosen is None and len(said) == 2 and all("did not finish its part" in s for s in said)
-    discard_newer(root, None, said.append, storage_options=opts)  # what the loop does when nothing is chosen
+    store.discard_newer(None, said.append)  # what the loop does when nothing is chosen
     assert snapshot(fs, bucket) == before and len(said) == 2
     assert not any(k.endswith(ABANDONED) for k in before)
-    assert len(list_checkpoints(root, opts)) == 2
+    assert len(store.list()) == 2
 
 
 def test_size_only_records_of_older_checkpoints_still_load(s3_bucket, s3_server, tmp_path):
@@ -211,9 +213,10 @@ def test_size_only_records_of_older_checkpoints_still_load(s3_bucket, s3_server,
         done = f"{bucket}/run/train/checkpoint_000000004/done/rank_{rank:05d}"
         record = json.loads(fs.cat(done))
         fs.pipe_file(done, json.dumps({n: v["size"] for n, v in record["files"].items()}).encode())
-    assert problem(four, opts) is None and fetch(four, 1, storage_options=opts) is None
+    store = CheckpointStore.containing(four, opts)
+    assert store.problem(four) is None and fetch(store, four, 1) is None
     fs.pipe_file(f"{bucket}/run/train/checkpoint_000000004/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", b"o" * 9)
-    assert "has 9 bytes, 500 were written" in problem(four, opts)
+    assert "has 9 bytes, 500 were written" in store.problem(four)
 
 
 def test_rng_states_round_trip_through_json():
@@ -262,5 +265,5 @@ def test_train_on_s3_stops_on_a_store_error_and_falls_back_past_a_replaced_file(
     # the replaced checkpoint is abandoned (emptied to its marker), its step saved again under a new
     # name; Ray Train's keep-3 rotation dropped checkpoint 1 once 2_r1 and 3 were registered
     assert fs.ls(f"{bucket}/run/train/checkpoint_000000002") == [f"{bucket}/run/train/checkpoint_000000002/{ABANDONED}"]
-    names = [os.path.basename(c) for c in list_checkpoints(root, opts)]
+    names = [os.path.basename(c) for c in CheckpointStore(root, opts).list()]
     assert names == ["checkpoint_000000002_r1", "checkpoint_000000003"]

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT
 from mmtrain.audit import check, manifest_ids, read_audit
-from mmtrain.checkpoint import list_checkpoints, problem, staging_dir
+from mmtrain.checkpoint import CheckpointStore, staging_dir
 from mmtrain.metrics import read_metric_lines
 from paused_run import start_paused
 from pipelines.corpus import make_corpus
@@ -83,9 +83,10 @@ def reference(data, tmp_path_factory):
     run_to_end(command(data, run, "--deterministic"))
     assert_exactly_once(run, data, attempts=1)
     # checkpoints at 2, 4, 6, 8; keep_checkpoints (3) keeps the last three, all complete
-    kept = list_checkpoints(str(run / "train"))
+    store = CheckpointStore(str(run / "train"))
+    kept = store.list()
     assert [os.path.basename(c) for c in kept] == [f"checkpoint_{s:09d}" for s in (4, 6, 8)]
-    assert all(problem(c) is None for c in kept)
+    assert all(store.problem(c) is None for c in kept)
     return {"run": run, "loss": last_loss(run)}
 
 
@@ -135,7 +136,8 @@ def test_the_driver_killed_in_a_save_then_the_same_command_resumes_from_the_prev
     run = tmp_path / "run"
     cmd = command(data, run, "--deterministic")
     kill_driver(start_paused(cmd, run, "save@4:120"))  # the whole train command, mid-save
-    assert not any(c.endswith("_000000004") and problem(c) is None for c in list_checkpoints(str(run / "train")))
+    store = CheckpointStore(str(run / "train"))
+    assert not any(c.endswith("_000000004") and store.problem(c) is None for c in store.list())
     out = run_to_end(cmd)
     assert "resuming from" in out and "checkpoint_000000002" in out
     assert_exactly_once(run, data, attempts=2)

@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT
 from faulty_s3 import faulty_s3  # noqa: F401  (the fixture)
 from mmtrain.audit import read_audit
-from mmtrain.checkpoint import problem
+from mmtrain.checkpoint import CheckpointStore
 from mmtrain.metrics import read_metric_lines
 from pipelines.corpus import make_corpus
 from pipelines.preprocess import preprocess
@@ -151,7 +151,7 @@ def test_a_train_killed_while_a_checkpoint_uploads_resumes_from_the_previous_one
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         faulty_s3.heal()
-    assert problem(ckpt4, faulty_s3.storage_options) is not None
+    assert CheckpointStore.containing(ckpt4, faulty_s3.storage_options).problem(ckpt4) is not None
 
     out = run_to_end(cmd)
     assert "checkpoint_000000004 is incomplete" in out and "falling back" in out, out[-3000:]

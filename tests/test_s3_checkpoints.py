@@ -9,9 +9,7 @@ from pathlib import Path
 import ray_job
 from conftest import cli
 from mmtrain.audit import read_audit
-from mmtrain.checkpoint import (ABANDONED, checkpoint_folders, checkpoint_name, discard_newer, latest_complete,
-                                list_checkpoints, problem, read_by, restore_dir, select, step_of)
-from mmtrain.storage import local_copy
+from mmtrain.checkpoint import ABANDONED, CheckpointStore, checkpoint_name, read_by, restore_dir, step_of
 
 
 def names(checkpoints):
@@ -23,13 +21,14 @@ def test_a_run_checkpoints_to_s3_resumes_from_it_on_other_worker_counts_and_expo
     bucket, fs = s3_bucket
     opts = s3_server["storage_options"]
     run, root = tmp_path / "run", f"s3://{bucket}/run/train"
+    store = CheckpointStore(root, opts)
     train = ["train", "--data", small_data, "--run-dir", run, "--batch-size", 8, "--checkpoint-every", 1,
              "--audit-samples", "--storage-options", json.dumps(opts)]
 
     cli(*train, "--checkpoint-storage", f"s3://{bucket}/run", "--workers", 1, "--max-steps", 2)
-    assert names(list_checkpoints(root, opts)) == ["checkpoint_000000001", "checkpoint_000000002"]
-    assert all(problem(c, opts) is None for c in list_checkpoints(root, opts))
-    assert list_checkpoints(str(run / "train")) == []  # nothing in the run directory
+    assert names(store.list()) == ["checkpoint_000000001", "checkpoint_000000002"]
+    assert all(store.problem(c) is None for c in store.list())
+    assert CheckpointStore(str(run / "train")).list() == []  # nothing in the run directory
 
     # 1 -> 2 workers: rank 0 converts checkpoint 2 to DeepSpeed's universal format and uploads
     # it, rank 1 reads it from the bucket
@@ -43,9 +42,9 @@ def test_a_run_checkpoints_to_s3_resumes_from_it_on_other_worker_counts_and_expo
     # the same worker count, storage found from the run directory: each rank reads its own partition
     out = cli(*train, "--workers", 2, "--max-steps", 4)
     assert f"resuming from {root}/checkpoint_000000003" in out.stdout + out.stderr
-    kept = list_checkpoints(root, opts)
+    kept = store.list()
     assert names(kept) == [f"checkpoint_{s:09d}" for s in (2, 3, 4)]  # keep_checkpoints 3
-    assert all(problem(c, opts) is None for c in kept)
+    assert all(store.problem(c) is None for c in kept)
     assert len(fs.glob(f"{bucket}/run/train/checkpoint_000000004/ds/*optim_states.pt")) == 2
     rows = read_audit(str(run))
     assert [min(r["step"] for r in rows if r["attempt"] == a) for a in range(3)] == [1, 3, 4]
@@ -80,32 +79,33 @@ def test_a_truncated_or_unfinished_checkpoint_in_s3_is_incomplete(s3_server, s3_
     bucket, fs = s3_bucket
     opts = s3_server["storage_options"]
     root = f"s3://{bucket}/run/train"
+    store = CheckpointStore(root, opts)
     for step in (2, 4, 6):
         put_checkpoint(fs, root, tmp_path, step)
-    assert names(list_checkpoints(root, opts)) == [f"checkpoint_{s:09d}" for s in (2, 4, 6)]
-    assert all(problem(c, opts) is None for c in list_checkpoints(root, opts))
+    assert names(store.list()) == [f"checkpoint_{s:09d}" for s in (2, 4, 6)]
+    assert all(store.problem(c) is None for c in store.list())
 
     # 6: rank 1's upload never finished; 4: an object cut short
     fs.rm(f"{bucket}/run/train/checkpoint_000000006/done/rank_00001")
     fs.pipe_file(f"{bucket}/run/train/checkpoint_000000004/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", b"o" * 10)
-    assert problem(f"{root}/checkpoint_000000004", opts) == \
+    assert store.problem(f"{root}/checkpoint_000000004") == \
         "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt (rank 1) has 10 bytes, 500 were written"
     said = []
-    assert latest_complete(root, said.append, storage_options=opts) == f"{root}/checkpoint_000000002"
+    assert store.latest_complete(said.append) == f"{root}/checkpoint_000000002"
     assert "rank 1 of 2 did not finish its part" in said[0] and "checkpoint_000000004" in said[1]
-    assert step_of(select(f"{root}/checkpoint_000000004", root, said.append, storage_options=opts)) == 2
+    assert step_of(store.select(f"{root}/checkpoint_000000004", said.append)) == 2
 
     # resuming from 2 abandons 4 and 6: each is emptied down to its marker object (the prefix must
     # not vanish while Ray Train still lists it), and a new save of their steps takes a fresh name
-    discard_newer(root, 2, said.append, storage_options=opts)
+    store.discard_newer(2, said.append)
     for step in (4, 6):
         assert fs.ls(f"{bucket}/run/train/checkpoint_{step:09d}") == [
             f"{bucket}/run/train/checkpoint_{step:09d}/{ABANDONED}"]
-    assert names(list_checkpoints(root, opts)) == ["checkpoint_000000002"]
-    assert checkpoint_name(4, set(checkpoint_folders(root, opts))) == "checkpoint_000000004_r1"
+    assert names(store.list()) == ["checkpoint_000000002"]
+    assert checkpoint_name(4, set(store.folders())) == "checkpoint_000000004_r1"
 
     # a rank restores from a local copy of the files it reads: not the other rank's partition or RNG
-    with local_copy(f"{root}/checkpoint_000000002", opts, read_by(1, universal=False)) as local:
+    with store.local_copy(f"{root}/checkpoint_000000002", read_by(1, universal=False)) as local:
         copied = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
     assert copied == ["ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
                       "position/rank_00000.json", "position/rank_00001.json", "rng/rank_00001.pt", "train_state.json"]

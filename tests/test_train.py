@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, cli
 from mmtrain.audit import manifest_ids, read_audit
-from mmtrain.checkpoint import is_complete, list_checkpoints
+from mmtrain.checkpoint import CheckpointStore
 from mmtrain.export import load_exported, verify_probe
 from mmtrain.metrics import read_metric_lines
 
@@ -33,10 +33,11 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
     ds_config = json.load(open(run / "deepspeed_config.json"))
     assert ds_config["zero_optimization"]["stage"] == stage
 
-    ckpts = list_checkpoints(str(run / "train"))
+    store = CheckpointStore(str(run / "train"))
+    ckpts = store.list()
     assert os.path.basename(ckpts[0]) == "checkpoint_000000002"
     assert os.path.basename(ckpts[-1]) == f"checkpoint_{last:09d}"
-    assert all(is_complete(c) for c in ckpts)
+    assert all(store.is_complete(c) for c in ckpts)
     optim = glob.glob(os.path.join(ckpts[-1], "ds", "*optim_states.pt"))
     assert len(optim) == 2  # every rank's ZeRO partition is in the one checkpoint
 
