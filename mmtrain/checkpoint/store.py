@@ -51,8 +51,8 @@ class CheckpointStore:
         first save."""
         try:
             store = cls(url, storage_options)
-            if store.local:
-                store.fs.makedirs(store.path, exist_ok=True)  # object stores have no folders; s3fs would create a bucket
+            if store.local:  # object stores have no folders; s3fs's makedirs would create a bucket
+                store.fs.makedirs(store.path, exist_ok=True)
             store.fs.pipe_file(join(store.path, WRITE_CHECK), b"")
             store.fs.rm_file(join(store.path, WRITE_CHECK))
         except Exception as e:
@@ -222,7 +222,8 @@ class CheckpointStore:
                 log(f"removing {os.path.basename(path)}: written by an interrupted attempt after the "
                     f"checkpoint this run resumes from")
                 folder = self.fs_path(path)
-                self.fs.pipe_file(join(folder, ABANDONED), f"abandoned: a later attempt resumed from step {step}\n".encode())
+                self.fs.pipe_file(join(folder, ABANDONED),
+                                  f"abandoned: a later attempt resumed from step {step}\n".encode())
                 self.fs.invalidate_cache(folder)
                 for entry in self.fs.ls(folder, detail=False):
                     if entry.rstrip("/").rsplit("/", 1)[-1] != ABANDONED:
