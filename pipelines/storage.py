@@ -80,10 +80,11 @@ def listing(url: str, storage_options: dict | None = None) -> dict[str, int]:
     """Size of every file below `url`, by its path relative to `url` ({} if there is none): one
     listing call on an object store instead of one request per file."""
     fs, path = filesystem(url, storage_options)
-    return _files_below(fs, path)
+    return files_below(fs, path)
 
 
-def _files_below(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, int]:
+def files_below(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, int]:
+    """`listing` on a filesystem already at hand."""
     # other processes (shard tasks, training ranks, Ray Train) write here: a listing cached by
     # fsspec (s3fs keeps one per folder) would hide their files, from this listing and from
     # later reads through the same filesystem
@@ -125,8 +126,8 @@ class OutputStore:
     def list(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of the files below `prefix`."""
         if not prefix:
-            return sorted(_files_below(self.fs, self.root))
-        return sorted(join(prefix, name) for name in _files_below(self.fs, self.path(prefix)))
+            return sorted(files_below(self.fs, self.root))
+        return sorted(join(prefix, name) for name in files_below(self.fs, self.path(prefix)))
 
     def entries(self) -> list[str]:
         """Names of what the root holds, one level down (files and folders); [] if it is absent."""

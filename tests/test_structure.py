@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skip(reason="enabled after the issue-12 merge")
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("pipelines", "mmtrain", "clusters", "benchmarks")

@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Callable
 
-from pipelines.storage import filesystem, is_local, join
+from pipelines.storage import filesystem, files_below, is_local, join
 
 from ..config import ConfigError
 from . import universal
@@ -76,15 +76,7 @@ class CheckpointStore:
         return guarded(url, self._sizes, url)
 
     def _sizes(self, url: str) -> dict[str, int]:
-        path = self.fs_path(url)
-        self.fs.invalidate_cache(path)  # other processes (every rank, Ray Train) write here
-        try:
-            found = self.fs.find(path, detail=True)
-        except FileNotFoundError:
-            return {}
-        prefix = path + "/"
-        return {check_key(url, p[len(prefix):]): int(info["size"]) for p, info in found.items()
-                if info["type"] == "file" and p.startswith(prefix)}
+        return {check_key(url, name): size for name, size in files_below(self.fs, self.fs_path(url)).items()}
 
     def read_bytes(self, checkpoint: str, name: str) -> bytes | None:
         """The file's bytes, None if it does not exist; CheckpointUnreadable on any other error."""
