@@ -6,7 +6,7 @@ import os
 import ray.train
 import torch.distributed as dist
 
-from .checkpoint import CheckpointStore, fetch, say_incomplete, step_of
+from .checkpoint import CheckpointStore, ensure_universal, fetch, say_incomplete, step_of
 
 
 def resume_point(storage: str, rank: int, world: int, storage_options: dict
@@ -29,7 +29,7 @@ def resume_point(storage: str, rank: int, world: int, storage_options: dict
         path, universal = choice[0]
         if path is None:
             break
-        why = store.ensure_universal(path) if universal and rank == 0 else None
+        why = ensure_universal(store, path) if universal and rank == 0 else None
         dist.barrier()  # the universal copy, if any, is in storage
         why = why or fetch(store, path, rank, universal)
         reasons = [None] * world

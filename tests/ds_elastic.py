@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mmtrain.checkpoint import (DS_TAG, UNIVERSAL_TAG, CheckpointStore, TrainState,  # noqa: E402
-                                staged_checkpoint)
+                                ensure_universal, staged_checkpoint)
 from mmtrain.config import RunConfig  # noqa: E402
 from mmtrain.data_position import DataPosition  # noqa: E402
 from mmtrain.deepspeed_config import build_deepspeed_config  # noqa: E402
@@ -47,7 +47,7 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
     store = CheckpointStore(out)
     universal = phase == "load" and mode == "full" and store.needs_universal(ckpt, world)
     if universal and rank == 0:
-        assert store.ensure_universal(ckpt) is None
+        assert ensure_universal(store, ckpt) is None
     dist.barrier()
     ds_config = build_deepspeed_config(cfg, world, steps=10, on_gpu=False)
     if universal:

@@ -27,13 +27,14 @@ recorded (records.py): files this run wrote, not whatever else landed in the sto
     errors.py, keys.py   what a read can fail with; keys that are safe to join into local paths
 """
 from .errors import CheckpointDamaged, CheckpointUnreadable, UnsafeKey
-from .layout import (ABANDONED, DS_TAG, UNIVERSAL_TAG, TrainState, checkpoint_name, read_by, say_incomplete,
-                     step_of)
+from .layout import (ABANDONED, DS_TAG, UNIVERSAL_TAG, TrainState, checkpoint_name, read_by, restore_dir,
+                     say_incomplete, step_of)
 from .records import local_problem, record_of
-from .restore import fetch, restore, restore_dir
+from .restore import fetch, restore
 from .staging import staged_checkpoint, staging_dir
 from .store import CheckpointStore
+from .universal import ensure_universal
 
 __all__ = ["ABANDONED", "DS_TAG", "UNIVERSAL_TAG", "CheckpointDamaged", "CheckpointStore", "CheckpointUnreadable",
-           "TrainState", "UnsafeKey", "checkpoint_name", "fetch", "local_problem", "read_by", "record_of", "restore",
-           "restore_dir", "say_incomplete", "staged_checkpoint", "staging_dir", "step_of"]
+           "TrainState", "UnsafeKey", "checkpoint_name", "ensure_universal", "fetch", "local_problem", "read_by",
+           "record_of", "restore", "restore_dir", "say_incomplete", "staged_checkpoint", "staging_dir", "step_of"]

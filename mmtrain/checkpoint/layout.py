@@ -15,9 +15,11 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,3 +97,9 @@ def converter_reads(name: str) -> bool:
 def say_incomplete(path: str, why: str) -> str:
     return (f"checkpoint {os.path.basename(path)} is incomplete ({why}): a save was interrupted or files were "
             f"lost or changed; falling back to the previous complete checkpoint")
+
+
+def restore_dir(checkpoint: str, rank: int) -> str:
+    """Node-local folder for a rank's copy of a checkpoint in remote storage."""
+    key = hashlib.sha1(checkpoint.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "mmtrain-restore", f"{key}.rank_{rank:05d}")

@@ -6,11 +6,9 @@ node-local copy of its files when the storage is remote, the files in place when
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from typing import TYPE_CHECKING
 
 from pipelines.storage import filesystem, is_local
@@ -19,17 +17,11 @@ from ..data_position import DataPosition
 from ..seeding import set_rng_state
 from ..weights_only import use_weights_only_loads
 from .errors import guarded
-from .layout import DS_TAG, TRAIN_STATE, UNIVERSAL_TAG, TrainState, read_by, rng_file
+from .layout import DS_TAG, TRAIN_STATE, UNIVERSAL_TAG, TrainState, read_by, restore_dir, rng_file
 from .records import local_problem
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
-
-
-def restore_dir(checkpoint: str, rank: int) -> str:
-    """Node-local folder for a rank's copy of a checkpoint in remote storage."""
-    key = hashlib.sha1(checkpoint.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "mmtrain-restore", f"{key}.rank_{rank:05d}")
 
 
 def read_from(checkpoint: str, rank: int) -> str:

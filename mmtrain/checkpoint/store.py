@@ -19,7 +19,6 @@ from typing import Callable
 from pipelines.storage import filesystem, files_below, is_local, join
 
 from ..config import ConfigError
-from . import universal
 from .errors import guarded
 from .keys import check_key, inside
 from .layout import (ABANDONED, CKPT_RE, TRAIN_STATE, TrainState, done_record, order, say_incomplete,
@@ -232,8 +231,3 @@ class CheckpointStore:
         load them only at the world size that wrote them; stage 0 keeps whole states per file."""
         saved = self.saved_state(checkpoint)
         return saved.world_size != world_size and saved.zero_stage >= 1
-
-    def ensure_universal(self, checkpoint: str, log=print) -> str | None:
-        """The checkpoint converted to DeepSpeed's universal format, once (see universal.py):
-        why its files cannot be converted (the caller falls back), or None."""
-        return universal.ensure_universal(self, checkpoint, log)

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING
 from pipelines.storage import join
 
 from .errors import guarded
-from .layout import DS_TAG, UNIVERSAL_DONE, UNIVERSAL_TAG, converter_reads
+from .layout import DS_TAG, UNIVERSAL_DONE, UNIVERSAL_TAG, converter_reads, restore_dir
 from .records import local_files, local_problem, record_of, size_problem
-from .restore import restore_dir
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
