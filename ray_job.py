@@ -101,6 +101,9 @@ def _train_overrides(args) -> dict:
     from pipelines.settings import parse_set, put
 
     sections = parse_set(args.set)
+    if "storage_options" in sections:
+        # --storage-options is where credentials are hidden from process lists and job records
+        raise UserError("--set cannot give storage options: pass them with --storage-options JSON")
     for dest, value in vars(args).items():
         if "." in dest and value is not None:  # the generated flags' dest: SECTION.FIELD
             put(sections, dest, value)

@@ -2,7 +2,7 @@
 depth), command-line arguments, environment assignments and URLs. Every part of the project that
 stores, shows or ships options, arguments or variables asks here: the saved run config and
 checkpoints (`without_secrets`), the training workers' config (credentials travel as an object
-reference, see mmtrain/trainer.py), `ray_job.py`'s process title (which Ray records as a driver's
+reference, see mmtrain/worker_plan.py), `ray_job.py`'s process title (which Ray records as a driver's
 entrypoint) and `submit`'s refusal (clusters/job_package.py: its command line, `--env` and `--name`).
 
 Two questions decide: is the name one that holds credentials (`is_secret_name`), does the value
@@ -136,6 +136,21 @@ def secret_variables(assignments: list[str]) -> list[str]:
     return found
 
 
+def _secret_setting(item: str) -> bool:
+    """Whether a `--set PATH=VALUE` item carries a credential: a path through the storage
+    options or through a name like a credential's, or a value that looks like one (JSON values
+    searched at any depth)."""
+    path, _, value = item.partition("=")
+    parts = path.split(".")
+    if parts[0] == "storage_options" or any(is_secret_name(p) for p in parts):
+        return True
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return looks_like_secret(value)
+    return bool(secret_paths(parsed)) if isinstance(parsed, (dict, list)) else looks_like_secret(value)
+
+
 def secret_arguments(argv: list[str]) -> list[str]:
     """The arguments of a command line that carry credentials, described without their values:
     `--storage-options key, secret`, `--aws-secret-access-key`, `argument 5 (looks like a
@@ -158,6 +173,12 @@ def secret_arguments(argv: list[str]) -> list[str]:
                 paths = ["(not JSON)"] if looks_like_secret(value) else []
             if paths:
                 found.append(f"--storage-options {', '.join(paths)}")
+            i += 1 if eq else 2
+            continue
+        if flag == "--set":
+            item = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if _secret_setting(item):
+                found.append(f"--set {item.partition('=')[0]}")
             i += 1 if eq else 2
             continue
         value = inline if eq else arg
@@ -186,6 +207,12 @@ def redacted_argv(argv: list[str]) -> list[str]:
                 shown = json.dumps(redacted(json.loads(value)))
             except (json.JSONDecodeError, TypeError):
                 shown = REDACTED if looks_like_secret(value) else value
+            out += [f"{flag}={shown}"] if eq else [flag, shown]
+            i += 1 if eq else 2
+            continue
+        if flag == "--set" and (eq or i + 1 < len(argv)):
+            item = inline if eq else argv[i + 1]
+            shown = f"{item.partition('=')[0]}={REDACTED}" if _secret_setting(item) else item
             out += [f"{flag}={shown}"] if eq else [flag, shown]
             i += 1 if eq else 2
             continue

@@ -6,7 +6,7 @@ can be aimed at it:
 - `step@STEP`: after step STEP and its checkpoint.
 
 The driver reads the variable (`FaultPause.from_environment`), the worker plan carries it only
-when it is set, and the worker runs it as a hook at those two moments (see loop.py); the
+when it is set, and the worker runs it as a hook at those two moments (see worker.py; loop.py attaches it); the
 production path knows nothing of it.
 """
 from __future__ import annotations

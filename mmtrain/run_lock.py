@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pipelines.processes import process_runs, process_start
 
 from .config import ConfigError
+from .credentials import redacted_argv
 
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 10.0
@@ -120,7 +121,7 @@ class RunLock:
     # --- internals ------------------------------------------------------------------------
     def _create(self) -> bool:
         owner = {**_host_identity(), "pid": os.getpid(), "started": process_start(os.getpid()),
-                 "token": self.token, "since": time.time(), "command": " ".join(sys.argv)[:500]}
+                 "token": self.token, "since": time.time(), "command": " ".join(redacted_argv(sys.argv))[:500]}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

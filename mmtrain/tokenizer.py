@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipelines.errors import ConfigError
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 DESCRIPTOR = "tokenizer.json"
 BPE_FILE = "bpe.json"
@@ -140,7 +142,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
         return ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer.load(os.path.join(directory, desc.get("file", BPE_FILE)))
-    raise ValueError(f"{os.path.join(directory, DESCRIPTOR)}: unknown tokenizer kind {kind!r}")
+    raise ConfigError(f"{os.path.join(directory, DESCRIPTOR)}: unknown tokenizer kind {kind!r}")
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID, max_len: int | None = None) -> np.ndarray:

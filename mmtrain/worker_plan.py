@@ -19,7 +19,7 @@ class WorkerPlan:
     run: RunConfig                   # its storage options without credentials (enforced below)
     deepspeed: dict                  # the DeepSpeed config (RUN/deepspeed_config.json)
     clock: str                       # the name of the epoch-clock actor (pipelines/ingest.py)
-    storage: str                     # the checkpoint storage root (storage.checkpoint_root)
+    storage: str                     # the checkpoint storage root (checkpoint.location.checkpoint_root)
     per_rank_data: bool              # datasets train_0..train_{W-1}, one per rank (deterministic runs)
     epochs_per_pass: int             # epochs served as one stream
     samples_per_epoch: int | None    # None: unknown (raw shards and --max-steps)

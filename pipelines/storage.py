@@ -4,8 +4,8 @@ location with all-or-nothing writes.
 `filesystem(url, options)` is the one way into fsspec: it adds our retry defaults (see
 `retry.with_retry_defaults`), and `protocol_of`, `is_local`, `join` and `canonical_url` are the
 one spelling of what a URL is. Nothing else in the project calls `fsspec.core.url_to_fs`.
-`listing(url, options)` is the one way to see what a location holds (sizes by relative name),
-always fresh: other processes write where we list.
+`listing(url, options)` and `files_below(fs, path)` are the one way to see what a location
+holds (sizes by relative name), always fresh: other processes write where we list.
 
 `OutputStore` is an output location (local folder or object-store prefix).
 Local disk: write `NAME.tmp-<tag>-<uuid>`, fsync, rename. The rename is atomic, so a reader

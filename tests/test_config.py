@@ -173,3 +173,12 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "plot", "--run-dir", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path} has no metrics.jsonl yet\n", r.stderr
+
+
+def test_a_damaged_run_config_is_the_users_to_fix_in_one_line(tmp_path):
+    # a run's saved config is the user's file: damaged, it is a one-line error, not a traceback
+    (tmp_path / "run_config.json").write_text("{cut short")
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "export", "--run-dir", str(tmp_path),
+                        "--output", str(tmp_path / "m.safetensors")], capture_output=True, text=True)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "run_config.json is not valid JSON" in lines[0], r.stderr

@@ -196,6 +196,23 @@ def test_values_that_look_like_credentials_and_values_that_do_not():
                                    "--aws-session-token=<redacted>", "--data", "/d"]
 
 
+def test_set_items_that_carry_credentials_are_found_redacted_and_refused(tmp_path):
+    creds = fake_credentials()
+    argv = ["train", "--set", f"storage_options.secret={creds['secret']}", "--set", "train.lr=3e-4",
+            f"--set=client.aws_secret_access_key={creds['secret']}", "--set", "data.audio.seconds=5"]
+    assert secret_arguments(argv) == ["--set storage_options.secret", "--set client.aws_secret_access_key"]
+    assert redacted_argv(argv) == ["train", "--set", "storage_options.secret=<redacted>", "--set", "train.lr=3e-4",
+                                   "--set=client.aws_secret_access_key=<redacted>", "--set", "data.audio.seconds=5"]
+    # a job carrying one is refused before anything is stored, and train itself takes storage
+    # options only through --storage-options (where they are hidden from process lists)
+    r = cli("submit", "--dry-run", "--", "train", "--data", "/abs/d", "--run-dir", "/abs/r",
+            "--set", f"storage_options.secret={creds['secret']}")
+    assert r.returncode == 2 and "--set storage_options.secret" in r.stderr and creds["secret"] not in r.stderr
+    r = cli("train", "--data", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--set", "storage_options.anon=true")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--storage-options" in lines[0], r.stderr
+
+
 def test_the_run_config_keeps_credentials_out_of_what_it_shows_and_refuses_them_in_paths():
     from mmtrain.config import ConfigError, load_run_config
 

@@ -56,8 +56,7 @@ def run_store(run_dir: str, storage_options: dict | None = None) -> CheckpointSt
     """The checkpoint store of a finished or running run, from its RUN/run_config.json: options
     given here win over the ones the run was trained with (saved without credentials: those
     come from here or the environment)."""
-    path = os.path.join(run_dir, "run_config.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved = _saved_config(run_dir)
     return CheckpointStore(checkpoint_root(run_dir, saved.get("checkpoint_storage", "")),
                            storage_options or saved.get("storage_options") or {})
 
@@ -66,12 +65,26 @@ def settled(run_dir: str, checkpoint_storage: str) -> str:
     """A run's checkpoint storage is chosen by its first train command: a later one may leave
     it out (and gets the run's), but not change it, or it would silently start over."""
     given = normalized(checkpoint_storage)
-    path = os.path.join(run_dir, "run_config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(run_dir, "run_config.json")):
         return given
-    saved = json.load(open(path)).get("checkpoint_storage", "")
+    saved = _saved_config(run_dir).get("checkpoint_storage", "")
     if given and given != saved:
         keep = f"--checkpoint-storage {saved}" if saved else "no --checkpoint-storage"
         raise ConfigError(f"{run_dir} keeps its checkpoints in {checkpoint_root(run_dir, saved)}; pass {keep} or "
                           f"use a new --run-dir (a run's checkpoint storage cannot change)")
+    return saved
+
+
+def _saved_config(run_dir: str) -> dict:
+    """RUN/run_config.json ({} if there is none yet); a damaged one is the user's to fix."""
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it or use a new --run-dir") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} must hold a JSON object; restore it or use a new --run-dir")
     return saved

@@ -33,7 +33,7 @@ def fetch(store: CheckpointStore, checkpoint: str, rank: int, universal: bool = 
     """Makes the files this rank's restore reads available locally (a copy in its restore
     dir when the storage is remote) and checks each against the done records: why they
     cannot be loaded (the copy is then removed), or None. Run it, on every rank, before
-    `restore`; a reason on any rank means falling back (see loop._resume_point)."""
+    `restore`; a reason on any rank means falling back (see resume.resume_point)."""
     wanted = read_by(rank, universal)
     expected = store.all_records(checkpoint)
     tags = (UNIVERSAL_TAG,) if universal else (DS_TAG,)
