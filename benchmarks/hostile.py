@@ -48,6 +48,7 @@ from harness import ROOT
 
 harness.single_threaded()
 sys.path.insert(0, ROOT)
+from pipelines.dataset import QUARANTINE_FILE, PreprocessedDataset  # noqa: E402
 
 BOMBS = ("gzip", "audio", "png16", "members", "longname")
 SHARDS = 5
@@ -241,11 +242,12 @@ def run_preprocess(corpus: str, out: str, log: str, args, config: str | None) ->
            "--workers", "2"] + (["--config", config] if config else [])
     run = harness.run_tree(cmd, log, sample_memory=True, kill_above_gb=args.kill_above_gb, timeout=args.timeout)
     res = {"exit": run.returncode, "killed": run.killed, "wall_s": round(run.wall_s, 1), **run.memory.summary()}
-    if run.returncode == 0 and os.path.exists(os.path.join(out, "_stats.json")):
+    output = PreprocessedDataset.find(out) if run.returncode == 0 else None
+    if output is not None:
         import pyarrow.parquet as pq
 
-        stats = json.load(open(os.path.join(out, "_stats.json")))
-        q = pq.read_table(os.path.join(out, "_quarantine.parquet")).to_pylist()
+        stats = output.stats
+        q = pq.read_table(os.path.join(out, QUARANTINE_FILE)).to_pylist()
         res.update(read=stats["read"], written=stats["written"], quarantined=stats["quarantined"],
                    filtered=stats["filtered"],
                    # a header bomb is refused before its name is known: a shard-level row, key ""
