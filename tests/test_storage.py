@@ -37,7 +37,9 @@ def test_local_listing(tmp_path):
 
 
 def test_s3_filesystem_has_retry_defaults(s3_server):
-    opts = s3_server["storage_options"]
+    # a fresh instance: botocore rewrites a connected client's retries dict in place
+    # (max_attempts -> total_max_attempts), and fsspec hands out cached instances
+    opts = {**s3_server["storage_options"], "skip_instance_cache": True}
     fs, path = filesystem("s3://bucket/some/key", opts)
     assert protocol_of(fs) == "s3" and not is_local(fs) and path == "bucket/some/key"
     assert fs.config_kwargs["retries"] == S3_RETRIES
