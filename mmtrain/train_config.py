@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pipelines.settings import Settings, at_least, setting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CONTRASTIVE_LOSSES = ("global", "local")
+ATTENTIONS = ("sdpa", "math")
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,21 @@ class TrainConfig(Settings):
     zero_stage: int = setting(2, flag=True, help="DeepSpeed ZeRO stage 0-3")
     offload_optimizer: bool = setting(False, help="ZeRO optimizer states to CPU memory")
     offload_params: bool = setting(False, help="ZeRO-3 parameters to CPU memory")
-    activation_checkpointing: bool = setting(False, help="recompute activations in backward")
+    activation_checkpointing: bool = setting(False, flag=True,
+                                             help="recompute each transformer block's activations in backward")
+    compile: bool = setting(False, flag=True, help="torch.compile the model (through DeepSpeed's engine.compile)")
+    contrastive_loss: str = setting("global", choices=CONTRASTIVE_LOSSES, flag=True,
+                                    help="global: every rank computes the full N x N logits; local: each rank its "
+                                         "own rows against all gathered embeddings (same loss and gradients)")
+    attention: str = setting("sdpa", choices=ATTENTIONS, flag=True,
+                             help="sdpa: torch's scaled_dot_product_attention (flash / memory-efficient kernels on "
+                                  "GPU); math: the explicit softmax(QK^T)V reference")
+    profile_steps: str | None = setting(None, flag=True,
+                                        help="A:B: a torch.profiler trace of optimizer steps A to B under RUN/profile/")
+    peak_tflops: float | None = setting(None, help="peak dense bf16 TFLOP/s of one worker's device, for mfu; "
+                                                   "default: looked up by the GPU's name (none on CPU)")
+    check_collectives: bool = setting(False, help="debugging: refuse a collective on a tensor that is not on the "
+                                                  "training device, as NCCL does, also on CPU runs")
     log_every: int = setting(10, help="optimizer steps between metrics lines")
     checkpoint_every: int = setting(100, flag=True,
                                     help="optimizer steps between checkpoints; a final one is always written")
@@ -51,14 +67,32 @@ class TrainConfig(Settings):
         yield self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}"
         yield not self.offload_params or self.zero_stage == 3, "offload_params needs zero_stage 3"
         yield not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer needs zero_stage 1, 2 or 3"
+        yield self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be positive, got {self.peak_tflops}"
+        yield self.profile_steps is None or profile_range(self.profile_steps) is not None, (
+            f"profile_steps must be A:B with 1 <= A <= B (optimizer steps), got {self.profile_steps!r}")
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """profile_steps as (first, last) optimizer step, both included; None when not profiling."""
+        return profile_range(self.profile_steps) if self.profile_steps else None
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+    """"A:B" -> (A, B) with 1 <= A <= B; None when it is not that."""
+    first, sep, last = str(text).partition(":")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        return None
+    a, b = int(first), int(last)
+    return (a, b) if 1 <= a <= b else None
 
 
 @dataclass(frozen=True)
 class ScaleConfig(Settings):
     workers: int = setting(2, flag=True, help="Ray Train workers")
-    use_gpu: bool = setting(False, help="one GPU per worker (gpus_per_worker)")
+    use_gpu: bool = setting(False, flag=True, help="train on GPUs: gpus_per_worker each, NCCL between workers")
     cpus_per_worker: float = setting(1.0, help="CPUs each worker holds")
-    gpus_per_worker: float = setting(1.0, help="GPUs each worker holds, only with use_gpu")
+    gpus_per_worker: float = setting(1.0, flag=True, help="GPUs each worker holds, only with use_gpu "
+                                                           "(given on the command line, it also sets use_gpu)")
     resources_per_worker: dict = setting(factory=dict, help="extra custom resources per worker")
 
     def checks(self):
