@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pytest -q -p no:logging -p no:cacheprovider "$@"
+python -m pytest -q -p no:logging -p no:cacheprovider --durations=30 "$@"
