@@ -4,9 +4,12 @@ and peak device memory (`gpu_mem_allocated_gb`, `gpu_mem_reserved_gb`).
 
 What is counted: the training FLOPs (forward + backward) of the model's matmuls and attention,
 as model/flops.py estimates them, for every micro-step this rank runs, padded rows and the
-empty batches of a rank that ran out of data included (the model computes them all). Activation
-checkpointing's recomputed forward is not counted, nor are optimizer updates, embedding lookups,
-norms or the contrastive logits: MFU counts the model's FLOPs, not the hardware's work.
+empty batches of a rank that ran out of data included (the model computes them all), with the
+vocabulary head counted only at the positions the model applies it to (the caption targets).
+Activation checkpointing's recomputed forward is not counted, nor are optimizer updates,
+embedding lookups, norms or the contrastive logits: MFU counts the model's FLOPs, not the
+hardware's work. tflops_per_s is the FLOPs of all ranks / the world size / the line's wall time
+(the mean over ranks), data waits included, like samples_per_s.
 """
 from __future__ import annotations
 
