@@ -67,7 +67,8 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def plot_run(run_dir: str, output: str | None = None) -> str:
-    """loss (and its parts) and throughput against step, as a PNG."""
+    """loss (and its parts) and throughput against step, as a PNG; the title says the mean
+    tflops_per_s where the run logged it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +91,8 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
     twin.plot(steps, [100 * r.get("data_wait_frac", 0) for r in records], color="tab:red", alpha=0.6,
               label="data wait %")
     twin.set_ylabel("data wait (% of step)")
-    ax2.set_title("throughput")
+    tflops = [r["tflops_per_s"] for r in records if r.get("tflops_per_s") is not None]
+    ax2.set_title("throughput" + (f", {sum(tflops) / len(tflops):.3g} TFLOP/s per worker (mean)" if tflops else ""))
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
     fig.savefig(output, dpi=100)

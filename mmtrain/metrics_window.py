@@ -8,11 +8,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .efficiency import EfficiencyMeter
+
 LOSS_KEYS = ("loss", "loss_image_text", "loss_image_audio", "loss_text_audio", "loss_caption")
 
 
 class MetricsWindow:
-    def __init__(self):
+    def __init__(self, meter: EfficiencyMeter | None = None):
+        self.meter = meter  # tflops_per_s, mfu and peak memory on every line (efficiency.py)
         self.reset()
 
     def reset(self):
@@ -27,10 +30,13 @@ class MetricsWindow:
         self.samples += len(ids)
         present = inputs["text_present"].bool()
         self.tokens += int((inputs["text_ids"][present] > 0).sum())
+        if self.meter is not None:
+            self.meter.count(inputs)
 
     def report(self, engine, world: int) -> dict:
         elapsed = time.perf_counter() - self.start
-        vec = torch.tensor([*self.sums.values(), self.micro, self.samples, self.tokens, self.wait, elapsed],
+        flops = self.meter.take_flops() if self.meter is not None else 0.0
+        vec = torch.tensor([*self.sums.values(), self.micro, self.samples, self.tokens, flops, self.wait, elapsed],
                            dtype=torch.float64)
         dist.all_reduce(vec)
         n = max(vec[len(LOSS_KEYS)].item(), 1.0)
@@ -46,5 +52,7 @@ class MetricsWindow:
             "lr": float(engine.get_lr()[0]),
             "grad_norm": float(norm) if norm is not None and np.isfinite(float(norm)) else None,
         })
+        if self.meter is not None:
+            values.update(self.meter.values(vec[len(LOSS_KEYS) + 3].item() / world, total))
         self.reset()
         return values

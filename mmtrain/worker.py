@@ -20,6 +20,7 @@ from .attempts import AuditFile, attempt_number
 from .batch import Collate
 from .checkpoint import TrainState, checkpoint_name, restore, staged_checkpoint
 from .data_position import DataPosition
+from .efficiency import EfficiencyMeter
 from .metrics import MetricsWriter
 from .metrics_window import MetricsWindow
 from .model import build_model
@@ -59,7 +60,8 @@ class Worker:
         self.attempt = attempt_number(cfg.run_dir, rank)
         self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
-        self.window = MetricsWindow()  # its clock starts here: the first line's throughput counts from now
+        meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank)
+        self.window = MetricsWindow(meter)  # its clock starts here: the first line's throughput counts from now
         self.run_config_json = cfg.to_json()
         self.hooks = []
         # one pass = several epochs served as one stream (see pipelines/ingest.py): state.epoch

@@ -110,6 +110,10 @@ def reference(data, tmp_path_factory):
     assert any(0 < len(r["ids"]) < 8 for r in rows)
     metrics = logged_steps(run)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    # every line has the efficiency metrics (their parts: tests/test_efficiency.py), steps on empty
+    # batches included; a CPU has no peak of its own (mfu) and no GPU memory
+    assert all(m["tflops_per_s"] > 0 and m["mfu"] is None and m["gpu_mem_allocated_gb"] is None
+               and m["gpu_mem_reserved_gb"] is None for m in metrics), metrics
     assert steps >= 6  # room for checkpoints 2 and 4 before the end
     return {"run": run, "metrics": metrics, "steps": steps}
 
@@ -169,7 +173,10 @@ def test_a_train_killed_while_a_checkpoint_uploads_resumes_from_the_previous_one
 
 def test_another_seed_differs_at_some_logged_step(data, reference, tmp_path):
     run = tmp_path / "run"
-    run_to_end(command(data, run, seed=SEED + 1, length=("--max-steps", 2)))
+    # with a configured peak a CPU run has an mfu too (metrics.jsonl rounds both to 6 decimals)
+    run_to_end(command(data, run, "--set", "train.peak_tflops=0.5", seed=SEED + 1, length=("--max-steps", 2)))
     metrics = logged_steps(run)
     assert [m["step"] for m in metrics] == [1, 2]
+    efficiency = [(m["tflops_per_s"], m["mfu"]) for m in metrics]
+    assert all(tflops > 0 and abs(mfu - tflops / 0.5) < 1e-5 for tflops, mfu in efficiency), efficiency
     assert differences(metrics, reference["metrics"])

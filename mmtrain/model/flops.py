@@ -10,7 +10,10 @@ The estimate is the usual one (Kaplan et al. 2020; PaLM appendix B; nanoGPT's es
     is not discounted (the kernels mostly compute the masked half anyway; PaLM counts it too).
 Embedding lookups, LayerNorms, biases, activations and the losses are left out (a few %).
 Recomputation by gradient checkpointing is not counted: MFU counts useful model FLOPs only.
-It assumes every modality is present on every row (what the MFU benchmark feeds).
+Every row of a batch costs the same: the model runs each encoder, the fusion stack and the decoder
+on every row, absent modalities included (they are zeros; see multimodal.py), so a batch's FLOPs
+follow from its shapes. The one exception is the vocabulary head, which the model applies only at
+positions with a caption target: `flops_per_batch` takes their count when it is known.
 """
 from __future__ import annotations
 
@@ -68,6 +71,23 @@ def flops_per_sample(cfg: ModelConfig, image_tokens: int, text_len: int, audio_t
         + 6 * (2 * w * w) * fused          # cross-attention k and v, on the fused tokens
         + 12 * w * dec_len * fused         # cross-attention scores and sum
     )
-    decoder = _stack(cfg, cfg.decoder_depth, dec_len) + cross + 6 * w * cfg.vocab_size * dec_len
+    decoder = _stack(cfg, cfg.decoder_depth, dec_len) + cross + head_flops_per_target(cfg) * dec_len
     projections = 6 * w * cfg.embed_dim * 3  # the three pooled embeddings
     return float(image + text + audio + fusion + decoder + projections)
+
+
+def head_flops_per_target(cfg: ModelConfig) -> float:
+    """Training FLOPs of the vocabulary head (width -> vocab_size) at one decoder position."""
+    return float(6 * cfg.width * cfg.vocab_size)
+
+
+def flops_per_batch(cfg: ModelConfig, rows: int, image_size: int, text_len: int, audio_frames: int,
+                    caption_targets: int | None = None) -> float:
+    """Training FLOPs of one batch of `rows` rows of these padded sizes (image side in pixels,
+    text length in tokens, mel frames). The head is counted at `caption_targets` positions, or
+    at every decoder position of every row when that is None (what `flops_per_sample` assumes)."""
+    per_row = flops_per_sample(cfg, *token_counts(cfg, image_size, text_len, audio_frames))
+    if caption_targets is None:
+        return rows * per_row
+    head = head_flops_per_target(cfg)
+    return rows * (per_row - head * (text_len - 1)) + head * caption_targets
