@@ -43,18 +43,20 @@ class StepProfiler:
         if step >= hook.last:
             hook._say(f"profile_steps {hook.first}:{hook.last}: the run resumes after step {step}, past the range: "
                       f"nothing is profiled")
-        elif step >= hook.first - 1:
+        elif hook.first - 1 <= step < worker.max_steps:
             hook._start(step + 1)
         return hook
 
     def after_step(self, worker) -> None:
         step = worker.state.step
         if self.prof is None:
-            if step == self.first - 1:
+            if step == self.first - 1 and step < worker.max_steps:
                 self._start(step + 1)
             return
         self.step_range.__exit__(None, None, None)
-        if step >= self.last:
+        if step >= worker.max_steps and step < self.last:
+            self._say(f"profile_steps {self.first}:{self.last}: the run ends after step {step}, inside the range")
+        if step >= min(self.last, worker.max_steps):
             self._stop(step)
         else:
             self._open_step(step + 1)
@@ -63,11 +65,13 @@ class StepProfiler:
         pass  # a save inside the range is part of its step's trace
 
     def close(self, worker) -> None:
-        """At the end of the run: a range cut short by the run's end is written as it stands."""
+        """At the end of the run. A run given in epochs may end inside the range, found only when
+        its data runs out: the trace is written as it stands, its last ProfilerStep range holding
+        that end of the stream (a run given in steps stops the trace at its last step)."""
         step = worker.state.step
         if self.prof is not None and step >= self.started_at:
             self.step_range.__exit__(None, None, None)
-            self._say(f"profile_steps {self.first}:{self.last}: the run ended inside the range")
+            self._say(f"profile_steps {self.first}:{self.last}: the run ended after step {step}, inside the range")
             self._stop(step)
         elif self.prof is not None:  # started for a step that never came: nothing to write
             self.prof.on_trace_ready = None

@@ -93,18 +93,24 @@ def test_profiling_starts_at_its_first_step_also_on_a_resume_past_it(tmp_path, c
     from mmtrain.config import load_run_config
     from mmtrain.profiling import StepProfiler
 
-    def worker(step, profile_steps):
+    def worker(step, profile_steps, max_steps):
         cfg = load_run_config(None, data_paths=["x"], run_dir=str(tmp_path / f"run{step}"),
                               train={"profile_steps": profile_steps})
-        return SimpleNamespace(cfg=cfg, rank=0, device=torch.device("cpu"), hooks=[], state=SimpleNamespace(step=step))
+        return SimpleNamespace(cfg=cfg, rank=0, device=torch.device("cpu"), hooks=[], state=SimpleNamespace(step=step),
+                               max_steps=max_steps)
 
-    for start, steps, last, profiled, said in [
-            (0, "2:3", 5, ["ProfilerStep#2", "ProfilerStep#3"], "profile of steps 2 to 3 written"),
-            (2, "2:4", 5, ["ProfilerStep#3", "ProfilerStep#4"], "resumes after step 2: profiling steps 3 to 4"),
-            (5, "2:4", 7, [], "resumes after step 5, past the range: nothing is profiled"),
-            (0, "2:4", 1, [], "ended after step 1, before the range: nothing is profiled")]:
-        w = worker(start, steps)
+    endless = float("inf")  # a run given in epochs: its end is found when the data runs out
+    for start, steps, max_steps, last, profiled, said in [
+            (0, "2:3", 5, 5, ["ProfilerStep#2", "ProfilerStep#3"], "profile of steps 2 to 3 written"),
+            (2, "2:4", 5, 5, ["ProfilerStep#3", "ProfilerStep#4"], "resumes after step 2: profiling steps 3 to 4"),
+            (5, "2:4", 7, 7, [], "resumes after step 5, past the range: nothing is profiled"),
+            (0, "2:4", 1, 1, [], "ended after step 1, before the range: nothing is profiled"),
+            (0, "2:4", endless, 1, [], "ended after step 1, before the range: nothing is profiled"),
+            (0, "2:4", endless, 3, ["ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"],
+             "the run ended after step 3, inside the range")]:
+        w = worker(start, steps, max_steps)
         hook = StepProfiler.attach(w)
+        assert w.hooks == [hook]
         while w.state.step < last:
             torch.randn(64, 64) @ torch.randn(64, 64)
             w.state.step += 1
