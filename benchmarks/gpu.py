@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -130,6 +131,7 @@ def train_variant(args, clean: str, work: str, preset: str, compiled: bool, budg
     for key in PEAKS:
         values = [m[key] for m in lines if m.get(key) is not None]
         result[key] = round(max(values), 2) if values else None
+    shutil.rmtree(os.path.join(run, "train"), ignore_errors=True)  # its checkpoints: GBs for base
     return result
 
 
