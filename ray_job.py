@@ -107,9 +107,22 @@ def _train_overrides(args) -> dict:
     for dest, value in vars(args).items():
         if "." in dest and value is not None:  # the generated flags' dest: SECTION.FIELD
             put(sections, dest, value)
+    _gpus_set_use_gpu(args, sections)
     flags = {"data_paths": list(args.data), "run_dir": args.run_dir, "seed": args.seed, "preset": args.preset,
              "storage_options": _storage_options(args) or None, "checkpoint_storage": args.checkpoint_storage}
     return {**sections, **{name: value for name, value in flags.items() if value is not None}}
+
+
+def _gpus_set_use_gpu(args, sections: dict) -> None:
+    """--gpus-per-worker G on the command line says where to train: G > 0 on GPUs (scale.use_gpu,
+    so that a CPU config moves to GPUs with one flag), 0 on CPUs; 0 beside --use-gpu is refused."""
+    gpus = getattr(args, "scale.gpus_per_worker")
+    if gpus is None:
+        return
+    if gpus == 0 and getattr(args, "scale.use_gpu"):
+        raise UserError("--use-gpu with --gpus-per-worker 0: give each worker a GPU (or a fraction of one), "
+                        "or leave out --use-gpu to train on CPUs")
+    sections.setdefault("scale", {})["use_gpu"] = gpus > 0
 
 
 def cmd_audit(args) -> int:
@@ -276,6 +289,9 @@ def _train_command(sub) -> None:
     sp.set_defaults(fn=cmd_train)
 
 
+METAVARS = {"profile_steps": "A:B", "gpus_per_worker": "G"}  # where the field's name does not say the form
+
+
 def _section_flags(sp, section: str, cls) -> None:
     """A flag for each field of a config section marked flag=True: --NAME-WITH-DASHES, its help
     from the field's metadata, stored as SECTION.FIELD (None when not given: the config decides)."""
@@ -290,7 +306,7 @@ def _section_flags(sp, section: str, cls) -> None:
             kw["action"] = "store_true"
         else:
             choices = f.metadata.get("choices")
-            kw.update(type=kind[0], choices=choices, metavar=None if choices else f.name.upper())
+            kw.update(type=kind[0], choices=choices, metavar=None if choices else METAVARS.get(f.name, f.name.upper()))
         sp.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

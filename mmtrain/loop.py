@@ -9,6 +9,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from .profiling import StepProfiler
 from .worker import Worker
 from .worker_plan import WorkerPlan
 
@@ -19,11 +20,14 @@ def train_loop_per_worker(config: dict) -> None:
     worker = Worker(plan, storage_options=ray.get(config["storage_options"]))
     if plan.fault is not None:
         worker.hooks.append(plan.fault)
+    profiler = StepProfiler.attach(worker)  # --profile-steps: a hook on the worker, else None
     while worker.has_work_left():
         for batch, _, waited in lockstep(worker.start_pass(), worker.collate.empty):
             if worker.train_on(batch, waited) and worker.state.step >= worker.max_steps:
                 break
         worker.end_pass()
+    if profiler is not None:
+        profiler.close(worker)
     worker.finish()
 
 

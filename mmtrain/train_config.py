@@ -98,3 +98,4 @@ class ScaleConfig(Settings):
     def checks(self):
         yield from at_least(self, 1, "workers")
         yield from at_least(self, 0, "cpus_per_worker", "gpus_per_worker")
+        yield not self.use_gpu or self.gpus_per_worker > 0, "use_gpu needs gpus_per_worker above 0"

@@ -75,6 +75,7 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     cfg, checkpoints = _settle_storage(cfg)
     cfg, shards, dataset_kwargs = _resolve_data(cfg)
     init_ray(num_cpus=local_cpus(cfg))
+    _check_gpus_exist(cfg)
     _check_cpus_left_for_data(cfg)
     n_samples = _count_samples(cfg, shards, dataset_kwargs, log)
     cfg, schedule = _plan_epochs(cfg, n_samples, log)
@@ -268,6 +269,24 @@ def _check_cpus_left_for_data(cfg: RunConfig) -> None:
         raise ConfigError(f"Ray has {total:g} CPUs and the {cfg.scale.workers} training workers hold {held:g}: "
                           f"none is left for the data pipeline; lower --workers or scale.cpus_per_worker, or give "
                           f"Ray more CPUs")
+
+
+def _check_gpus_exist(cfg: RunConfig) -> None:
+    """Training workers that ask for more GPUs than an embedded Ray has would wait forever to be
+    placed (on a machine without GPUs, or with fewer than --workers x --gpus-per-worker). Say so
+    instead; only on an embedded Ray, for the same reason as the CPU check below."""
+    import ray
+
+    from pipelines.runtime import is_embedded
+
+    if not cfg.scale.use_gpu or not is_embedded():
+        return
+    total = ray.cluster_resources().get("GPU", 0)
+    need = cfg.scale.workers * cfg.scale.gpus_per_worker
+    if total < need:
+        raise ConfigError(f"the training workers need {need:g} GPUs ({cfg.scale.workers} x gpus_per_worker "
+                          f"{cfg.scale.gpus_per_worker:g}) and Ray found {total:g} on this machine; train on CPUs "
+                          f"(leave out --use-gpu, or --gpus-per-worker 0), or lower --workers")
 
 
 def _user_error(error: BaseException) -> BaseException | None:

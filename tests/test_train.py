@@ -1,8 +1,10 @@
 """Training end to end: real Ray Train, real DeepSpeed ZeRO on 2 CPU workers, real shards."""
 import glob
+import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,7 +58,14 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
 def test_evaluate_writes_flat_json(small_data, tmp_path):
     run = tmp_path / "run"
     # a relative --run-dir: the workers, whose working directory is elsewhere, must still find it
-    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, "--batch-size", 8, cwd=tmp_path)
+    # the run ends inside --profile-steps' range: the trace holds what was recorded, on every rank
+    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, "--batch-size", 8,
+        "--profile-steps", "2:3", cwd=tmp_path)
+    traces = sorted(os.listdir(run / "profile"))
+    assert [t.split(".")[0] for t in traces] == ["rank0", "rank1"] and all(t.endswith(".pt.trace.json.gz")
+                                                                         for t in traces)
+    for t in traces:
+        assert profiled_steps(run / "profile" / t) == ["ProfilerStep#2"]
     cli("evaluate", "--run-dir", run, "--data", small_data, "--output", tmp_path / "eval.json")
     result = json.load(open(tmp_path / "eval.json"))
     for direction in ("image_to_text", "text_to_image", "image_to_audio", "audio_to_text"):
@@ -67,18 +76,73 @@ def test_evaluate_writes_flat_json(small_data, tmp_path):
     assert os.path.getsize(run / "training.png") > 1000
 
 
-def test_workers_that_leave_no_cpu_to_the_data_pipeline_are_refused(small_data, tmp_path):
-    # an embedded Ray with 2 CPUs (as a preprocess step in the same process would start it):
-    # 2 one-CPU workers would wait forever for their first batch
+def profiled_steps(trace) -> list[str]:
+    """The ProfilerStep#N ranges of a gzipped torch.profiler trace (a Chrome trace: what
+    TensorBoard's profiler plugin reads), checked to hold operator events too."""
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert sum(e.get("cat") == "cpu_op" for e in events) > 10
+    return sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+
+
+def test_profiling_starts_at_its_first_step_also_on_a_resume_past_it(tmp_path, capsys):
+    """The --profile-steps hook on a stand-in for the worker (the attributes it reads), over
+    real torch work: a run resumed inside the range profiles the rest, one past it nothing."""
+    from types import SimpleNamespace
+
+    from mmtrain.config import load_run_config
+    from mmtrain.profiling import StepProfiler
+
+    def worker(step, profile_steps, max_steps):
+        cfg = load_run_config(None, data_paths=["x"], run_dir=str(tmp_path / f"run{step}"),
+                              train={"profile_steps": profile_steps})
+        return SimpleNamespace(cfg=cfg, rank=0, device=torch.device("cpu"), hooks=[], state=SimpleNamespace(step=step),
+                               max_steps=max_steps)
+
+    endless = float("inf")  # a run given in epochs: its end is found when the data runs out
+    for start, steps, max_steps, last, profiled, said in [
+            (0, "2:3", 5, 5, ["ProfilerStep#2", "ProfilerStep#3"], "profile of steps 2 to 3 written"),
+            (2, "2:4", 5, 5, ["ProfilerStep#3", "ProfilerStep#4"], "resumes after step 2: profiling steps 3 to 4"),
+            (5, "2:4", 7, 7, [], "resumes after step 5, past the range: nothing is profiled"),
+            (0, "2:4", 1, 1, [], "ended after step 1, before the range: nothing is profiled"),
+            (0, "2:4", endless, 1, [], "ended after step 1, before the range: nothing is profiled"),
+            (0, "2:4", endless, 3, ["ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"],
+             "the run ended after step 3, inside the range")]:
+        w = worker(start, steps, max_steps)
+        hook = StepProfiler.attach(w)
+        assert w.hooks == [hook]
+        while w.state.step < last:
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            w.state.step += 1
+            hook.after_step(w)
+        hook.close(w)
+        folder = tmp_path / f"run{start}" / "profile"
+        traces = sorted(folder.glob("rank0.*.pt.trace.json.gz")) if folder.exists() else []
+        assert [profiled_steps(t) for t in traces] == ([profiled] if profiled else []), (start, steps)
+        assert said in capsys.readouterr().out, (start, steps)
+        shutil.rmtree(tmp_path / f"run{start}", ignore_errors=True)
+
+
+def test_an_embedded_ray_refuses_workers_it_cannot_place(small_data, tmp_path):
+    # an embedded Ray with 2 CPUs and no GPU to spare (as a preprocess step in the same process
+    # would start it): workers asking for more GPUs than it has, or 2 one-CPU workers, would
+    # wait forever to be placed or for their first batch
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
             "from pipelines.runtime import local_mode_env, init_ray\n"
             "local_mode_env(); init_ray(num_cpus=2)\n"
-            "from mmtrain.config import load_run_config\n"
+            "from mmtrain.config import ConfigError, load_run_config\n"
             "from mmtrain.trainer import train\n"
-            f"train(load_run_config(None, data_paths=[{str(small_data)!r}], run_dir={str(tmp_path / 'run')!r}))\n")
+            "for scale in ({'use_gpu': True, 'workers': 1, 'gpus_per_worker': 64}, {}):\n"
+            "    try:\n"
+            f"        train(load_run_config(None, data_paths=[{str(small_data)!r}], run_dir={str(tmp_path / 'run')!r},"
+            " scale=scale))\n"
+            "    except ConfigError as e:\n"
+            "        print('refused:', e)\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                        timeout=300)
-    assert r.returncode != 0
-    assert "ConfigError: Ray has 2 CPUs and the 2 training workers hold 2: none is left for the data " \
-           "pipeline" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
+    refused = [line for line in r.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 2, r.stdout
+    assert "the training workers need 64 GPUs (1 x gpus_per_worker 64) and Ray found" in refused[0]
+    assert "Ray has 2 CPUs and the 2 training workers hold 2: none is left for the data pipeline" in refused[1]
