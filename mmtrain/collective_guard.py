@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ class CollectiveGuard(TorchFunctionMode):
         super().__init__()
         self.device = torch.device(device)
         self.host_made = WeakIdKeyDictionary()  # tensor -> where it was made without a device
+        self.checked = Counter()  # file that called a collective -> collectives checked
 
     def install(self) -> CollectiveGuard:
         self.__enter__()
@@ -78,7 +80,14 @@ class CollectiveGuard(TorchFunctionMode):
                 self.host_made[t] = site
         return out
 
+    def summary(self) -> str:
+        """One line: how many collectives were checked, by the file that called them."""
+        return "train.check_collectives: " + (", ".join(f"{n} from {_short(f)}" for f, n in sorted(self.checked.items()))
+                                              or "no collective") + " checked"
+
     def _check(self, func, args, kwargs) -> None:
+        site = _call_site()
+        self.checked[site.partition(":")[0]] += 1
         for t in _tensors((args, kwargs)):
             made = self.host_made.get(t)
             if t.device != self.device or made is not None:
@@ -86,7 +95,7 @@ class CollectiveGuard(TorchFunctionMode):
                         else f"a tensor on {t.device}")
                 target = (f"cuda:{self.device.index}" if self.device.type == "cuda"
                           else "cuda:N (this run's training device is cpu)")
-                raise RuntimeError(f"collective {func.__name__} at {_call_site()} got {what}; NCCL accepts only "
+                raise RuntimeError(f"collective {func.__name__} at {site} got {what}; NCCL accepts only "
                                    f"tensors on the training device {target} (train.check_collectives)")
 
 
@@ -110,3 +119,11 @@ def _call_site() -> str:
     if frame is None:
         return "?"
     return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
+
+
+def _short(path: str) -> str:
+    """A source file as its package path (mmtrain/device.py, deepspeed/comm/torch.py)."""
+    for root in ("site-packages" + os.sep, os.sep + "mmtrain" + os.sep):
+        if root in path:
+            return ("mmtrain" + os.sep if root.endswith("mmtrain" + os.sep) else "") + path.rsplit(root, 1)[1]
+    return path

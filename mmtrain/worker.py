@@ -161,6 +161,8 @@ class Worker:
             self.audit.close()
         if self.guard is not None:
             self.guard.close()
+            if self.rank == 0:
+                print(self.guard.summary())
 
 
 def _engine(cfg, ds_config: dict, universal: bool, device: torch.device):

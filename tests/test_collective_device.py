@@ -92,6 +92,10 @@ def test_training_run_with_checked_collectives(small_data, tmp_path):
     """Every collective of a real 2-worker run (lockstep, metrics, attempt number, DeepSpeed's
     ZeRO-2 reductions, the contrastive gather, checkpoint and resume agreement) passes the guard."""
     run = tmp_path / "run"
-    cli("train", "--data", small_data, "--run-dir", run, "--max-steps", 3, "--batch-size", 8,
-        "--checkpoint-every", 2, "--set", "train.check_collectives=true", "--set", "train.log_every=1")
+    out = cli("train", "--data", small_data, "--run-dir", run, "--max-steps", 3, "--batch-size", 8,
+              "--checkpoint-every", 2, "--set", "train.check_collectives=true", "--set", "train.log_every=1")
     assert [m["step"] for m in read_metric_lines(str(run))] == [1, 2, 3]
+    # rank 0's count of what the guard saw: the loop's collectives, the loss's gather, DeepSpeed's
+    summary = next(line for line in out.stdout.splitlines() if "train.check_collectives:" in line)
+    for caller in ("mmtrain/device.py", "mmtrain/model/losses.py", "deepspeed/"):
+        assert f" from {caller}" in summary, summary
