@@ -33,8 +33,6 @@ _FACTORIES = {getattr(torch, n) for n in (
     "tensor", "as_tensor", "asarray", "from_numpy", "frombuffer", "scalar_tensor", "zeros", "ones", "empty",
     "full", "arange", "range", "linspace", "logspace", "eye", "rand", "randn", "randint", "randperm",
     "empty_strided", "tril_indices", "triu_indices") if hasattr(torch, n)}
-# explicit moves: their result is where the caller asked
-_MOVES = {torch.Tensor.to, torch.Tensor.cuda}
 _COLLECTIVES = {getattr(dist, n) for n in (
     "all_reduce", "all_reduce_coalesced", "broadcast", "reduce", "all_gather", "all_gather_into_tensor",
     "all_gather_single", "all_gather_coalesced", "_all_gather_base", "gather", "scatter", "reduce_scatter",
@@ -65,7 +63,7 @@ class CollectiveGuard(TorchFunctionMode):
             self._check(func, args, kwargs)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        if func in _MOVES or kwargs.get("device") is not None:
+        if _places(func, args, kwargs):
             for t in _tensors(out):
                 self.host_made.pop(t, None)
             return out
@@ -97,6 +95,14 @@ class CollectiveGuard(TorchFunctionMode):
                           else "cuda:N (this run's training device is cpu)")
                 raise RuntimeError(f"collective {func.__name__} at {site} got {what}; NCCL accepts only "
                                    f"tensors on the training device {target} (train.check_collectives)")
+
+
+def _places(func, args, kwargs) -> bool:
+    """Whether the call puts its result where the caller asked: a `device=`, `.cuda()`, or
+    `.to(device)` (not `.to(dtype)`, which leaves the tensor where it is)."""
+    if kwargs.get("device") is not None or func is torch.Tensor.cuda:
+        return True
+    return func is torch.Tensor.to and any(isinstance(a, (torch.device, str, int, torch.Tensor)) for a in args[1:])
 
 
 def _tensors(obj):

@@ -57,7 +57,7 @@ def _rank(rank: int, world: int, folder: str) -> None:
         out["metrics"] = _refused(_metrics_sums_bdbc02f, [0.5] * 5)
         out["attempt"] = _refused(_attempt_bdbc02f, rank)
         # computed only from a host-made tensor: still on the host on GPU
-        out["derived"] = _refused(lambda: dist.all_reduce(torch.ones(2).float() * 2))
+        out["derived"] = _refused(lambda: dist.all_reduce(torch.ones(2).to(torch.float64) * 2))
         # moved explicitly, or made on the device: what an NCCL group takes
         moved = torch.tensor([rank + 1.0]).to(cpu)
         dist.all_reduce(moved)
