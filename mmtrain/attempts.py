@@ -8,23 +8,20 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-import torch.distributed as dist
+from .device import broadcast_int
 
 
-def attempt_number(run_dir: str, rank: int) -> int:
+def attempt_number(run_dir: str, rank: int, device) -> int:
     """How many times workers started on this run before: rank 0 counts in RUN/attempts.json
-    and tells the others (a collective)."""
-    n = torch.zeros(1, dtype=torch.int64)
+    and tells the others (a collective on the training `device`)."""
+    before = 0
     if rank == 0:
         path = os.path.join(run_dir, "attempts.json")
         before = json.load(open(path))["started"] if os.path.exists(path) else 0
         with open(path + ".tmp", "w") as f:
             json.dump({"started": before + 1}, f)
         os.replace(path + ".tmp", path)
-        n[0] = before
-    dist.broadcast(n, src=0)
-    return int(n.item())
+    return broadcast_int(before, device, src=0)
 
 
 class AuditFile:

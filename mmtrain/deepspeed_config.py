@@ -56,8 +56,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, steps: int, *, on_gp
             "type": "AdamW",
             "params": {
                 "lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
-                # FusedAdam needs CUDA; torch's AdamW runs everywhere (CPU offload uses DeepSpeed's CPUAdam)
-                **({} if on_gpu or t.offload_optimizer else {"torch_adam": True}),
+                **_adamw_implementation(on_gpu, t.offload_optimizer),
             },
         },
         "scheduler": {
@@ -75,3 +74,14 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, steps: int, *, on_gp
         "steps_per_print": 10**9,  # our own metrics do the reporting
         "wall_clock_breakdown": False,
     }
+
+
+def _adamw_implementation(on_gpu: bool, offload_optimizer: bool) -> dict:
+    """Which AdamW DeepSpeed builds. Torch's (`torch_adam`) on the device: on GPU its fused
+    kernel (DeepSpeed passes the remaining params, `fused` among them, to torch.optim.AdamW),
+    which ships with torch, where DeepSpeed's FusedAdam is compiled on the node at the first
+    run (nvcc and minutes). With the optimizer offloaded, DeepSpeed's CPUAdam, its one
+    optimizer for states in CPU memory."""
+    if offload_optimizer:
+        return {}
+    return {"torch_adam": True, "fused": True} if on_gpu else {"torch_adam": True}

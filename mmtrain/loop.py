@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import ray
-import torch
-import torch.distributed as dist
 
+from .device import any_rank
 from .profiling import StepProfiler
 from .worker import Worker
 from .worker_plan import WorkerPlan
@@ -22,7 +21,7 @@ def train_loop_per_worker(config: dict) -> None:
         worker.hooks.append(plan.fault)
     profiler = StepProfiler.attach(worker)  # --profile-steps: a hook on the worker, else None
     while worker.has_work_left():
-        for batch, _, waited in lockstep(worker.start_pass(), worker.collate.empty):
+        for batch, _, waited in lockstep(worker.start_pass(), worker.collate.empty, worker.device):
             if worker.train_on(batch, waited) and worker.state.step >= worker.max_steps:
                 break
         worker.end_pass()
@@ -31,20 +30,19 @@ def train_loop_per_worker(config: dict) -> None:
     worker.finish()
 
 
-def lockstep(batches, empty_batch):
+def lockstep(batches, empty_batch, device):
     """Yields (batch, is_real, seconds blocked on the data) until every rank has run out.
 
     Ranks get unequal numbers of rows (a dynamic split, or ids filtered on resume). A rank
     that runs out keeps stepping on an empty batch (loss 0, no samples) so collectives stay
     matched, until all ranks are done: no rank hangs, and no rank drops its last rows.
+    The flag is reduced on the training `device`, where the process group takes it.
     """
     it = iter(batches)
     while True:
         started = time.perf_counter()
         batch = next(it, None)
         waited = time.perf_counter() - started  # not the all-reduce below: that is waiting for peers
-        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 0:
+        if not any_rank(batch is not None, device):
             return
         yield (batch, True, waited) if batch is not None else (empty_batch(), False, waited)

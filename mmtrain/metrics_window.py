@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
+from .device import sum_over_ranks
 from .efficiency import EfficiencyMeter
 
 LOSS_KEYS = ("loss", "loss_image_text", "loss_image_audio", "loss_text_audio", "loss_caption")
@@ -33,12 +32,12 @@ class MetricsWindow:
         if self.meter is not None:
             self.meter.count(inputs)
 
-    def report(self, engine, world: int) -> dict:
+    def report(self, engine, world: int, device) -> dict:
+        """`device`: the training device, where the sums are reduced."""
         elapsed = time.perf_counter() - self.start
         flops = self.meter.take_flops() if self.meter is not None else 0.0
-        vec = torch.tensor([*self.sums.values(), self.micro, self.samples, self.tokens, flops, self.wait, elapsed],
-                           dtype=torch.float64)
-        dist.all_reduce(vec)
+        vec = sum_over_ranks([*self.sums.values(), self.micro, self.samples, self.tokens, flops, self.wait, elapsed],
+                             device)
         n = max(vec[len(LOSS_KEYS)].item(), 1.0)
         values = {k: vec[i].item() / n for i, k in enumerate(LOSS_KEYS)}
         samples, tokens = vec[len(LOSS_KEYS) + 1].item(), vec[len(LOSS_KEYS) + 2].item()

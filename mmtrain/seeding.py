@@ -21,27 +21,54 @@ def seed_everything(seed: int, deterministic: bool) -> None:
             torch.backends.cudnn.benchmark = False
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
     """Every RNG's state as JSON: python's is a tuple of ints, numpy's a tuple around a uint32
-    array, torch's (and each CUDA device's) a uint8 tensor."""
+    array, torch's a uint8 tensor, and, on a CUDA training `device`, that device's (this rank's
+    own GPU only: another process's GPUs, or the GPUs it sees, are not this rank's state)."""
     version, keys, gauss = random.getstate()
     kind, np_keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {"python": [version, list(keys), gauss],
              "numpy": [kind, np_keys.tolist(), int(pos), int(has_gauss), float(cached)],
              "torch": _b64(torch.get_rng_state())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state(device))
     return state
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, device: torch.device | None = None) -> str | None:
+    """Restores what `rng_state` saved; a damaged state is a ValueError. The CUDA state is
+    restored onto the CUDA training `device` only. Otherwise its stream keeps its seed, and
+    the reason is returned: a run on GPU from a checkpoint written without one, or a run
+    without a GPU from one written on GPU (which has no CUDA stream to restore)."""
+    cuda = _cuda_state(s)
     version, keys, gauss = s["python"]
     random.setstate((version, tuple(keys), gauss))
     kind, np_keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((kind, np.asarray(np_keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_tensor(s["torch"]))
-    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_tensor(x) for x in s["cuda"]])
+    on_gpu = device is not None and device.type == "cuda"
+    if cuda is not None and on_gpu:
+        torch.cuda.set_rng_state(cuda, device)
+        return None
+    if cuda is not None:
+        return f"the checkpoint's CUDA RNG state is not restored: this run's device is {device or 'cpu'}"
+    if on_gpu:
+        return "the checkpoint has no CUDA RNG state (written without a GPU): the CUDA stream keeps its seed"
+    return None
+
+
+def _cuda_state(s: dict) -> torch.Tensor | None:
+    """The saved CUDA state, checked; None when there is none."""
+    if "cuda" not in s:
+        return None
+    text = s["cuda"]
+    try:
+        state = _tensor(text) if isinstance(text, str) else None
+    except ValueError:
+        state = None
+    if state is None or not len(state):
+        raise ValueError("the CUDA RNG state is not one device's base64 state: written by another version")
+    return state
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -49,4 +76,5 @@ def _b64(t: torch.Tensor) -> str:
 
 
 def _tensor(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    data = bytearray(base64.b64decode(text, validate=True))  # binascii.Error is a ValueError
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import deepspeed
 import ray
@@ -19,11 +20,15 @@ import torch.distributed as dist
 from .attempts import AuditFile, attempt_number
 from .batch import Collate
 from .checkpoint import TrainState, checkpoint_name, restore, staged_checkpoint
+from .collective_guard import CollectiveGuard
 from .data_position import DataPosition
+from .device import training_device
+from .device_batches import PinnedCollate, on_device
 from .efficiency import EfficiencyMeter
 from .metrics import MetricsWriter
 from .metrics_window import MetricsWindow
 from .model import build_model
+from .op_builds import skip_unused_ops, stale_build_locks
 from .seeding import seed_everything
 from .probe import write_probe
 from .resume import resume_point
@@ -42,11 +47,13 @@ class Worker:
         seed_everything(cfg.seed + rank, t.deterministic)
         if not cfg.scale.use_gpu:
             torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.scale.use_gpu else torch.device("cpu")
+        self.device = training_device(cfg.scale.use_gpu)
         tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
 
         resume_from, universal, self.taken = resume_point(plan.storage, rank, world, cfg.storage_options)
-        self.engine = _engine(cfg, plan.deepspeed, universal)
+        self.engine = _engine(cfg, plan.deepspeed, universal, self.device)
+        # from here on every collective of the loop (and DeepSpeed's) is checked, if asked
+        self.guard = CollectiveGuard(self.device).install() if t.check_collectives else None
         self.state, self.position = TrainState(world_size=world, zero_stage=t.zero_stage), DataPosition()
         if resume_from is not None:
             self.state, self.position = restore(self.engine, resume_from, rank, world, universal)
@@ -57,7 +64,7 @@ class Worker:
         self.shard = ray.train.get_dataset_shard(f"train_{rank}" if plan.per_rank_data else "train")
         self.clock = ray.get_actor(plan.clock)
         self.writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
-        self.attempt = attempt_number(cfg.run_dir, rank)
+        self.attempt = attempt_number(cfg.run_dir, rank, self.device)
         self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
         meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank)
@@ -83,11 +90,13 @@ class Worker:
         # a shuffle buffer's contents at a checkpoint are not saved, so a resumed run would fill
         # it differently: deterministic runs shuffle by shard order alone
         buffer = 0 if t.deterministic else t.shuffle_buffer
-        return self.shard.iter_torch_batches(
-            batch_size=t.batch_size, collate_fn=self.collate, prefetch_batches=t.prefetch_batches,
-            local_shuffle_buffer_size=buffer or None,
+        on_gpu = self.device.type == "cuda"
+        batches = self.shard.iter_torch_batches(
+            batch_size=t.batch_size, collate_fn=PinnedCollate(self.collate) if on_gpu else self.collate,
+            prefetch_batches=t.prefetch_batches, local_shuffle_buffer_size=buffer or None,
             local_shuffle_seed=(self.cfg.seed * 1_000_003 + state.epoch * 1009 + self.rank) if buffer else None,
         )
+        return on_device(batches, self.device)  # on GPU: pinned, the next batch's copy beside this step
 
     def train_on(self, batch: dict, waited: float) -> bool:
         """One micro-step; at a gradient-accumulation boundary also the optimizer step's
@@ -125,7 +134,7 @@ class Worker:
             self.position.next_pass(self.state.epoch)
 
     def log(self) -> None:
-        metrics = self.window.report(self.engine, self.world)
+        metrics = self.window.report(self.engine, self.world, self.device)
         self.state.samples += metrics["samples"]
         self.writer.log(self.state.step, {**metrics, "epoch": self.seen})
 
@@ -152,17 +161,30 @@ class Worker:
         self.writer.close()
         if self.audit is not None:
             self.audit.close()
+        if self.guard is not None:
+            self.guard.close()
+            if self.rank == 0:
+                print(self.guard.summary())
 
 
-def _engine(cfg, ds_config: dict, universal: bool):
-    """The DeepSpeed engine over a new model; a universal checkpoint (the worker count changed)
-    needs DeepSpeed told so before it loads."""
+def _engine(cfg, ds_config: dict, universal: bool, device: torch.device):
+    """The DeepSpeed engine over a new model, on Ray Train's `device`; a universal checkpoint
+    (the worker count changed) needs DeepSpeed told so before it loads."""
     if universal:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     model = build_model(cfg.model)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad],
+    # DeepSpeed takes its GPU from LOCAL_RANK unless given `device_rank`; Ray Train's device
+    # (the GPU Ray assigned this worker) need not be the one at that index
+    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+    skip_unused_ops()
+    if ray.train.get_context().get_local_rank() == 0:
+        for line in stale_build_locks():  # once per node
+            print(line)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config, dist_init_required=False)
+    if device.type == "cuda" and engine.device != device:
+        raise RuntimeError(f"DeepSpeed placed the model on {engine.device}, Ray Train's device is {device}")
     return engine
 
 

@@ -69,7 +69,7 @@ def restore(engine, checkpoint: str, rank: int, world_size: int, universal: bool
             state = TrainState.from_json(f.read())
         position = DataPosition.load(os.path.join(local, "position"))
         if state.world_size == world_size:
-            _restore_rng(local, checkpoint, rank, log)
+            _restore_rng(local, checkpoint, rank, log, engine.device)
     finally:
         if not is_local(checkpoint):
             shutil.rmtree(local, ignore_errors=True)
@@ -77,11 +77,14 @@ def restore(engine, checkpoint: str, rank: int, world_size: int, universal: bool
     return state, position
 
 
-def _restore_rng(local: str, checkpoint: str, rank: int, log) -> None:
+def _restore_rng(local: str, checkpoint: str, rank: int, log, device) -> None:
+    """This rank's RNG states, the CUDA one onto its training `device` (seeding.set_rng_state's rule)."""
     path = os.path.join(local, rng_file(rank))
     if os.path.exists(path):
         with open(path) as f:
-            set_rng_state(json.load(f))
+            note = set_rng_state(json.load(f), device)
+        if note is not None and rank == 0:
+            log(f"{os.path.basename(checkpoint)}: {note}")
     elif rank == 0:
         log(f"{os.path.basename(checkpoint)} keeps its RNG states as pickles (rng/*.pt, written before "
             f"JSON), which are not unpickled: random streams restart from the seed")

@@ -44,7 +44,7 @@ def staged_checkpoint(engine, state: TrainState, position: DataPosition, run_con
                 if os.path.exists(os.path.join(d, name)):
                     os.remove(os.path.join(d, name))
         position.save_rank(os.path.join(d, "position"), rank)
-        _write(d, rng_file(rank), json.dumps(rng_state()))
+        _write(d, rng_file(rank), json.dumps(rng_state(engine.device)))  # this rank's device
         _write(d, done_record(rank), json.dumps(record_of(d)))  # hashes all the files above
         yield d
     finally:
