@@ -64,6 +64,28 @@ def tree_cpu(root_pid: int | None = None) -> float:
     return total
 
 
+def tree_cpu_by_pid(root_pid: int) -> dict[tuple[int, float], float]:
+    """CPU seconds of each live process of a tree, by (pid, start time); the difference of two
+    such snapshots (`cpu_between`) counts a process that started in between in full and leaves
+    out one that ended in between, never a negative amount, as a tree total can be when a
+    child ends before its parent reaps it."""
+    import psutil
+
+    out = {}
+    root = psutil.Process(root_pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            c = p.cpu_times()
+            out[(p.pid, p.create_time())] = c.user + c.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_between(before: dict, after: dict) -> float:
+    return sum(cpu - before.get(proc, 0.0) for proc, cpu in after.items())
+
+
 class Meter:
     """Wall time, CPU of our process tree and CPU of everything else, over a `with` block."""
 
@@ -262,3 +284,61 @@ def work_folder(workdir: str | None, prefix: str):
     finally:
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ CPU budget
+
+def pin_to_cores(k: int) -> list[int]:
+    """Restricts this process, and every process it starts from now on (Ray's GCS, raylet and
+    workers, DataLoader workers), to the first `k` cores it may run on: two loaders measured
+    under the same `k` get exactly the same CPU budget, however many processes each starts."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if k > len(allowed):
+        raise SystemExit(f"asked for {k} cores, this process may use {len(allowed)}")
+    os.sched_setaffinity(0, allowed[:k])
+    return allowed[:k]
+
+
+# ------------------------------------------------------------------------------ preprocessed data
+
+def write_preprocessed_shards(out: str, samples: int, shards: int, cfg, *, pool: int = 128,
+                              seed: int = 0) -> list[str]:
+    """`shards` tar files of `samples` samples in the preprocessed format (`pipelines.dataset`):
+    each sample a 224 px JPEG crop (or `cfg.image.size`), a caption, a float16 log-mel of
+    `cfg.audio.seconds` and its metadata, exactly as `pipelines.transform.encode_members` stores
+    them. `pool` distinct samples (synthetic pictures, captions and speech-like audio, 1-6 s)
+    are rendered and repeated under new keys: rendering is the slow part, and an ingest cannot
+    tell a repeat from a new sample. Returns the shard paths, sorted."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from pipelines import corpus_samples as C
+    from pipelines import modalities as M
+    from pipelines.transform import Processed, encode_members
+
+    rng = np.random.default_rng(seed)
+    size, a = cfg.image.size, cfg.audio
+    made = []
+    for i in range(pool):
+        subj = C.subject(i % 32)
+        text = str(rng.choice(C._TEMPLATES)).format(n=subj.name, N=subj.name[0].upper() + subj.name[1:])
+        seconds = 1 + 5 * float(rng.random()) ** 2
+        wave, valid = M.fit_length(C.render_audio(rng, subj, a.sample_rate, seconds, 1), a)
+        made.append(Processed("", "", 0, image=C.render_image(rng, subj, size, size), text=text,
+                              mel=M.log_mel(wave, a), mel_frames=M.mel_frames_for(valid, a),
+                              image_size=(size, size), audio_seconds=seconds))
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, f"shard-{s:06d}.tar") for s in range(shards)]
+    for s, path in enumerate(paths):
+        with tarfile.open(path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(s * samples // shards, (s + 1) * samples // shards):
+                p = made[i % pool]
+                p.key, p.source, p.position = f"s{i:07d}", path, i
+                for ext, data in encode_members(p, cfg).items():
+                    info = tarfile.TarInfo(f"{p.key}.{ext}")
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(path + ".tmp", path)
+    return paths
