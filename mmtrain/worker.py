@@ -161,6 +161,10 @@ def _engine(cfg, ds_config: dict, universal: bool):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=ds_config, dist_init_required=False)
+    if cfg.train.compile:
+        # torch.compile of the module in place (its state dict keys stay), with the backend DeepSpeed
+        # picks for the accelerator; the steps' shapes are static (every batch is padded to batch_size)
+        engine.compile()
     return engine
 
 
