@@ -104,7 +104,6 @@ def global_from_shares(shares: Tensor) -> Tensor:
     return scaled + (total - scaled).detach()
 
 
-@torch.compiler.disable  # collectives and a host sync (the batch sizes): eager under torch.compile
 def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     """All-gather embeddings (with gradient) and presence masks across ranks.
 
@@ -118,8 +117,11 @@ def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     shapes, so rows are padded to the largest batch and the padding is marked absent.
     Single-process runs return the inputs unchanged.
     """
-    if not _distributed():
-        return emb, present
+    return _gathered(emb, present) if _distributed() else (emb, present)
+
+
+@torch.compiler.disable  # collectives and a host sync (the batch sizes): eager under torch.compile
+def _gathered(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
     world = dist.get_world_size()

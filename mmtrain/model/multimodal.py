@@ -160,6 +160,10 @@ class MultimodalModel(nn.Module):
         fused, fused_mask = self.fusion(enc.tokens, ids.shape[0])
         target = caption_targets(ids, rows)                         # teacher forcing: predict ids[1:]
         hidden = self.decoder(ids[:, :-1], fused, fused_mask)
+        if torch.compiler.is_compiling():
+            # every position through the head: static shapes, so one graph, not a graph break and a
+            # recompile as the caption count changes (the same loss: other targets are ignored)
+            return caption_loss_from_logits(self.decoder.head(hidden).flatten(0, 1), target.flatten())
         keep = target != -100
         return caption_loss_from_logits(self.decoder.head(hidden[keep]), target[keep])
 
