@@ -119,7 +119,8 @@ def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, list[str], dict]:
     preprocessed = check_preprocessed(shards, cfg.data, cfg.storage_options)
     tokenizer = prepare_tokenizer(cfg, shards, preprocessed)
     cfg = cfg.replace(model={"vocab_size": tokenizer.vocab_size,
-                             "gradient_checkpointing": cfg.train.activation_checkpointing})
+                             "gradient_checkpointing": cfg.train.activation_checkpointing,
+                             "contrastive_loss": cfg.train.contrastive_loss, "attention": cfg.train.attention})
     counts = shard_counts(shards, cfg.storage_options)
     dataset_kwargs = dict(seed=cfg.seed, preprocessed=preprocessed, storage_options=cfg.storage_options,
                           shard_counts=counts)

@@ -185,6 +185,10 @@ def _engine(cfg, ds_config: dict, universal: bool, device: torch.device):
                                            config=ds_config, dist_init_required=False)
     if device.type == "cuda" and engine.device != device:
         raise RuntimeError(f"DeepSpeed placed the model on {engine.device}, Ray Train's device is {device}")
+    if cfg.train.compile:
+        # torch.compile of the module in place (its state dict keys stay), with the backend DeepSpeed
+        # picks for the accelerator; the steps' shapes are static (every batch is padded to batch_size)
+        engine.compile()
     return engine
 
 

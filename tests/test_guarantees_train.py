@@ -180,3 +180,26 @@ def test_another_seed_differs_at_some_logged_step(data, reference, tmp_path):
     efficiency = [(m["tflops_per_s"], m["mfu"]) for m in metrics]
     assert all(tflops > 0 and abs(mfu - tflops / 0.5) < 1e-5 for tflops, mfu in efficiency), efficiency
     assert differences(metrics, reference["metrics"])
+
+
+# the speed switches against the default: rounding differs (compiled kernels, float32 sums in another
+# order), and a few optimizer steps carry it along
+SWITCHES_TOLERANCE = 1e-4
+
+
+def test_the_speed_switches_train_like_the_default(data, reference, tmp_path):
+    """--compile, activation checkpointing, the local contrastive loss and math attention together,
+    on this corpus's empty lockstep batches and padded last batches: every logged step as the
+    default run's (tests/test_speed_switches.py checks each switch alone)."""
+    run = tmp_path / "run"
+    run_to_end(command(data, run, "--compile", "--activation-checkpointing", "--contrastive-loss", "local",
+                       "--attention", "math"))
+    config = json.load(open(run / "run_config.json"))
+    assert (config["model"]["gradient_checkpointing"], config["model"]["contrastive_loss"],
+            config["model"]["attention"], config["train"]["compile"]) == (True, "local", "math", True)
+    metrics = logged_steps(run)
+    assert [m["step"] for m in metrics] == [m["step"] for m in reference["metrics"]]
+    worst = max(abs(m[k] - r[k]) / max(abs(r[k]), 1e-8)
+                for m, r in zip(metrics, reference["metrics"]) for k in COMPARED)
+    print(f"speed switches: largest relative difference from the default run {worst:.2e}")
+    assert worst <= SWITCHES_TOLERANCE

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pipelines.errors import ConfigError
 from pipelines.settings import Settings, at_least, setting
 
+from ..train_config import ATTENTIONS, CONTRASTIVE_LOSSES
+
 PAD_ID = 0  # the batch contract pads text with 0 (ByteTokenizer and BPETokenizer agree)
 MEL_NORMS = ("none", "whisper")
 IMAGE_POOLS = ("mean", "cls")
@@ -52,6 +54,11 @@ class ModelConfig(Settings):
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
     gather_across_ranks: bool = True      # contrastive negatives from all ranks (OpenCLIP style)
+    # the speed switches (set from the train section; each gives the default's loss and gradients)
+    contrastive_loss: str = setting("global", choices=CONTRASTIVE_LOSSES,
+                                    help="global: every rank computes the N x N logits | local: its own rows")
+    attention: str = setting("sdpa", choices=ATTENTIONS,
+                             help="sdpa: F.scaled_dot_product_attention | math: explicit softmax(QK^T/sqrt(d))V")
     caption_weight: float = 1.0
     contrastive_weight: float = 1.0
 

@@ -23,7 +23,8 @@ from .layers import Transformer, learned
 
 
 def make_transformer(cfg: ModelConfig, depth: int, cross: bool = False) -> Transformer:
-    return Transformer(cfg.width, depth, cfg.heads, cfg.mlp_ratio, cfg.dropout, cross, cfg.gradient_checkpointing)
+    return Transformer(cfg.width, depth, cfg.heads, cfg.mlp_ratio, cfg.dropout, cross, cfg.gradient_checkpointing,
+                       cfg.attention)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ gathers a module's partitioned parameters in that module's own forward hook.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,16 +32,33 @@ class MLP(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
+def math_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                   dropout_p: float) -> Tensor:
+    """softmax(QK^T / sqrt(d)) V written out, with `F.scaled_dot_product_attention`'s arguments and
+    boolean mask convention (True: may attend): the reference its fused kernels (flash /
+    memory-efficient on GPU) are checked against. Scores and softmax are float32 in any dtype."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        T, S = scores.shape[-2:]
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout_p).to(v.dtype)
+    return weights @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, else cross-attention.
 
     Queries and keys/values have separate projections so one class serves both uses.
+    `attention` picks the kernel: "sdpa" (torch's fused kernels) or "math" (`math_attention`).
     """
 
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float, attention: str = "sdpa") -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
+        self.attend = F.scaled_dot_product_attention if attention == "sdpa" else math_attention
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
@@ -57,21 +76,21 @@ class Attention(nn.Module):
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads, queries
         if causal and attn_mask is not None:
             raise ValueError("causal attention takes no key mask (right padding never reaches a real query)")
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = self.attend(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                        dropout_p=self.dropout if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
     """Pre-LN block: self-attention, optional cross-attention, MLP, each residual."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, cross: bool = False) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, cross: bool = False,
+                 attention: str = "sdpa") -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, dropout)
+        self.attn = Attention(width, heads, dropout, attention)
         self.ln_x = nn.LayerNorm(width) if cross else None
-        self.cross = Attention(width, heads, dropout) if cross else None
+        self.cross = Attention(width, heads, dropout, attention) if cross else None
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
@@ -108,9 +127,10 @@ class Transformer(nn.Module):
         dropout: float,
         cross: bool = False,
         gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cross) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cross, attention) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.gradient_checkpointing = gradient_checkpointing
 

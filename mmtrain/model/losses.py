@@ -42,6 +42,25 @@ def contrastive_loss(a: Tensor, b: Tensor, valid: Tensor, scale: Tensor) -> Tens
     return (a_to_b + b_to_a) / 2
 
 
+def local_contrastive_loss(a: Tensor, b: Tensor, valid: Tensor, scale: Tensor, rows: slice) -> Tensor:
+    """This rank's share of `contrastive_loss(a, b, valid, scale)` over the gathered rows [N, D]:
+    the cross-entropies of its own `rows` in both directions (a->b: its rows of `a` against every
+    row of `b`; b->a: its rows of `b` against every row of `a`, i.e. its columns of the global
+    logits), over the global normalizer (the valid rows of all ranks). The shares of all ranks sum
+    to the global loss, and each rank builds [R, N] logits instead of [N, N] (OpenCLIP's
+    --local-loss)."""
+    a, b = a.float(), b.float()
+    n = valid.float().sum().clamp(min=1.0)
+    both = valid[rows, None] & valid[None, :]
+    target = torch.arange(a.shape[0], device=a.device)[rows]
+    w = valid[rows].float()
+
+    def summed(logits: Tensor) -> Tensor:
+        return (F.cross_entropy(logits.masked_fill(~both, _MASKED), target, reduction="none") * w).sum()
+
+    return (summed(scale * (a[rows] @ b.T)) + summed(scale * (b[rows] @ a.T))) / (2 * n)
+
+
 def caption_targets(text_ids: Tensor, rows: Tensor, ignore_index: int = -100) -> Tensor:
     """Next-token targets text_ids[:, 1:], with PAD and rows outside `rows` set to ignore_index."""
     target = text_ids[:, 1:]
@@ -59,6 +78,32 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def own_rows(total: int) -> slice:
+    """This rank's rows in `gather_rows`'s output of `total` rows (every rank's padded to one count)."""
+    if not _distributed():
+        return slice(0, total)
+    per = total // dist.get_world_size()
+    return slice(dist.get_rank() * per, (dist.get_rank() + 1) * per)
+
+
+@torch.compiler.disable  # a collective: eager under torch.compile, whose graph breaks here
+def global_from_shares(shares: Tensor) -> Tensor:
+    """Every rank's `local_contrastive_loss` shares [K] -> losses [K] whose value is the global loss
+    (the shares summed over ranks) and whose gradient is world x the own share's.
+
+    The value: what each rank reports is today's global number. The gradient: the gather's backward
+    sums every rank's gradient into each rank's own rows, so world x share gives each rank the
+    gradient the global loss gives it (world x d(global)/d(own rows), see `gather_rows`), and the
+    gradient averaging over ranks then gives exactly the global gradient, logit scale included.
+    """
+    if not _distributed():
+        return shares
+    total = shares.detach().clone()
+    dist.all_reduce(total)
+    scaled = shares * dist.get_world_size()
+    return scaled + (total - scaled).detach()
+
+
 def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     """All-gather embeddings (with gradient) and presence masks across ranks.
 
@@ -72,8 +117,11 @@ def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     shapes, so rows are padded to the largest batch and the padding is marked absent.
     Single-process runs return the inputs unchanged.
     """
-    if not _distributed():
-        return emb, present
+    return _gathered(emb, present) if _distributed() else (emb, present)
+
+
+@torch.compiler.disable  # collectives and a host sync (the batch sizes): eager under torch.compile
+def _gathered(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
     world = dist.get_world_size()

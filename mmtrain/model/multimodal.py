@@ -24,7 +24,8 @@ from torch import Tensor
 from .config import PAD_ID, ModelConfig
 from .encoders import AudioEncoder, ImageEncoder, TextEncoder, make_transformer
 from .layers import init_weights, learned
-from .losses import caption_loss_from_logits, caption_targets, contrastive_loss, gather_rows
+from .losses import (caption_loss_from_logits, caption_targets, contrastive_loss, gather_rows, global_from_shares,
+                     local_contrastive_loss, own_rows)
 from .registry import register_model
 
 MODALITIES = ("image", "text", "audio")
@@ -159,6 +160,10 @@ class MultimodalModel(nn.Module):
         fused, fused_mask = self.fusion(enc.tokens, ids.shape[0])
         target = caption_targets(ids, rows)                         # teacher forcing: predict ids[1:]
         hidden = self.decoder(ids[:, :-1], fused, fused_mask)
+        if torch.compiler.is_compiling():
+            # every position through the head: static shapes, so one graph, not a graph break and a
+            # recompile as the caption count changes (the same loss: other targets are ignored)
+            return caption_loss_from_logits(self.decoder.head(hidden).flatten(0, 1), target.flatten())
         keep = target != -100
         return caption_loss_from_logits(self.decoder.head(hidden[keep]), target[keep])
 
@@ -181,7 +186,13 @@ class MultimodalModel(nn.Module):
         embs = dict(zip(MODALITIES, emb.split(cfg.embed_dim, dim=1)))
         flags = dict(zip(MODALITIES, present.unbind(dim=1)))
 
-        parts = {f"loss_{a}_{b}": contrastive_loss(embs[a], embs[b], flags[a] & flags[b], scale) for a, b in PAIRS}
+        if cfg.contrastive_loss == "local" and cfg.gather_across_ranks:
+            rows = own_rows(emb.shape[0])
+            shares = [local_contrastive_loss(embs[a], embs[b], flags[a] & flags[b], scale, rows) for a, b in PAIRS]
+            pair_losses = global_from_shares(torch.stack(shares)).unbind()
+        else:
+            pair_losses = [contrastive_loss(embs[a], embs[b], flags[a] & flags[b], scale) for a, b in PAIRS]
+        parts = {f"loss_{a}_{b}": loss for (a, b), loss in zip(PAIRS, pair_losses)}
         parts["loss_caption"] = self._caption_loss(batch, enc)
         loss = cfg.contrastive_weight * sum(parts[f"loss_{a}_{b}"] for a, b in PAIRS)
         loss = loss + cfg.caption_weight * parts["loss_caption"]
