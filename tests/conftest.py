@@ -2,11 +2,13 @@
 S3-compatible server (moto in server mode) on loopback, and corpora made in code."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +27,12 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Ray's single-machine mode: every node of the test cluster on 127.0.0.1
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray Train's controller takes a worker's report (a checkpoint) off its one-slot queue when it
+# polls the workers, and sees the end of training or a dead worker the same way: at its default
+# 2 s interval every checkpoint of these few-step runs waits for the poll. Ray Train passes the
+# variable from each driver to its controller and workers; a poll that does not answer in time
+# is retried at the next one (a worker counts as dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def free_port() -> int:
@@ -67,25 +75,27 @@ def ray_cluster(tmp_path_factory):
     # cluster must not guess among other Ray instances on the machine.
     # 4 logical CPUs on 2 cores: 2 training workers plus the data tasks that feed them.
     env = {**os.environ, "RAY_ADDRESS": address}
-    subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats", f"--temp-dir={temp}"],
-        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = address
-    from pipelines.runtime import init_ray
+    try:  # a head that failed half-way is stopped too
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+             "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             "--disable-usage-stats", f"--temp-dir={temp}"],
+            check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.environ["RAY_ADDRESS"] = address
+        from pipelines.runtime import init_ray
 
-    init_ray(address)
-    yield address
-    ray.shutdown()
-    _stop_processes_under(str(temp))
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
+        init_ray(address)
+        yield address
+    finally:
+        ray.shutdown()
+        _stop_processes_under(str(temp))
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +108,57 @@ def small_data(ray_cluster, tmp_path_factory):
     make_corpus(str(root / "raw"), 48, 4, seed=11)
     preprocess([str(root / "raw")], str(root / "clean"), progress=False)
     return root / "clean"
+
+
+LOSES_A_NODE = "loses_a_node"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{LOSES_A_NODE}: kills a node of the shared multi_node_cluster; "
+                                       "runs after every other test")
+
+
+def pytest_collection_modifyitems(items):
+    # the multi-node cluster is started once per session: a test that takes one of its nodes
+    # away runs after every test that needs all three (a stable sort keeps the rest in order)
+    items.sort(key=lambda item: item.get_closest_marker(LOSES_A_NODE) is not None)
+
+
+@pytest.fixture(scope="session")
+def multi_node_cluster():
+    """A real multi-node Ray cluster on loopback with token authentication (`python -m
+    clusters.local`): a 0-CPU head, like a production head, and two worker nodes of 2 CPUs.
+    Yields its state, plus "printed": what `start` printed. Stopped (and its folder removed)
+    at the end of the session."""
+    # short: Ray's unix socket paths live under it
+    folder = tempfile.mkdtemp(prefix="rjc-", dir="/tmp")
+    # not the default 8265: every embedded Ray on the machine (other test sessions) tries that one
+    r = subprocess.run([sys.executable, "-m", "clusters.local", "start", "--workers", "2", "--cpus-per-node", "2",
+                        "--head-cpus", "0", "--object-store-mb", "256", "--dashboard-port", str(free_port()),
+                        "--temp-dir", folder, "--json"], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield {**json.loads(r.stdout), "printed": r.stdout + r.stderr}
+    r = subprocess.run([sys.executable, "-m", "clusters.local", "stop", "--temp-dir", folder, "--clean"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert not os.path.exists(folder)
+
+
+@pytest.fixture(scope="session")
+def fault_data(ray_cluster, tmp_path_factory):
+    """The fault-tolerance corpus (tests/fault_runs.py): 64 preprocessed samples in 8 shards."""
+    from fault_runs import make_data
+
+    return make_data(tmp_path_factory.mktemp("ftdata"))
+
+
+@pytest.fixture(scope="session")
+def fault_reference(fault_data, tmp_path_factory):
+    """The uninterrupted deterministic run on `fault_data` that interrupted runs are compared with;
+    an assertion failing in it fails every test that uses it, with that assertion's message."""
+    from fault_runs import make_reference
+
+    return make_reference(fault_data, tmp_path_factory.mktemp("reference") / "run")
 
 
 def cli(*args, timeout=900, cwd=ROOT):

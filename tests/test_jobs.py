@@ -7,13 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 from pipelines.corpus import make_corpus
 
 # conftest puts the session's token in os.environ at import; the cluster is started with it
@@ -49,17 +48,9 @@ def no_token_env(tmp_path, **extra):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # short: Ray's unix socket paths live under it
-    folder = tempfile.mkdtemp(prefix="rjc-", dir="/tmp")
-    # not the default 8265: every embedded Ray on the machine (other test sessions) tries that one
-    r = run(["start", "--workers", 2, "--cpus-per-node", 2, "--head-cpus", 0, "--object-store-mb", 256,
-             "--dashboard-port", free_port(), "--temp-dir", folder, "--json"], module="clusters.local", timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    state = json.loads(r.stdout)
-    yield state
-    ok(run(["stop", "--temp-dir", folder, "--clean"], module="clusters.local", timeout=120))
-    assert not os.path.exists(folder)
+def cluster(multi_node_cluster):
+    OUTPUTS.append(multi_node_cluster["printed"])  # `start`'s output is checked for the token too
+    return multi_node_cluster
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """One `train` per run directory (mmtrain/run_lock.py): a second one is refused in one line
 while the first lives; the lock of a driver that died is taken over, and the run says so.
-Function-level tests with real second processes, then one real CLI run on Ray Train."""
+Function-level tests with real second processes here; the same through the CLI on Ray Train
+(a second train refused while the first is held, the killed driver's lock taken over by the
+same command) rides on the driver-kill run of tests/test_fault_tolerance.py."""
 import json
 import os
 import signal
@@ -119,34 +121,3 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path, monkeypatch):
         while os.stat(lock).st_mtime == 1.0:
             assert time.time() < deadline, "the heartbeat never touched the lock"
             time.sleep(0.05)
-
-
-def train_cmd(data, run):
-    return [sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(data), "--run-dir", str(run),
-            "--workers", "1", "--batch-size", "8", "--max-steps", "2", "--checkpoint-every", "1"]
-
-
-def test_a_second_train_on_a_run_is_refused_and_a_killed_drivers_lock_taken_over(small_data, tmp_path):
-    run = tmp_path / "run"
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(train_cmd(small_data, run), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                             start_new_session=True, env={**os.environ, "MMTRAIN_FAULT_PAUSE": "step@1:600"})
-    try:
-        deadline = time.time() + 600
-        while "fault injection: pausing" not in (tmp_path / "first.log").read_text():
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.time() < deadline, "the first train never reached step 1"
-            time.sleep(0.5)
-        second = subprocess.run(train_cmd(small_data, run), capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert second.returncode == 2, second.stderr[-3000:]
-        assert second.stderr.startswith(f"error: another train is running on {run} (pid {first.pid} on ")
-        assert second.stderr.count("\n") == 1, second.stderr
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-    third = subprocess.run(train_cmd(small_data, run), capture_output=True, text=True, cwd=ROOT, timeout=900)
-    out = third.stdout + third.stderr
-    assert third.returncode == 0, out[-4000:]
-    assert f"taking over the lock on {run}: the train that held it (pid {first.pid} on " in out
-    assert "is gone (its process no longer exists)" in out and "trained 2 steps" in out
-    assert not (run / LOCK_NAME).exists()

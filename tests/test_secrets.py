@@ -18,6 +18,8 @@ import urllib.request
 import pytest
 
 from conftest import ROOT
+from fault_runs import STEPS, assert_exactly_once, assert_same_loss, command, resumed_at
+from mmtrain.audit import manifest_ids
 from mmtrain.credentials import looks_like_secret, redacted_argv, secret_arguments, secret_paths, without_secrets
 
 
@@ -58,19 +60,22 @@ def wait_for(log, text, proc, timeout=600):
 
 
 def test_a_credential_given_to_train_is_nowhere_and_a_restarted_worker_group_still_has_it(
-        ray_cluster, small_data, s3_server, s3_bucket, tmp_path):
+        ray_cluster, fault_data, fault_reference, s3_server, s3_bucket, tmp_path):
+    """Also fault tolerance's killed worker process (tests/fault_runs.py: its corpus, 2 epochs,
+    deterministic): the replacement group goes on from checkpoint 2, every sample of each epoch
+    is trained on once, and the last loss is the uninterrupted run's."""
     import ray
     from ray.util.state import list_actors
 
     bucket, fs = s3_bucket
-    fs.put(str(small_data), f"{bucket}/clean", recursive=True)
+    fs.put(str(fault_data["clean"]), f"{bucket}/clean", recursive=True)
     creds = fake_credentials()
     needles = [v.encode() for v in creds.values()]
     opts = {**creds, "client_kwargs": s3_server["storage_options"]["client_kwargs"]}
     run, log = tmp_path / "run", tmp_path / "driver.log"
-    cmd = [sys.executable, str(ROOT / "ray_job.py"), "train", "--data", f"s3://{bucket}/clean", "--run-dir", str(run),
-           "--checkpoint-storage", f"s3://{bucket}/run", "--storage-options", json.dumps(opts),
-           "--max-steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--workers", "2"]
+    data = {**fault_data, "clean": f"s3://{bucket}/clean"}
+    cmd = command(data, run, "--deterministic", "--checkpoint-storage", f"s3://{bucket}/run",
+                  "--storage-options", json.dumps(opts))
     env = {**os.environ, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "MMTRAIN_FAULT_PAUSE": "step@2:120"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
@@ -98,9 +103,12 @@ def test_a_credential_given_to_train_is_nowhere_and_a_restarted_worker_group_sti
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     driver = open(log).read()
-    assert "trained 4 steps" in driver
+    assert f"trained {STEPS} steps" in driver
     assert json.load(open(run / "attempts.json"))["started"] == 2  # the second group ran
-    assert fs.exists(f"{bucket}/run/train/checkpoint_000000004/done/rank_00001")
+    assert fs.exists(f"{bucket}/run/train/checkpoint_{STEPS:09d}/done/rank_00001")
+    assert_exactly_once(run, {**data, "ids": manifest_ids([data["clean"]], opts)}, attempts=2)
+    assert resumed_at(run) == 3  # the replacement workers went on from checkpoint 2
+    assert_same_loss(run, fault_reference)
 
     for route in ("/api/train/v2/runs/v1", "/api/train/v2/runs", "/api/jobs/"):
         shown[route] = dashboard_get(dashboard + route)[1]
@@ -129,7 +137,7 @@ def test_a_credential_given_to_train_is_nowhere_and_a_restarted_worker_group_sti
                 assert needle not in data, f"a credential is in {path}"
     assert seen_logs  # the workers' logs of this run are among the files searched
     objects = fs.find(f"{bucket}/run")
-    assert any("checkpoint_000000004" in o for o in objects)
+    assert any(f"checkpoint_{STEPS:09d}" in o for o in objects)
     for path in objects:
         data = fs.cat(path)
         for needle in needles:
