@@ -27,12 +27,6 @@ os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Ray's single-machine mode: every node of the test cluster on 127.0.0.1
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-# Ray Train's controller takes a worker's report (a checkpoint) off its one-slot queue when it
-# polls the workers, and sees the end of training or a dead worker the same way: at its default
-# 2 s interval every checkpoint of these few-step runs waits for the poll. Ray Train passes the
-# variable from each driver to its controller and workers; a poll that does not answer in time
-# is retried at the next one (a worker counts as dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def free_port() -> int:
