@@ -120,7 +120,7 @@ def _gpus_set_use_gpu(args, sections: dict) -> None:
     if gpus is None:
         return
     if gpus == 0 and getattr(args, "scale.use_gpu"):
-        raise UserError("--use-gpu with --gpus-per-worker 0: give each worker a GPU (or a fraction of one), "
+        raise UserError("--use-gpu with --gpus-per-worker 0: give each worker a GPU, "
                         "or leave out --use-gpu to train on CPUs")
     sections.setdefault("scale", {})["use_gpu"] = gpus > 0
 

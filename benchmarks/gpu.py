@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for gpu.json, gpu.md and gpu.log")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny only, compile off, few steps: proves the script runs")
-    p.add_argument("--presets", nargs="+", help="default: tiny base (--quick: tiny)")
+    p.add_argument("--presets", nargs="+", help="default: base tiny (base first: its goal) (--quick: tiny)")
     p.add_argument("--compile", nargs="+", choices=("off", "on"), help="default: off on (--quick: off)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 60; --quick 6)")
     p.add_argument("--log-every", type=int, help="steps per metrics line (default 10; --quick 2)")
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", help="corpus and runs (default: a temporary folder, deleted at the end)")
     args = p.parse_args(argv)
     quick = args.quick
-    args.presets = args.presets or (["tiny"] if quick else ["tiny", "base"])
+    args.presets = args.presets or (["tiny"] if quick else ["base", "tiny"])
     args.compile = args.compile or (["off"] if quick else ["off", "on"])
     args.steps = args.steps or (6 if quick else 60)
     args.log_every = args.log_every or (2 if quick else 10)

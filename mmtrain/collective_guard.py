@@ -6,11 +6,14 @@ training device is the host too, so such a tensor looks right, and gloo takes it
 tells the two apart by how a tensor was made: a torch function mode (`TorchFunctionMode`, the
 thread's hook into every torch call) marks tensors that factory functions make without a
 `device=` (torch.tensor, zeros, arange, from_numpy, ...), and tensors computed only from such
-tensors; an explicit move (`.to(device)`, `.cuda()`) clears the mark. Every tensor collective
-of torch.distributed dispatches through the same mode (c10d's `handle_torch_function`), so the
-guard checks all of them, ours and DeepSpeed's, whatever module calls them, and refuses a
-marked tensor, or one off the training device, with a RuntimeError phrased as NCCL's refusal
-that names the call site and where the tensor was made.
+tensors; an explicit move (`.to(device)`, `.cuda()`) clears the mark. The list collectives of
+torch.distributed (all_reduce, broadcast, reduce, all_gather, gather, scatter, reduce_scatter,
+send/recv and their coalesced forms) dispatch through the same mode (c10d's
+`handle_torch_function`), so the guard checks them, ours and DeepSpeed's, whatever module calls
+them, and refuses a marked tensor, or one off the training device, with a RuntimeError phrased
+as NCCL's refusal that names the call site and where the tensor was made. The flat-buffer forms
+(all_gather_into_tensor, reduce_scatter_tensor, all_to_all) do not call that hook in torch, so
+they go unchecked: DeepSpeed's ZeRO buffers, made on the engine's device, are what use them.
 
 Torch has no such check (its debug modes check collective shapes and ordering, not devices),
 hence this module. The mode covers the thread that enters it: the training loop's. It costs a
@@ -34,9 +37,8 @@ _FACTORIES = {getattr(torch, n) for n in (
     "full", "arange", "range", "linspace", "logspace", "eye", "rand", "randn", "randint", "randperm",
     "empty_strided", "tril_indices", "triu_indices") if hasattr(torch, n)}
 _COLLECTIVES = {getattr(dist, n) for n in (
-    "all_reduce", "all_reduce_coalesced", "broadcast", "reduce", "all_gather", "all_gather_into_tensor",
-    "all_gather_single", "all_gather_coalesced", "_all_gather_base", "gather", "scatter", "reduce_scatter",
-    "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all", "all_to_all_single",
+    "all_reduce", "all_reduce_coalesced", "broadcast", "reduce", "all_gather", "all_gather_single",
+    "all_gather_coalesced", "gather", "scatter", "reduce_scatter", "reduce_scatter_single",
     "send", "recv", "isend", "irecv") if hasattr(dist, n)}
 _SKIP = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (__file__,)
 
@@ -63,7 +65,7 @@ class CollectiveGuard(TorchFunctionMode):
             self._check(func, args, kwargs)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        if _places(func, args, kwargs):
+        if _places(func, args, kwargs, self.host_made):
             for t in _tensors(out):
                 self.host_made.pop(t, None)
             return out
@@ -97,12 +99,17 @@ class CollectiveGuard(TorchFunctionMode):
                                    f"tensors on the training device {target} (train.check_collectives)")
 
 
-def _places(func, args, kwargs) -> bool:
+def _places(func, args, kwargs, host_made) -> bool:
     """Whether the call puts its result where the caller asked: a `device=`, `.cuda()`, or
     `.to(device)` (not `.to(dtype)`, which leaves the tensor where it is)."""
     if kwargs.get("device") is not None or func is torch.Tensor.cuda:
         return True
-    return func is torch.Tensor.to and any(isinstance(a, (torch.device, str, int, torch.Tensor)) for a in args[1:])
+    if func is not torch.Tensor.to:
+        return False
+    # .to(device), .to("cuda"), .to(0), or .to(other) where `other` is itself placed; a bool is
+    # `non_blocking`, not a device index
+    return any(isinstance(a, (torch.device, str)) or (isinstance(a, int) and not isinstance(a, bool))
+               or (isinstance(a, torch.Tensor) and a not in host_made) for a in args[1:])
 
 
 def _tensors(obj):

@@ -96,8 +96,10 @@ class EfficiencyMeter:
     each line (a collective on GPU runs: every rank calls it)."""
 
     def __init__(self, model_cfg: ModelConfig, device: torch.device, peak_tflops: float | None = None,
-                 rank: int = 0):
-        self.cfg, self.device = model_cfg, device
+                 rank: int = 0, head_everywhere: bool = False):
+        # head_everywhere: a compiled model applies the vocabulary head at every decoder position
+        # (static shapes, see MultimodalModel._caption_loss), not only at the caption targets
+        self.cfg, self.device, self.head_everywhere = model_cfg, device, head_everywhere
         self.peak = device_peak_tflops(device, peak_tflops, rank)
         self._body: dict[tuple, float] = {}  # FLOPs of a batch shape without the head, computed once
         self._head = head_flops_per_target(model_cfg)
@@ -109,8 +111,10 @@ class EfficiencyMeter:
         image, ids, mel = inputs["image"], inputs["text_ids"], inputs["mel"]
         shape = (ids.shape[0], image.shape[-1], ids.shape[1], mel.shape[-1])
         if shape not in self._body:
-            self._body[shape] = flops_per_batch(self.cfg, *shape, caption_targets=0)
+            self._body[shape] = flops_per_batch(self.cfg, *shape, caption_targets=None if self.head_everywhere else 0)
         self.flops += self._body[shape]
+        if self.head_everywhere:
+            return
         targets = caption_targets_count(inputs)
         self._targets = targets if self._targets is None else self._targets + targets
 

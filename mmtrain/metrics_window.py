@@ -23,12 +23,13 @@ class MetricsWindow:
         self.start = time.perf_counter()
 
     def add(self, out: dict, ids: list, inputs: dict) -> None:
+        # the sums stay tensors on the training device (float64: the same sums python floats give)
+        # until `report`: reading a GPU value is a host-device sync, once per line, not per step
         for k in LOSS_KEYS:
-            self.sums[k] += float(out[k].detach())
+            self.sums[k] = self.sums[k] + out[k].detach().double()
         self.micro += 1
         self.samples += len(ids)
-        present = inputs["text_present"].bool()
-        self.tokens += int((inputs["text_ids"][present] > 0).sum())
+        self.tokens = self.tokens + ((inputs["text_ids"] > 0) & inputs["text_present"].bool()[:, None]).sum()
         if self.meter is not None:
             self.meter.count(inputs)
 
@@ -36,8 +37,8 @@ class MetricsWindow:
         """`device`: the training device, where the sums are reduced."""
         elapsed = time.perf_counter() - self.start
         flops = self.meter.take_flops() if self.meter is not None else 0.0
-        vec = sum_over_ranks([*self.sums.values(), self.micro, self.samples, self.tokens, flops, self.wait, elapsed],
-                             device)
+        sums = [float(v) for v in self.sums.values()]
+        vec = sum_over_ranks([*sums, self.micro, self.samples, int(self.tokens), flops, self.wait, elapsed], device)
         n = max(vec[len(LOSS_KEYS)].item(), 1.0)
         values = {k: vec[i].item() / n for i, k in enumerate(LOSS_KEYS)}
         samples, tokens = vec[len(LOSS_KEYS) + 1].item(), vec[len(LOSS_KEYS) + 2].item()

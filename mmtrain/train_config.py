@@ -67,6 +67,9 @@ class TrainConfig(Settings):
         yield self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}"
         yield not self.offload_params or self.zero_stage == 3, "offload_params needs zero_stage 3"
         yield not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer needs zero_stage 1, 2 or 3"
+        yield not (self.check_collectives and self.compile), (
+            "check_collectives watches every torch call from Python, which torch.compile cannot trace: "
+            "use it without compile")
         yield self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be positive, got {self.peak_tflops}"
         yield self.profile_steps is None or profile_range(self.profile_steps) is not None, (
             f"profile_steps must be A:B with 1 <= A <= B (optimizer steps), got {self.profile_steps!r}")
@@ -99,3 +102,8 @@ class ScaleConfig(Settings):
         yield from at_least(self, 1, "workers")
         yield from at_least(self, 0, "cpus_per_worker", "gpus_per_worker")
         yield not self.use_gpu or self.gpus_per_worker > 0, "use_gpu needs gpus_per_worker above 0"
+        # Ray may pack two workers holding a fraction each onto one GPU, and NCCL refuses two ranks
+        # on one device ("Duplicate GPU detected")
+        yield (not self.use_gpu or self.workers == 1 or self.gpus_per_worker >= 1,
+               f"{self.workers} workers on GPUs need at least one GPU each (gpus_per_worker "
+               f"{self.gpus_per_worker:g}): NCCL cannot join two ranks on one GPU")

@@ -67,7 +67,7 @@ class Worker:
         self.attempt = attempt_number(cfg.run_dir, rank, self.device)
         self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
-        meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank)
+        meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank, head_everywhere=t.compile)
         self.window = MetricsWindow(meter)  # its clock starts here: the first line's throughput counts from now
         self.run_config_json = cfg.to_json()
         self.hooks = []

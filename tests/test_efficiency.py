@@ -79,6 +79,11 @@ def test_the_meter_counts_the_head_where_the_model_applies_it_and_reports_null_o
                                        "gpu_mem_reserved_gb": None}
     assert EfficiencyMeter(cfg, torch.device("cpu"), peak_tflops=3.0).values(3e12, 2.0)["mfu"] == 0.5
 
+    # a compiled model applies the head at every decoder position of every row
+    compiled = EfficiencyMeter(cfg, torch.device("cpu"), head_everywhere=True)
+    compiled.count(batch)
+    assert compiled.take_flops() == pytest.approx(flops_per_batch(cfg, B, S, L, T, caption_targets=B * (L - 1)))
+
 
 def test_null_metrics_are_written_as_null_and_do_not_break_tensorboard(tmp_path):
     writer = MetricsWriter(str(tmp_path), enabled=True)

@@ -16,7 +16,7 @@ from test_config import _train_config
 @pytest.mark.parametrize("argv, use_gpu, gpus", [
     ([], False, 1.0),                                                   # the tiny CPU default
     (["--gpus-per-worker", "1"], True, 1.0),                            # a CPU config moves to GPUs with one flag
-    (["--gpus-per-worker", "0.5"], True, 0.5),
+    (["--gpus-per-worker", "0.5", "--workers", "1"], True, 0.5),    # one worker may share a GPU
     (["--use-gpu"], True, 1.0),
     (["--use-gpu", "--gpus-per-worker", "2"], True, 2.0),
     (["--config", str(ROOT / "configs" / "base.json")], True, 1.0),
@@ -31,10 +31,16 @@ def test_gpus_per_worker_on_the_command_line_sets_use_gpu(argv, use_gpu, gpus):
 def test_gpu_flags_refuse_contradictions_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path), "--run-dir",
                         str(tmp_path / "run"), "--use-gpu", "--gpus-per-worker", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr == ("error: --use-gpu with --gpus-per-worker 0: give each worker a GPU (or "
-                                              "a fraction of one), or leave out --use-gpu to train on CPUs\n"), r.stderr
+    assert r.returncode == 2 and r.stderr == ("error: --use-gpu with --gpus-per-worker 0: give each worker a GPU, "
+                                              "or leave out --use-gpu to train on CPUs\n"), r.stderr
     with pytest.raises(ConfigError, match="use_gpu needs gpus_per_worker above 0"):  # the same in a config file
         _train_config("--set", "scale.use_gpu=true", "--set", "scale.gpus_per_worker=0")
+    # two ranks on one GPU: NCCL refuses them
+    with pytest.raises(ConfigError, match="2 workers on GPUs need at least one GPU each"):
+        _train_config("--gpus-per-worker", "0.5", "--workers", "2")
+    # the collective guard watches every torch call from Python, which torch.compile cannot trace
+    with pytest.raises(ConfigError, match="check_collectives .* use it without compile"):
+        _train_config("--compile", "--set", "train.check_collectives=true")
 
 
 def test_train_help_names_the_forms_of_the_gpu_and_profile_flags():

@@ -76,7 +76,7 @@ def test_a_credential_given_to_train_is_nowhere_and_a_restarted_worker_group_sti
     data = {**fault_data, "clean": f"s3://{bucket}/clean"}
     cmd = command(data, run, "--deterministic", "--checkpoint-storage", f"s3://{bucket}/run",
                   "--storage-options", json.dumps(opts))
-    env = {**os.environ, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "MMTRAIN_FAULT_PAUSE": "step@2:120"}
+    env = {**os.environ, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "MMTRAIN_FAULT_PAUSE": "step@3:120"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     try:
