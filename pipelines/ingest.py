@@ -218,13 +218,33 @@ def _decode_row(row: dict, cfg: DataConfig):
     chosen = {m: (row[f"{m}_ext"], row[m]) for m in ("image", "text", "audio") if row[m] is not None}
     p = transform_modalities(Processed(row["key"], row["source"], row.get("position") or 0), chosen, cfg)
     if row["mel"] is not None:
-        p.mel = np.load(io.BytesIO(row["mel"]), allow_pickle=False)
+        p.mel = _load_npy(row["mel"])
         if p.mel.shape[0] != cfg.audio.n_mels:
             raise SampleError("mel_shape_mismatch", f"{p.mel.shape[0]} mel bins, config says {cfg.audio.n_mels}")
         p.mel_frames = _valid_frames(row, p.mel)
     if not p.modalities:
         raise SampleError(NO_USABLE_MODALITY, "nothing to train on")
     return p.image, p.text, p.mel, p.mel_frames
+
+
+# Parsed .npy headers, by their exact bytes. Every stored log-mel has the same header, and
+# parsing it (`ast.literal_eval` under `np.load`) is most of what loading one costs.
+_npy_headers: dict[bytes, tuple[tuple[int, ...], str, np.dtype, int]] = {}
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """`np.load(allow_pickle=False)` of an in-memory .npy, read-only and without a copy. A header
+    seen before in a member that `np.load` read is not parsed again; anything else (a new
+    header, a short member, a bad one) goes through `np.load`, which raises as it does."""
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6:8] == b"\x01\x00" else 0
+    known = _npy_headers.get(data[:end]) if end else None
+    if known is not None and len(data) - end >= known[3]:
+        shape, order, dtype, nbytes = known
+        return np.frombuffer(data, dtype, count=nbytes // dtype.itemsize, offset=end).reshape(shape, order=order)
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if end and array.nbytes and len(_npy_headers) < 64:
+        _npy_headers[data[:end]] = (array.shape, "F" if np.isfortran(array) else "C", array.dtype, array.nbytes)
+    return array
 
 
 def _valid_frames(row: dict, mel: np.ndarray) -> int:
