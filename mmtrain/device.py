@@ -2,8 +2,8 @@
 
 Ray Train decides each worker's device (`ray.train.torch.get_device()`: its GPU, or the CPU)
 and the process group's backend: NCCL on GPU, which takes only tensors on the worker's own
-CUDA device, gloo on CPU. The loop's collectives (lockstep's flag, the metrics window's sums,
-the attempt number) go through the functions here, each given the device, so every tensor they
+CUDA device, gloo on CPU. The loop's collectives (lockstep's flag, the metrics window's sums and
+peak memory, the attempt number) go through the functions here, each given the device, so every tensor they
 reduce is made where the backend takes it. Object collectives and barriers (resume.py) need
 none: torch picks their device from the group's backend and the current CUDA device.
 """
@@ -37,6 +37,13 @@ def sum_over_ranks(values: list[float], device: torch.device) -> torch.Tensor:
     """Each value summed over ranks (a collective), as a float64 tensor on the host."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
+    return t.cpu()
+
+
+def max_over_ranks(values: list[float], device: torch.device) -> torch.Tensor:
+    """Each value's maximum over ranks (a collective), as a float64 tensor on the host."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu()
 
 

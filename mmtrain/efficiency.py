@@ -18,6 +18,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from .device import max_over_ranks
 from .model.config import PAD_ID, ModelConfig
 from .model.flops import flops_per_batch, head_flops_per_target
 
@@ -136,10 +137,9 @@ class EfficiencyMeter:
         call, the maximum over ranks (one all-reduce on the training device); None on CPU."""
         if self.device.type != "cuda":
             return None, None
-        peak = torch.tensor([torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)],
-                            dtype=torch.float64, device=self.device)
+        peak = [torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)]
         torch.cuda.reset_peak_memory_stats(self.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        allocated, reserved = (peak / GIB).tolist()
+            peak = max_over_ranks(peak, self.device).tolist()
+        allocated, reserved = (x / GIB for x in peak)
         return allocated, reserved

@@ -37,9 +37,12 @@ def contrastive_loss(a: Tensor, b: Tensor, valid: Tensor, scale: Tensor) -> Tens
     target = torch.arange(logits.shape[0], device=logits.device)
     w = valid.float()
     n = w.sum().clamp(min=1.0)
-    a_to_b = (F.cross_entropy(logits, target, reduction="none") * w).sum() / n
-    b_to_a = (F.cross_entropy(logits.T, target, reduction="none") * w).sum() / n
-    return (a_to_b + b_to_a) / 2
+    return (_weighted_ce(logits, target, w) / n + _weighted_ce(logits.T, target, w) / n) / 2
+
+
+def _weighted_ce(logits: Tensor, target: Tensor, w: Tensor) -> Tensor:
+    """The cross-entropies of the rows of `logits` (already masked), weighted by `w` and summed."""
+    return (F.cross_entropy(logits, target, reduction="none") * w).sum()
 
 
 def local_contrastive_loss(a: Tensor, b: Tensor, valid: Tensor, scale: Tensor, rows: slice) -> Tensor:
@@ -55,10 +58,9 @@ def local_contrastive_loss(a: Tensor, b: Tensor, valid: Tensor, scale: Tensor, r
     target = torch.arange(a.shape[0], device=a.device)[rows]
     w = valid[rows].float()
 
-    def summed(logits: Tensor) -> Tensor:
-        return (F.cross_entropy(logits.masked_fill(~both, _MASKED), target, reduction="none") * w).sum()
-
-    return (summed(scale * (a[rows] @ b.T)) + summed(scale * (b[rows] @ a.T))) / (2 * n)
+    a_to_b = _weighted_ce((scale * (a[rows] @ b.T)).masked_fill(~both, _MASKED), target, w)
+    b_to_a = _weighted_ce((scale * (b[rows] @ a.T)).masked_fill(~both, _MASKED), target, w)
+    return (a_to_b + b_to_a) / (2 * n)
 
 
 def caption_targets(text_ids: Tensor, rows: Tensor, ignore_index: int = -100) -> Tensor:
