@@ -315,7 +315,7 @@ def write_preprocessed_shards(out: str, samples: int, shards: int, cfg, *, pool:
     import numpy as np
 
     from pipelines import corpus_samples as C
-    from pipelines import modalities as M
+    from pipelines import audio as A
     from pipelines.transform import Processed, encode_members
 
     rng = np.random.default_rng(seed)
@@ -325,9 +325,9 @@ def write_preprocessed_shards(out: str, samples: int, shards: int, cfg, *, pool:
         subj = C.subject(i % 32)
         text = str(rng.choice(C._TEMPLATES)).format(n=subj.name, N=subj.name[0].upper() + subj.name[1:])
         seconds = 1 + 5 * float(rng.random()) ** 2
-        wave, valid = M.fit_length(C.render_audio(rng, subj, a.sample_rate, seconds, 1), a)
+        wave, valid = A.fit_length(C.render_audio(rng, subj, a.sample_rate, seconds, 1), a)
         made.append(Processed("", "", 0, image=C.render_image(rng, subj, size, size), text=text,
-                              mel=M.log_mel(wave, a), mel_frames=M.mel_frames_for(valid, a),
+                              mel=A.log_mel(wave, a), mel_frames=A.mel_frames_for(valid, a),
                               image_size=(size, size), audio_seconds=seconds))
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(out, f"shard-{s:06d}.tar") for s in range(shards)]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipelines.modalities import IMAGE_MEAN, IMAGE_STD
+from pipelines.images import IMAGE_MEAN, IMAGE_STD
 
 from .tokenizer import pad_batch
 

@@ -31,6 +31,7 @@ The names of the output's files and members, and its settings record, are `datas
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, ch
 from .retry import StoreError, store_error_kind, store_failure
 from .shard_job import process_shard, rewrite_without, rows_to_table
 from .shards import expand_shards
+from .stage_clock import add_seconds
 from .storage import OutputStore
 from .transform import DROPPED
 
@@ -313,6 +315,9 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
         # extras of written samples left out of the output (not in data.extra_exts), by extension
         "dropped_members": {k[len(DROPPED):]: n for k, n in sorted(counts.items()) if k.startswith(DROPPED)},
         "crashed_shards": sum(1 for s in per_shard if s.get("crashed")),
+        # thread CPU of the shard tasks by stage (stage_clock.py), summed over this output's shards
+        "stage_cpu_s": {k: round(v, 3) for k, v in functools.reduce(
+            add_seconds, (s.get("stage_cpu_s", {}) for s in per_shard), {}).items()},
     }
     write_output(store, manifest, quarantine, stats)
     return stats

@@ -23,6 +23,7 @@ from .config import DataConfig
 from .dataset import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names
 from .reasons import SampleError
 from .source import RawSample, base_plus_ext, iter_tar_samples
+from .stage_clock import StageClock, stage
 from .storage import OutputStore
 from .tarheaders import ReadLimits
 from .transform import count_dropped_members, encode_members, manifest_fields, transform_sample
@@ -177,7 +178,22 @@ def process_shard(
     cfg: DataConfig,
     storage_options: dict | None = None,
 ) -> dict:
-    """Returns this shard's stats (also written to its `done` part)."""
+    """Returns this shard's stats (also written to its `done` part), with the task's thread CPU
+    per stage (`stage_clock.py`)."""
+    with StageClock() as clock:
+        stats = _process_shard(source, shard_name, store, cfg, storage_options)
+    stats["stage_cpu_s"] = {k: round(v, 6) for k, v in clock.seconds().items()}
+    store.write_json(part_names(shard_name)["done"], stats)
+    return stats
+
+
+def _next_sample(samples):
+    with stage("read"):
+        return next(samples, None)
+
+
+def _process_shard(source: str, shard_name: str, store: OutputStore, cfg: DataConfig,
+                   storage_options: dict | None) -> dict:
     start = time.time()
     counts: Counter = Counter()
     manifest: list[dict] = []
@@ -190,8 +206,8 @@ def process_shard(
         out = _CountingWriter(f)
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             tar.copybufsize = _COPY_BUFSIZE
-            for raw in iter_tar_samples(source, storage_options=storage_options,
-                                        limits=ReadLimits.from_config(cfg)):
+            samples = iter_tar_samples(source, storage_options=storage_options, limits=ReadLimits.from_config(cfg))
+            while (raw := _next_sample(samples)) is not None:
                 counts["read"] += 1
                 bytes_in += sum(len(v) for v in raw.members.values())
                 try:
@@ -211,8 +227,9 @@ def process_shard(
                 # Writing is outside the catch-all: a failing store is the job's error, and a member
                 # half-written into the tar must never be followed by more.
                 first_with_hash[sample.content_hash] = sample.key
-                for ext, data in members.items():
-                    add_member(tar, f"{sample.key}.{ext}", data)
+                with stage("write"):
+                    for ext, data in members.items():
+                        add_member(tar, f"{sample.key}.{ext}", data)
                 manifest.append(row)
                 counts["written"] += 1
                 count_dropped_members(counts, sample.dropped)
@@ -220,14 +237,13 @@ def process_shard(
         if n > 1:
             log.error("%d more sample(s) of %s hit %s (traceback above, not repeated)", n - 1, source, name)
     parts = part_names(shard_name)
-    store.write_parquet(parts["manifest"], rows_to_table(manifest, MANIFEST_SCHEMA))
-    store.write_parquet(parts["quarantine"], rows_to_table(quarantine, QUARANTINE_SCHEMA))
-    stats = {
+    with stage("write"):
+        store.write_parquet(parts["manifest"], rows_to_table(manifest, MANIFEST_SCHEMA))
+        store.write_parquet(parts["quarantine"], rows_to_table(quarantine, QUARANTINE_SCHEMA))
+    return {
         "source": source, "shard": shard_name, "counts": dict(counts),
         "bytes_in": bytes_in, "bytes_out": out.n, "seconds": round(time.time() - start, 3),
     }
-    store.write_json(parts["done"], stats)
-    return stats
 
 
 def rewrite_without(store: OutputStore, shard_name: str, drop_keys: set[str]) -> int:

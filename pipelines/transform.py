@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import modalities as M
+from . import audio, captions, images
 from . import reasons
 from .config import DataConfig
 from .dataset import OUT_IMAGE, OUT_MEL, OUT_META, OUT_TEXT, OUTPUT_EXTS
 from .reasons import SampleError
 from .source import RAW_MODALITIES, RawSample, split_modalities
+from .stage_clock import stage
 
 
 @dataclass
@@ -91,16 +92,20 @@ def transform_modalities(out: Processed, chosen: dict[str, tuple[str, bytes]], c
     both call this, so training on raw shards sees the arrays preprocessing would store."""
     if "image" in chosen:
         ext, data = chosen["image"]
-        out.image, out.image_size = M.decode_image(data, ext, cfg.image)
+        with stage("image_decode"):  # images.py charges its resize to "resize"
+            out.image, out.image_size = images.decode_image(data, ext, cfg.image)
     if "text" in chosen:
         ext, data = chosen["text"]
-        out.text = M.decode_text(data, ext, cfg.text)
+        with stage("text"):
+            out.text = captions.decode_text(data, ext, cfg.text)
     if "audio" in chosen:
         ext, data = chosen["audio"]
-        wave, out.audio_seconds = M.decode_audio(data, ext, cfg.audio)
-        wave, valid = M.fit_length(wave, cfg.audio)
-        out.mel = M.log_mel(wave, cfg.audio)
-        out.mel_frames = M.mel_frames_for(valid, cfg.audio)
+        with stage("audio_decode"):  # audio.py charges its resampling to "resample"
+            wave, out.audio_seconds = audio.decode_audio(data, ext, cfg.audio)
+        wave, valid = audio.fit_length(wave, cfg.audio)
+        with stage("log_mel"):
+            out.mel = audio.log_mel(wave, cfg.audio)
+        out.mel_frames = audio.mel_frames_for(valid, cfg.audio)
     return out
 
 
@@ -136,7 +141,8 @@ def encode_members(p: Processed, cfg: DataConfig) -> dict[str, bytes]:
     """The WebDataset members of a preprocessed sample (extension -> bytes)."""
     members: dict[str, bytes] = {}
     if p.image is not None:
-        members[OUT_IMAGE] = M.encode_jpeg(p.image, cfg.image.jpeg_quality)
+        with stage("encode"):
+            members[OUT_IMAGE] = images.encode_jpeg(p.image, cfg.image.jpeg_quality)
     if p.text is not None:
         members[OUT_TEXT] = p.text.encode("utf-8")
     if p.mel is not None:

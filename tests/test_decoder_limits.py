@@ -15,12 +15,13 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines import modalities as M
+from pipelines import audio as A
+from pipelines import captions
 from pipelines import reasons as R
+from pipelines.audio import decode_audio
+from pipelines.captions import _NFC_MAX_SHRINK, decode_text
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
-from pipelines.modalities import (
-    _NFC_MAX_SHRINK, _center_square, _to_rgb_or_rgba, decode_audio, decode_image, decode_text,
-)
+from pipelines.images import _center_square, _to_rgb_or_rgba, decode_image
 from mediautil import png_by_hand, wav_edited
 from test_modalities import ACFG, ICFG, TCFG, _audio_bytes, _img_bytes, _reason, _tone
 
@@ -111,7 +112,7 @@ def test_only_text_that_can_pass_is_normalized(monkeypatch: pytest.MonkeyPatch) 
     def no_nfc(*a):
         raise AssertionError("NFC ran on a text that cannot pass")
 
-    monkeypatch.setattr(M, "unicodedata", types.SimpleNamespace(normalize=no_nfc))
+    monkeypatch.setattr(captions, "unicodedata", types.SimpleNamespace(normalize=no_nfc))
     # 64 KiB of marks in descending combining classes: NFC's insertion sort took 3.3 s on it
     marks = sorted((c for c in map(chr, range(0x300, 0x370)) if unicodedata.combining(c)),
                    key=unicodedata.combining, reverse=True)

@@ -37,7 +37,7 @@ from pipelines.storage import TMP_MARK, OutputStore
 from tarutil import write_tar
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
-TIMINGS = ("seconds", "worker_seconds")  # the only content allowed to differ between two runs
+TIMINGS = ("seconds", "worker_seconds", "stage_cpu_s")  # the only content allowed to differ between two runs
 
 
 def samples_of(tar_path) -> list[list[tuple[str, bytes]]]:

@@ -23,7 +23,7 @@ from PIL import Image
 from pipelines import ingest, reasons as R
 from pipelines.config import AudioConfig, DataConfig
 from pipelines.datasource import sample_schema
-from pipelines.modalities import decode_image
+from pipelines.images import decode_image
 from pipelines.preprocess import preprocess
 from pipelines.shard_job import process_shard
 from pipelines.storage import OutputStore

@@ -1,4 +1,4 @@
-"""Decoders and transforms of pipelines.modalities, on data made in code."""
+"""Decoders and transforms of pipelines.images, captions and audio, on data made in code."""
 from __future__ import annotations
 
 import io
@@ -12,10 +12,9 @@ from PIL import Image
 
 from pipelines import reasons as R
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
-from pipelines.modalities import (
-    decode_audio, decode_image, decode_jpeg_rgb, decode_text, encode_jpeg, fit_length, log_mel,
-    mel_frames_for,
-)
+from pipelines.audio import decode_audio, fit_length, log_mel, mel_frames_for
+from pipelines.captions import decode_text
+from pipelines.images import decode_image, decode_jpeg_rgb, encode_jpeg
 
 ICFG = ImageConfig()
 TCFG = TextConfig()
