@@ -60,7 +60,7 @@ def decode_audio(data: bytes, ext: str, cfg: AudioConfig) -> tuple[np.ndarray, f
         raise SampleFiltered(AUDIO_TOO_LONG, f"> {cfg.max_source_seconds} s (header said {frames / sr:.1f} s)")
     if n == 0:
         raise SampleError(AUDIO_EMPTY, "0 frames")
-    if not np.isfinite(mono).all():
+    if not (np.isfinite(mono.min()) and np.isfinite(mono.max())):  # NaN propagates; no mask
         raise SampleError(AUDIO_DECODE_ERROR, "NaN or inf samples")
     if sr != cfg.sample_rate:
         try:
@@ -76,25 +76,62 @@ def decode_audio(data: bytes, ext: str, cfg: AudioConfig) -> tuple[np.ndarray, f
 def _read_mono(f: sf.SoundFile, frames: int, limit: int) -> tuple[np.ndarray, int]:
     """Up to limit + 1 frames of f mixed down to mono (the mean of the channels), and how many.
 
-    soundfile clamps a read to the frames the header announced, and we ask for at most one
-    frame past the limit, so the loop ends either way.
+    libsndfile clamps a read to the frames the header announced, and we ask for at most one
+    frame past the limit, so the loop ends either way. A mono float stream is read straight
+    into the result (one call); otherwise blocks go through a buffer of _AUDIO_BLOCK frames.
+    16-bit PCM is read as int16 and scaled here: libsndfile's own int16 -> float conversion
+    costs more than the WAV parsing around it, and x * 2**-15 is exact, so the samples are the
+    ones libsndfile's float read gives.
     """
+    cap = limit + 1
+    channels = f.channels
+    as_int16 = f.subtype == "PCM_16"
     mono = np.empty(min(frames, limit) + 1, dtype=np.float32)
+    direct = channels == 1 and not as_int16
+    if not direct:
+        block = np.empty((min(_AUDIO_BLOCK, cap), channels), np.int16 if as_int16 else np.float32)
+        scaled = np.empty(block.shape, np.float32) if as_int16 and channels > 1 else None
     n = 0
-    while n <= limit:
-        block = f.read(min(_AUDIO_BLOCK, limit + 1 - n), dtype="float32", always_2d=True)
-        got = block.shape[0]
+    while n < cap:
+        if n == mono.size:  # a decoder that delivers more than its header said
+            mono = np.concatenate([mono, np.empty(min(cap, 2 * n) - n, np.float32)])
+        want = mono.size - n
+        if direct:
+            got = len(f.read(want, out=mono[n:]))
+        else:
+            want = min(want, len(block))
+            got = len(f.read(want, out=block[:want]))
+            _mix_down(block[:got], mono[n:n + got], scaled)
         if got == 0:
             break
-        if n + got > mono.size:  # a decoder that delivers more than its header said
-            mono = np.concatenate([mono[:n], np.empty(min(limit + 1, 2 * (n + got)) - n, np.float32)])
-        dest = mono[n:n + got]
-        if block.shape[1] == 1:
-            dest[:] = block[:, 0]
-        else:
-            np.mean(block, axis=1, dtype=np.float32, out=dest)
         n += got
     return mono[:n], n
+
+
+_INT16_SCALE = np.float32(2.0**-15)  # libsndfile's float scale for 16-bit PCM
+
+
+def _mix_down(block: np.ndarray, dest: np.ndarray, scaled: np.ndarray | None) -> None:
+    """dest := the mean over the channels (columns) of block, as np.mean computes it.
+
+    np.mean over a short row is a reduction call per frame; column by column adds are one
+    vectorized pass per channel and give the same bits below 8 channels (both add in channel
+    order). From 8 channels on, np.mean sums pairwise, so it does the mixing itself.
+    """
+    channels = block.shape[1]
+    if block.dtype == np.int16:
+        if channels == 1:
+            np.multiply(block[:, 0], _INT16_SCALE, out=dest)
+            return
+        block = np.multiply(block, _INT16_SCALE, out=scaled[:len(block)])
+    if channels >= 8:
+        np.mean(block, axis=1, dtype=np.float32, out=dest)
+        return
+    np.copyto(dest, block[:, 0])
+    for c in range(1, channels):
+        dest += block[:, c]
+    if channels > 1:
+        dest /= np.float32(channels)
 
 
 def fit_length(wave: np.ndarray, cfg: AudioConfig) -> tuple[np.ndarray, int]:
@@ -134,45 +171,118 @@ def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return weights
 
 
+_BANDS_PER_MATMUL = 20
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_bands(sample_rate: int, n_fft: int, n_mels: int) -> tuple[tuple[slice, int, int, np.ndarray], ...]:
+    """The filterbank cut into groups of adjacent bands, each with the FFT bins its bands
+    cover: (rows, lo, hi, weights[rows, lo:hi]). Each triangle spans a few bins, so the groups'
+    matmuls skip most of the zeros a dense one multiplies (our own few lines: a sparse matrix
+    type would cost an import for a banded matrix this small)."""
+    weights = _mel_filterbank(sample_rate, n_fft, n_mels)
+    groups = []
+    for start in range(0, n_mels, _BANDS_PER_MATMUL):
+        rows = slice(start, min(n_mels, start + _BANDS_PER_MATMUL))
+        bins = np.flatnonzero(weights[rows].any(axis=0))
+        if bins.size:  # a group without weights (too few bins for its bands) stays at the floor
+            lo, hi = int(bins[0]), int(bins[-1]) + 1
+            part = np.ascontiguousarray(weights[rows, lo:hi])
+            part.setflags(write=False)
+            groups.append((rows, lo, hi, part))
+    return tuple(groups)
+
+
+# Frames per FFT call: the block's buffers (~0.2 MB) stay in cache, where all 1001 frames at
+# once would touch several MB of fresh pages per call (and scipy's rfft is slower on them).
 _FFT_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=16)
-def _window(win_length: int, n_fft: int) -> np.ndarray:
-    """Periodic Hann of win_length, zero-padded to n_fft and centered (as torch.stft does)."""
-    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)
-    w = np.zeros(n_fft, dtype=np.float64)
-    left = (n_fft - win_length) // 2
-    w[left:left + win_length] = hann
-    w.setflags(write=False)
-    return w
+def _hann(win_length: int) -> np.ndarray:
+    """Periodic Hann of win_length as float32: the non-zero part of the window, which sits
+    centered in the n_fft frame (as torch.stft does)."""
+    hann = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)).astype(np.float32)
+    hann.setflags(write=False)  # shared through the cache
+    return hann
 
 
 def log_mel(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     """float32 [n_mels, 1 + len(wave) // hop] log10-mel power spectrogram.
 
-    Centered frames with reflect padding (torch.stft / librosa / Whisper convention), power
-    spectrum, Slaney mel filterbank, log10(max(x, 1e-10)). log10 rather than ln so that
-    Whisper's normalization (clamp to max - 8, then (x + 4) / 4) applies as-is if wanted.
+    Centered frames with reflect padding (torch.stft / librosa / Whisper convention), a
+    periodic Hann of win_length zero-padded to n_fft, power spectrum, Slaney mel filterbank,
+    log10(max(x, 1e-10)). log10 rather than ln so that Whisper's normalization (clamp to
+    max - 8, then (x + 4) / 4) applies as-is if wanted.
+
+    Frames whose window covers only zeros (the padding of `fit_length`, a silent tail) have a
+    zero spectrum: they get the floor without an FFT, exactly what the FFT would give.
     """
-    n_fft, hop = cfg.n_fft, cfg.hop_length
-    if cfg.win_length > n_fft:
-        raise ValueError(f"win_length {cfg.win_length} > n_fft {n_fft}")
+    n_fft, hop, win = cfg.n_fft, cfg.hop_length, cfg.win_length
+    if win > n_fft:
+        raise ValueError(f"win_length {win} > n_fft {n_fft}")
     x = np.asarray(wave, dtype=np.float32).reshape(-1)
     pad = n_fft // 2
     # reflect needs at least 2 samples; a (degenerate) shorter clip is silence-padded.
     x = np.pad(x, pad, mode="reflect" if x.size > 1 else "constant")
     frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]  # a view, no copy
-    window = _window(cfg.win_length, n_fft)
-    power = np.empty((frames.shape[0], n_fft // 2 + 1), dtype=np.float32)
-    # Blocks of frames keep the temporaries (~256 KB) in cache; all 1001 frames at once would
-    # touch ~10 MB of fresh pages per call. The FFT runs in float64 because numpy's float32
-    # rfft is slower than its float64 one (benchmarks/README.md).
-    for i in range(0, len(frames), _FFT_BLOCK):
-        spec = np.fft.rfft(frames[i:i + _FFT_BLOCK] * window, axis=-1)
-        np.add(np.square(spec.real), np.square(spec.imag), out=power[i:i + _FFT_BLOCK], casting="same_kind")
-    mel = _mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels) @ power.T
-    return np.log10(np.maximum(mel, 1e-10))
+    mel = np.zeros((cfg.n_mels, len(frames)), dtype=np.float32)
+    left = (n_fft - win) // 2
+    sounding = frames[:_frames_with_sound(x, left, win, hop, len(frames)), left:left + win]
+    if len(sounding):
+        power = _power_spectrum(sounding, n_fft)
+        for rows, lo, hi, weights in _mel_bands(cfg.sample_rate, n_fft, cfg.n_mels):
+            np.matmul(weights, power[:, lo:hi].T, out=mel[rows, :len(sounding)])
+    np.maximum(mel, 1e-10, out=mel)
+    return np.log10(mel, out=mel)
+
+
+def _power_spectrum(frames: np.ndarray, n_fft: int) -> np.ndarray:
+    """float32 [frames, n_fft // 2 + 1]: |rfft|^2 of each frame times the Hann window, the
+    frame centered in n_fft zeros.
+
+    scipy.fft rather than numpy.fft: scipy's pocketfft transforms float32 as float32 and
+    vectorizes across rows, ~1.6x faster than numpy's float64 rfft (numpy's float32 one is
+    slower still); the float32 rounding stays below what the float16 output keeps
+    (tests/test_audio_speedups.py). Imported here, on the first audio sample: scipy.fft costs
+    a process ~0.1 s and ~13 MB, which only workers that see audio need to pay
+    (benchmarks/README.md).
+    """
+    from scipy import fft
+
+    n, win = frames.shape
+    left = (n_fft - win) // 2
+    hann = _hann(win)
+    power = np.empty((n, n_fft // 2 + 1), dtype=np.float32)
+    windowed = np.zeros((min(n, _FFT_BLOCK), n_fft), dtype=np.float32)  # outside the window: 0
+    for i in range(0, n, _FFT_BLOCK):
+        b = min(_FFT_BLOCK, n - i)
+        np.multiply(frames[i:i + b], hann, out=windowed[:b, left:left + win])
+        parts = fft.rfft(windowed[:b], axis=-1, workers=1).view(np.float32)  # re, im, re, im, ...
+        np.square(parts, out=parts)
+        np.add(parts[:, 0::2], parts[:, 1::2], out=power[i:i + b])
+    return power
+
+
+def _frames_with_sound(x: np.ndarray, left: int, win: int, hop: int, n_frames: int) -> int:
+    """How many leading frames of the padded signal x reach a non-zero sample with their
+    window (samples [t * hop + left, t * hop + left + win) of frame t); the frames after them
+    see only zeros."""
+    last = _last_nonzero(x)
+    if last < left or win == 0:
+        return 0
+    return min(n_frames, (last - left) // hop + 1)
+
+
+def _last_nonzero(x: np.ndarray, step: int = 1 << 14) -> int:
+    """Index of the last non-zero element of x (-1 if none), scanning back in steps."""
+    end = x.size
+    while end > 0:
+        start = max(0, end - step)
+        if x[start:end].any():
+            return start + int(np.flatnonzero(x[start:end])[-1])
+        end = start
+    return -1
 
 
 def mel_frames_for(valid_samples: int, cfg: AudioConfig) -> int:
