@@ -11,9 +11,9 @@ process, alternating in each round and each cell, on the same bytes; the table s
 over rounds of each cell's mean. The log-mel of both is compared (max |difference| in log10
 units, over all bins and over the bins the model sees: at or above the clip's peak - 8).
 
-    python benchmarks/audio_stages.py                   # 5 rounds x 20 cells x 8 clips: ~2 min
+    python benchmarks/audio_stages.py                   # 5 rounds x 20 cells x 8 clips: ~3 min
     python benchmarks/audio_stages.py --rounds 9 --clips 8 --out bench_out/audio_stages.json
-    python benchmarks/audio_stages.py --imports         # also: import cost of scipy.fft, torch
+    python benchmarks/audio_stages.py --imports         # also: import cost of scipy.fft, torch (~1 min)
 
 Needs espeak-ng (Debian package `espeak-ng`).
 """
@@ -156,13 +156,14 @@ def measure_text(rounds: int) -> dict:
     return {"text_us_per_caption": round(statistics.median(per_round), 2)}
 
 
-IMPORT_PROBE = ("import resource, time; t = time.process_time(); import {mods}; "
-                "print(time.process_time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+IMPORT_PROBE = ("import time; t = time.process_time(); import {mods}; cpu = time.process_time() - t; "
+                "rss = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS')][0]; "
+                "print(cpu, rss)")
 
 
 def import_costs(repeats: int = 5) -> dict:
-    """CPU seconds and peak RSS (MB) of a fresh interpreter importing what the audio stage needs,
-    and that plus scipy.fft or torch: what each FFT choice costs every Ray worker once."""
+    """CPU seconds and resident MB of a fresh interpreter after importing what the audio stage
+    needs, and that plus scipy.fft or torch: what each FFT choice costs every Ray worker once."""
     out = {}
     for name, mods in (("base", "numpy, soundfile, soxr"), ("scipy.fft", "numpy, soundfile, soxr, scipy.fft"),
                        ("torch", "numpy, soundfile, soxr, torch")):

@@ -24,7 +24,7 @@ _SOXR_QUALITY = "HQ"
 
 
 # Frames read per step: memory while reading is this many frames x channels float32 (at most
-# 2 MB at the default 8 channels) besides the mono result.
+# 2 MB at the default 8 channels; 16-bit PCM half that) besides the mono result.
 _AUDIO_BLOCK = 1 << 16
 _UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream doesn't say its length
 
@@ -78,10 +78,10 @@ def _read_mono(f: sf.SoundFile, frames: int, limit: int) -> tuple[np.ndarray, in
 
     libsndfile clamps a read to the frames the header announced, and we ask for at most one
     frame past the limit, so the loop ends either way. A mono float stream is read straight
-    into the result (one call); otherwise blocks go through a buffer of _AUDIO_BLOCK frames.
-    16-bit PCM is read as int16 and scaled here: libsndfile's own int16 -> float conversion
-    costs more than the WAV parsing around it, and x * 2**-15 is exact, so the samples are the
-    ones libsndfile's float read gives.
+    into the result (one call); otherwise blocks of _AUDIO_BLOCK frames go through a buffer.
+    16-bit PCM is read as int16 and scaled here: libsndfile's int16 -> float conversion costs
+    more than the WAV parsing around it (benchmarks/README.md), and the scaling by 2**-15 is
+    exact, so the samples are the ones libsndfile's float read gives.
     """
     cap = limit + 1
     channels = f.channels
@@ -90,18 +90,16 @@ def _read_mono(f: sf.SoundFile, frames: int, limit: int) -> tuple[np.ndarray, in
     direct = channels == 1 and not as_int16
     if not direct:
         block = np.empty((min(_AUDIO_BLOCK, cap), channels), np.int16 if as_int16 else np.float32)
-        scaled = np.empty(block.shape, np.float32) if as_int16 and channels > 1 else None
     n = 0
     while n < cap:
         if n == mono.size:  # a decoder that delivers more than its header said
             mono = np.concatenate([mono, np.empty(min(cap, 2 * n) - n, np.float32)])
-        want = mono.size - n
         if direct:
-            got = len(f.read(want, out=mono[n:]))
+            got = len(f.read(mono.size - n, out=mono[n:]))
         else:
-            want = min(want, len(block))
+            want = min(mono.size - n, len(block))
             got = len(f.read(want, out=block[:want]))
-            _mix_down(block[:got], mono[n:n + got], scaled)
+            _mix_down(block[:got], mono[n:n + got])
         if got == 0:
             break
         n += got
@@ -111,25 +109,32 @@ def _read_mono(f: sf.SoundFile, frames: int, limit: int) -> tuple[np.ndarray, in
 _INT16_SCALE = np.float32(2.0**-15)  # libsndfile's float scale for 16-bit PCM
 
 
-def _mix_down(block: np.ndarray, dest: np.ndarray, scaled: np.ndarray | None) -> None:
-    """dest := the mean over the channels (columns) of block, as np.mean computes it.
+def _mix_down(block: np.ndarray, dest: np.ndarray) -> None:
+    """dest := the mean of block's channels (columns), the bits np.mean gives on float32 samples.
 
-    np.mean over a short row is a reduction call per frame; column by column adds are one
-    vectorized pass per channel and give the same bits below 8 channels (both add in channel
-    order). From 8 channels on, np.mean sums pairwise, so it does the mixing itself.
+    np.mean over a short row is one reduction call per frame; adding column by column is one
+    vectorized pass per channel. Float samples: below 8 channels np.mean adds in channel order,
+    as this does; from 8 on it sums pairwise, so it mixes those itself. 16-bit samples: their
+    sums are exact in int32 and, under 2**24, in float32 whatever the order, so summing the
+    integers and scaling once gives the same bits.
     """
     channels = block.shape[1]
     if block.dtype == np.int16:
         if channels == 1:
             np.multiply(block[:, 0], _INT16_SCALE, out=dest)
             return
-        block = np.multiply(block, _INT16_SCALE, out=scaled[:len(block)])
-    if channels >= 8:
+        total = block[:, 0].astype(np.int32)
+        for c in range(1, channels):
+            total += block[:, c]
+        np.copyto(dest, total, casting="same_kind")
+        dest *= _INT16_SCALE
+    elif channels >= 8:
         np.mean(block, axis=1, dtype=np.float32, out=dest)
         return
-    np.copyto(dest, block[:, 0])
-    for c in range(1, channels):
-        dest += block[:, c]
+    else:
+        np.copyto(dest, block[:, 0])
+        for c in range(1, channels):
+            dest += block[:, c]
     if channels > 1:
         dest /= np.float32(channels)
 
@@ -226,15 +231,22 @@ def log_mel(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     # reflect needs at least 2 samples; a (degenerate) shorter clip is silence-padded.
     x = np.pad(x, pad, mode="reflect" if x.size > 1 else "constant")
     frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]  # a view, no copy
-    mel = np.zeros((cfg.n_mels, len(frames)), dtype=np.float32)
     left = (n_fft - win) // 2
     sounding = frames[:_frames_with_sound(x, left, win, hop, len(frames)), left:left + win]
+    mel = np.empty((cfg.n_mels, len(frames)), dtype=np.float32)
+    mel[:, len(sounding):] = _FLOOR
+    computed = mel[:, :len(sounding)]
+    computed[:] = 0.0  # bands no FFT bin reaches
     if len(sounding):
         power = _power_spectrum(sounding, n_fft)
         for rows, lo, hi, weights in _mel_bands(cfg.sample_rate, n_fft, cfg.n_mels):
-            np.matmul(weights, power[:, lo:hi].T, out=mel[rows, :len(sounding)])
-    np.maximum(mel, 1e-10, out=mel)
-    return np.log10(mel, out=mel)
+            np.matmul(weights, power[:, lo:hi].T, out=computed[rows])
+    np.maximum(computed, 1e-10, out=computed)
+    np.log10(computed, out=computed)
+    return mel
+
+
+_FLOOR = np.log10(np.maximum(np.float32(0.0), np.float32(1e-10)))  # log10 of a silent bin
 
 
 def _power_spectrum(frames: np.ndarray, n_fft: int) -> np.ndarray:

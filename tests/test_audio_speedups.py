@@ -69,6 +69,14 @@ def test_decoded_waveform_is_the_same(fmt: str, subtype: str, ext: str, channels
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+def test_eight_channels_decode_the_same(subtype: str) -> None:
+    rng = np.random.default_rng(8)
+    wave = np.clip(rng.standard_normal((20_000, 8)) * 0.3, -1, 1).astype(np.float32)
+    data = encoded(wave, 16000, "WAV", subtype)
+    assert np.array_equal(audio.decode_audio(data, "wav", CFG)[0], previous.decode_audio(data, "wav", CFG)[0])
+
+
 def test_mp3_decodes_the_same() -> None:
     data = encoded(np.stack([speech_like(16000, 1.0, 5)] * 2, axis=1), 16000, "MP3", "MPEG_LAYER_III")
     assert np.array_equal(audio.decode_audio(data, "mp3", CFG)[0], previous.decode_audio(data, "mp3", CFG)[0])
