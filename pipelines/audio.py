@@ -221,7 +221,8 @@ def log_mel(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     max - 8, then (x + 4) / 4) applies as-is if wanted.
 
     Frames whose window covers only zeros (the padding of `fit_length`, a silent tail) have a
-    zero spectrum: they get the floor without an FFT, exactly what the FFT would give.
+    zero spectrum: they get the floor without an FFT, exactly what the FFT would give. The
+    others go through a float32 FFT (`_power_spectrum`).
     """
     n_fft, hop, win = cfg.n_fft, cfg.hop_length, cfg.win_length
     if win > n_fft:
@@ -254,11 +255,10 @@ def _power_spectrum(frames: np.ndarray, n_fft: int) -> np.ndarray:
     frame centered in n_fft zeros.
 
     scipy.fft rather than numpy.fft: scipy's pocketfft transforms float32 as float32 and
-    vectorizes across rows, ~1.6x faster than numpy's float64 rfft (numpy's float32 one is
-    slower still); the float32 rounding stays below what the float16 output keeps
-    (tests/test_audio_speedups.py). Imported here, on the first audio sample: scipy.fft costs
-    a process ~0.1 s and ~13 MB, which only workers that see audio need to pay
-    (benchmarks/README.md).
+    vectorizes across rows, which beats numpy's float64 rfft (numpy's float32 one is slower
+    still); the float32 rounding stays within the tolerance tests/test_audio_speedups.py
+    states. Imported here, on the first audio sample: the import costs a worker CPU time and
+    memory that only workers that see audio need to pay (benchmarks/README.md).
     """
     from scipy import fft
 
