@@ -9,7 +9,7 @@ q95) under the stage clock: image_decode, resize, encode in thread-CPU us, media
 rounds, grouped by format and size (<= 640 px: small, larger: large). It also prints the crop's
 and the stored JPEG's largest mean absolute difference between the two per group.
 
-    python benchmarks/image_stages.py --rounds 5     # ~3 min on one quiet core
+    python benchmarks/image_stages.py --rounds 5     # ~3 min on a quiet core (5 min for 3 at load 34)
 """
 from __future__ import annotations
 
