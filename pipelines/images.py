@@ -11,6 +11,7 @@ import math
 import warnings
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile
 # The plugins of the formats we accept, registered up front: `Image.open(formats=...)` calls
 # `Image.init()`, which imports every one of Pillow's ~45 plugins, as soon as a requested
@@ -35,9 +36,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # rather than handed to a less-exercised plugin.
 _IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 # BICUBIC is what CLIP's torchvision transform uses; Pillow's resize is antialiased (its kernel
-# widens with the scale), and reducing_gap=3 lets it box-reduce first at no visible cost.
+# widens with the scale). A box reduction first, by the whole factor that leaves the bicubic at
+# least a 2x reduction, takes most of the work off large PNG/WebP sources (no reduced decode
+# for them) for differences of a fraction of a level (tests/test_image_speedups.py).
 _RESAMPLE = Image.Resampling.BICUBIC
-_REDUCING_GAP = 3.0
+_REDUCING_GAP = 2.0
 # EXIF orientation -> the transpose that displays the image upright.
 _ORIENT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -123,9 +126,9 @@ _STRIP_PIXELS = 1 << 18
 def _center_square(img: Image.Image, size: int) -> Image.Image:
     """The centered square of a loaded image resized to size x size: RGB, or RGBA with alpha.
 
-    What `_to_rgb_or_rgba(img).resize((size, size), box=square, reducing_gap=3)` computes (up to
-    rounding: Pillow orders its two passes by the image's shape), without the full-size copy that
-    converting the whole image first makes. Only the region the filter reads (Pillow's "safe box")
+    What `_to_rgb_or_rgba(img).resize((size, size), box=square, reducing_gap=_REDUCING_GAP)`
+    computes (up to rounding: Pillow orders its two passes by the image's shape), without the
+    full-size copy that converting the whole image first makes. Only the region the filter reads (Pillow's "safe box")
     is converted and box-reduced, strip by strip, whole multiples of the factor high, so the one
     full-size buffer is the decoded image and every reduced pixel averages the same source pixels.
     """
@@ -189,9 +192,11 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected uint8 HxWx3, got {image.dtype} {image.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buf, "JPEG", quality=int(quality), subsampling=0)
-    return buf.getvalue()
+    # simplejpeg (libjpeg-turbo's TurboJPEG API) rather than Pillow's encoder: no copy into a
+    # Pillow image, no file-object plumbing. Its DCT leaves ~1.1x Pillow's error at the same
+    # quality; tests/test_image_speedups.py holds it to that (see the README's decisions).
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), int(quality), colorspace="RGB",
+                                  colorsubsampling="444")
 
 
 def decode_jpeg_rgb(data: bytes) -> np.ndarray:

@@ -21,7 +21,7 @@ from pipelines import reasons as R
 from pipelines.audio import decode_audio
 from pipelines.captions import _NFC_MAX_SHRINK, decode_text
 from pipelines.config import AudioConfig, ImageConfig, TextConfig
-from pipelines.images import _center_square, _to_rgb_or_rgba, decode_image
+from pipelines.images import _REDUCING_GAP, _center_square, _to_rgb_or_rgba, decode_image
 from mediautil import png_by_hand, wav_edited
 from test_modalities import ACFG, ICFG, TCFG, _audio_bytes, _img_bytes, _reason, _tone
 
@@ -85,7 +85,7 @@ def test_reducing_in_strips_matches_pillows_one_step_resize(mode: str, size: tup
         img.info["transparency"] = 3
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    want = _to_rgb_or_rgba(img).resize((224, 224), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    want = _to_rgb_or_rgba(img).resize((224, 224), Image.Resampling.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
     got = _center_square(img, 224)
     assert got.mode == want.mode
     # Pillow orders its two resampling passes by the image's shape, so rounding may differ by a level
