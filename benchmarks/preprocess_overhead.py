@@ -237,9 +237,22 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of before/after (default 3)")
     ap.add_argument("--workdir", help="keep the corpora here (default: a temporary folder)")
     ap.add_argument("--out", default="bench_out/preprocess_overhead.json")
+    ap.add_argument("--summarize", action="store_true",
+                    help="summarize the complete rounds of a run cut short (its --out, rewritten in place)")
+    ap.add_argument("--load-at-start", type=float, nargs=3, help="with --summarize: the load average it began at")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        return 0
+    if args.summarize:
+        with open(args.out) as f:
+            runs = json.load(f)["runs"]
+        complete = [r for r in {x["round"] for x in runs} if sum(x["round"] == r for x in runs) == 7]
+        runs = [x for x in runs if x["round"] in complete]
+        result = {"runs": runs, "summary": summarize(runs, next(x["shards"] for x in runs if x["kind"] == "many")),
+                  "machine": {**harness.machine(tuple(args.load_at_start)), "loadavg_at_end": None}}
+        harness.write_json(args.out, result)
+        print(render(result, "startup") + "\n" + render(result, "per_shard"))
         return 0
     load = os.getloadavg()
     os.makedirs("bench_out", exist_ok=True)
