@@ -8,7 +8,7 @@ Shape of a run:
      (`shard_job.process_shard`: stream in, decode, transform, filter, write one shard);
      Ray schedules them and reruns the task of a dead worker up to `shard_retries` times
      (then the shard is quarantined whole as `shard_crashed`), the driver bounds how many
-     are in flight (`_run_pending`);
+     are in flight (`_run_pending`); tiny shards go several to a task (`batch_size`);
   3. the commit: drop cross-shard duplicates (the first by (shard, position) wins), write
      `_manifest.parquet`, `_quarantine.parquet`, and last `_stats.json`, which marks the
      output complete.
@@ -210,7 +210,7 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
     # atomically, its `done` part last), at most `shard_retries` times: a shard that kills
     # every worker that reads it (an OOM kill, a decoder's segfault) would otherwise stall
     # the job for ever. A task of several shards is not retried by Ray: the driver finds the
-    # shard it died on (`_after_crash`). The tasks are spread over the nodes.
+    # shard it died on (`_results`). The tasks are spread over the nodes.
     one = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
                      scheduling_strategy="SPREAD")(run_shards)
     several = one.options(max_retries=0, retry_exceptions=False)
