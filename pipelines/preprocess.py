@@ -8,7 +8,7 @@ Shape of a run:
      (`shard_job.process_shard`: stream in, decode, transform, filter, write one shard);
      Ray schedules them and reruns the task of a dead worker up to `shard_retries` times
      (then the shard is quarantined whole as `shard_crashed`), the driver bounds how many
-     are in flight (`_run_pending`);
+     are in flight (`_run_pending`); tiny shards go several to a task (`batch_size`);
   3. the commit: drop cross-shard duplicates (the first by (shard, position) wins), write
      `_manifest.parquet`, `_quarantine.parquet`, and last `_stats.json`, which marks the
      output complete.
@@ -38,8 +38,9 @@ import logging
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -85,11 +86,11 @@ def preprocess(
     output: str,
     *,
     cfg: DataConfig | None = None,
-    workers: int | None = None,
-    storage_options: dict | None = None,
+    workers: int | None = None, storage_options: dict | None = None,
     progress: bool = True,
     shard_retries: int = SHARD_RETRIES,
     say: Callable[[str], None] | None = None,
+    shards_per_task: int | None = None,  # shards per Ray task (default: `batch_size`'s choice)
 ) -> dict:
     """Run (or finish) the job; returns the content of `_stats.json`.
 
@@ -124,8 +125,9 @@ def preprocess(
         done = {n for n in store.list(PARTS_DIR) if n.endswith(".done.json")}
         pending = [t for t in tasks if part_names(t.name)["done"] not in done]
         if pending:
-            init_ray()
-            _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock)
+            init_ray(dashboard=False, ray_data=False)  # plain tasks: a lighter start
+            _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock,
+                         shards_per_task)
         lock.ensure_held()
         stats = commit(store, tasks, cfg, fp)
         store.remove_temporaries()  # those of this run's crashed tasks
@@ -176,27 +178,53 @@ def _crash_errors() -> tuple[type[BaseException], ...]:
     return (rx.WorkerCrashedError, rx.OutOfMemoryError, rx.NodeDiedError, rx.RaySystemError)
 
 
-def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock) -> None:
+# Tiny shards are run several to a task: a Ray task costs ~2 ms of CPU and a driver round trip
+# (benchmarks/README.md, "Preprocessing overhead"), as much as a one-sample shard's own work.
+# A batch is as long as keeps TASKS_PER_SLOT tasks per slot in the queue, at most
+# MAX_SHARDS_PER_TASK, so a job of a few (large) shards keeps one shard per task, and the last
+# tasks of any job are single shards again, which keeps the tail balanced over the CPUs.
+MAX_SHARDS_PER_TASK = 8
+TASKS_PER_SLOT = 8
+
+
+def batch_size(left: int, slots: int, fixed: int | None = None) -> int:
+    """Shards for the next task, `left` shards still to submit, `slots` tasks in flight."""
+    if fixed is not None:
+        return max(1, min(fixed, left))
+    return max(1, min(MAX_SHARDS_PER_TASK, left // (TASKS_PER_SLOT * slots)))
+
+
+def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock,
+                 shards_per_task=None) -> None:
     import ray
 
     from .runtime import cluster_cpus
 
     url, opts, cfg_dict, tag = store.url, storage_options or {}, cfg.to_dict(), store.tag
 
-    def run_one(source: str, name: str) -> dict:
-        return process_shard(source, name, OutputStore(url, opts, tag=tag), DataConfig.from_dict(cfg_dict), opts)
+    def run_shards(shards: list[tuple[str, str]]) -> list[dict]:
+        out, config = OutputStore(url, opts, tag=tag), DataConfig.from_dict(cfg_dict)
+        return [process_shard(source, name, out, config, opts) for source, name in shards]
 
     # A task whose worker died is run again (a shard task is idempotent: it writes its outputs
     # atomically, its `done` part last), at most `shard_retries` times: a shard that kills
     # every worker that reads it (an OOM kill, a decoder's segfault) would otherwise stall
-    # the job for ever. The tasks are spread over the nodes.
-    task = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
-                      scheduling_strategy="SPREAD")(run_one)
+    # the job for ever. A task of several shards is not retried by Ray: the driver finds the
+    # shard it died on (`_results`). The tasks are spread over the nodes.
+    one = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
+                     scheduling_strategy="SPREAD")(run_shards)
+    several = one.options(max_retries=0, retry_exceptions=False)
     todo = list(reversed(pending))  # pop() takes them in plan order
-    running: dict = {}  # ObjectRef -> ShardTask
+    running: dict = {}  # ObjectRef -> (its ShardTasks, attempts their first shard already had)
     bar = _progress_bar(len(pending), progress)
     totals: Counter = Counter()
     cpus = cluster_cpus()
+
+    def submit(batch: list[ShardTask], attempts: int = 0) -> None:
+        fn = one if len(batch) == 1 and not attempts else (
+            several if len(batch) > 1 else one.options(max_retries=shard_retries - attempts))
+        running[fn.remote([(t.source, t.name) for t in batch])] = (batch, attempts)
+
     try:
         while todo or running:
             # by default one task per CPU plus one queued per CPU, so that a CPU that frees up
@@ -205,14 +233,18 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
             # CPUs already enforce the cap, dropped where only this loop can
             limit = 2 * cpus if not workers else (2 * workers if workers >= cpus else workers)
             while todo and len(running) < limit:
-                t = todo.pop()
-                running[task.remote(t.source, t.name)] = t
+                submit([todo.pop() for _ in range(batch_size(len(todo), limit, shards_per_task))])
             done, _ = ray.wait(list(running), num_returns=1)
-            t = running.pop(done[0])
-            totals.update(_result(done[0], t, store, shard_retries)["counts"])
+            batch, attempts = running.pop(done[0])
+            results, culprit, rest = _results(done[0], batch, attempts, store, shard_retries)
+            todo.extend(reversed(rest))
+            if culprit is not None:
+                submit([culprit], attempts + 1)
+            for stats in results:
+                totals.update(stats["counts"])
             lock.ensure_held()
-            if bar is not None:
-                bar.update(1)
+            if bar is not None and results:
+                bar.update(len(results))
                 bar.set_postfix(samples=totals["read"], written=totals["written"],
                                 rejected=totals["read"] - totals["written"], refresh=False)
     finally:
@@ -222,23 +254,44 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
             bar.close()
 
 
-def _result(ref, t: ShardTask, store: OutputStore, shard_retries: int) -> dict:
-    """A finished task's stats; a crashed shard is recorded; a store failure stops the job."""
+def _results(ref, batch: list[ShardTask], attempts: int, store: OutputStore,
+             shard_retries: int) -> tuple[list[dict], ShardTask | None, list[ShardTask]]:
+    """A finished task's stats per finished shard; after a crash of a task of several shards,
+    also the shard it died on (to run again on its own, its first attempt spent) and those it
+    never reached. A shard that died `shard_retries + 1` times is recorded as crashed; a store
+    failure stops the job."""
     import ray
 
     try:
-        return ray.get(ref)
+        return ray.get(ref), None, []
     except ray.exceptions.RayTaskError as e:
         cause = e.cause
         if store_error_kind(cause) is None:
             raise  # a bug: keeps its traceback
         # a refused credential, a store that stays down, reading the shard or writing its
         # output: one line, nothing marked done for it, so a re-run processes it
+        t = (_unfinished(store, batch) or batch[-1:])[0]
         if isinstance(cause, StoreError) and t.source in str(cause):
             raise StoreError(str(cause)) from None
         raise store_failure(cause, f"{t.source} -> {store.url}/{t.name}") from None
     except _crash_errors() as e:
-        return record_crashed(store, t, e, shard_retries)
+        left = _unfinished(store, batch)
+        finished = [store.read_json(part_names(t.name)["done"]) for t in batch[:len(batch) - len(left)]]
+        if not left:  # it died after its last shard was done
+            return finished, None, []
+        if len(batch) == 1 or attempts + 1 > shard_retries:
+            # the shard it died on has had 1 + shard_retries attempts
+            return [*finished, record_crashed(store, left[0], e, shard_retries)], None, left[1:]
+        return finished, left[0], left[1:]
+
+
+def _unfinished(store: OutputStore, batch: list[ShardTask]) -> list[ShardTask]:
+    """The shards of a failed task from the one it failed on: it runs them in order, and a
+    shard's `done` part is written last, so the first shard without one is where it stopped."""
+    for i, t in enumerate(batch):
+        if not store.exists(part_names(t.name)["done"]):
+            return batch[i:]
+    return []
 
 
 def record_crashed(store: OutputStore, t: ShardTask, error: BaseException, shard_retries: int) -> dict:
@@ -277,12 +330,10 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
     that grows with the corpus (about 1 GB at 10 M samples).
     """
     manifests, quarantines, per_shard = [], [], []
-    for i, t in enumerate(tasks):
-        parts = part_names(t.name)
-        m = store.read_parquet(parts["manifest"])
+    for i, (m, q, done) in enumerate(_read_parts(store, tasks)):
         manifests.append(m.append_column("_order", pa.array([i << 32] * m.num_rows, pa.int64())))
-        quarantines.append(store.read_parquet(parts["quarantine"]))
-        per_shard.append(store.read_json(parts["done"]))
+        quarantines.append(q)
+        per_shard.append(done)
     manifest = pa.concat_tables(manifests) if manifests else MANIFEST_SCHEMA.empty_table()
     manifest = manifest.set_column(
         manifest.schema.get_field_index("_order"), "_order",
@@ -321,6 +372,26 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
     }
     write_output(store, manifest, quarantine, stats)
     return stats
+
+
+# parts read at once by the commit: a part is a few small reads, mostly waiting on the store
+# (an object store's round trip, a disk's), which threads overlap
+PARALLEL_READS = 16
+
+
+def _read_parts(store: OutputStore, tasks: list[ShardTask]) -> Iterator[tuple[pa.Table, pa.Table, dict]]:
+    """(manifest, quarantine, done) of every shard, in plan order."""
+
+    def read(t: ShardTask) -> tuple[pa.Table, pa.Table, dict]:
+        parts = part_names(t.name)
+        return store.read_parquet(parts["manifest"]), store.read_parquet(parts["quarantine"]), \
+            store.read_json(parts["done"])
+
+    pool = ThreadPoolExecutor(PARALLEL_READS)
+    try:
+        yield from pool.map(read, tasks)
+    finally:  # after a failed read, the reads not started yet are dropped, not waited for
+        pool.shutdown(cancel_futures=True)
 
 
 def _drop_cross_shard_duplicates(store: OutputStore, manifest: pa.Table) -> tuple[pa.Table, pa.Table]:

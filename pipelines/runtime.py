@@ -23,8 +23,15 @@ def is_embedded() -> bool:
     return _embedded
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True,
+             dashboard: bool = True, ray_data: bool = True) -> None:
     """Join `address` (or RAY_ADDRESS) if given, else start Ray inside this process.
+
+    `dashboard`: an embedded Ray runs its dashboard (on loopback): Ray Train's state queries
+    need it. A step that only runs plain tasks (preprocess) passes False: no dashboard process
+    and its modules' start-up, a lighter start. `ray_data`: set Ray Data's context (importing
+    Ray Data, pandas with it); a step that never builds a Ray Data pipeline passes False.
+    Joining a cluster ignores `dashboard`: its head decides about its own.
 
     Idempotent: tests share one Ray instance per session by initializing it first.
     """
@@ -43,10 +50,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address=address, **kwargs)
     else:
         # address="local": start our own instance, never attach to another one found on the
-        # machine; the dashboard stays on loopback (Ray Train's state queries need it)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 **kwargs)
+        # machine; the dashboard stays on loopback
+        where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded = True
+    if not ray_data:
+        return
     ctx = ray.data.DataContext.get_current()
     # our jobs draw their own progress (in samples, not blocks); Ray Data's per-operator
     # bars would interleave with it

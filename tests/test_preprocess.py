@@ -15,7 +15,7 @@ import pytest
 from conftest import REALDATA, ROOT
 from pipelines import reasons
 from pipelines.corpus import make_corpus
-from pipelines.preprocess import OutputConflict, preprocess
+from pipelines.preprocess import MAX_SHARDS_PER_TASK, OutputConflict, batch_size, preprocess
 from pipelines.config import DataConfig, ImageConfig, TextConfig
 
 
@@ -149,6 +149,22 @@ def test_duplicates_across_shards_keep_the_first(ray_cluster, tmp_path):
     assert all(r["reason"] == reasons.DUPLICATE_CONTENT and "shard-000000.tar" in r["detail"] for r in q)
     with tarfile.open(tmp_path / "o" / "shard-000002.tar") as t:
         assert t.getmembers() == []  # the copy's output shard was rewritten without them
+
+
+def test_several_shards_per_task_write_the_same_output(ray_cluster, tmp_path):
+    """Shards run several to a Ray task (tiny shards) give the bytes of one shard per task."""
+    make_corpus(str(tmp_path / "raw"), 30, 7, seed=5, defects=True)  # 7 shards + a truncated one
+    one = preprocess([str(tmp_path / "raw")], str(tmp_path / "one"), shards_per_task=1, progress=False)
+    four = preprocess([str(tmp_path / "raw")], str(tmp_path / "four"), shards_per_task=4, progress=False)
+    a, b = files_of(tmp_path / "one"), files_of(tmp_path / "four")
+    assert sorted(a) == sorted(b) and one["shards"] == 8 and one["written"] == four["written"] > 0
+    for name in a:
+        if not name.startswith("_lock"):
+            assert comparable(a[name]) == comparable(b[name]), name
+    # the default: one shard per task for a few shards, up to MAX_SHARDS_PER_TASK for many,
+    # and single shards again for the last ones of a job
+    assert [batch_size(n, 4) for n in (1, 7, 31, 32, 64, 10_000)] == [1, 1, 1, 1, 2, MAX_SHARDS_PER_TASK]
+    assert batch_size(2, 4, fixed=4) == 2 and batch_size(9, 4, fixed=4) == 4
 
 
 def test_realdata_shards_preprocess(ray_cluster, tmp_path):

@@ -106,3 +106,39 @@ def test_a_shard_that_kills_its_worker_is_quarantined_after_bounded_retries(tmp_
         assert t.getmembers() == []  # output shard i exists for every input shard i
     assert "crashed     1 shard(s)" in result.stdout
     assert not [n for n in os.listdir(out) + os.listdir(out / "_parts") if ".tmp-" in n]
+
+
+BATCHED = '''
+import sys
+from pipelines.runtime import local_mode_env
+local_mode_env()
+from pipelines.preprocess import preprocess
+preprocess([sys.argv[1]], sys.argv[2], workers=1, shards_per_task=4, shard_retries=1, progress=False)
+'''
+
+
+def test_a_crash_in_a_task_of_several_shards_costs_only_the_shard_it_died_on(tmp_path):
+    """Four shards in one task: the shard it dies on gets exactly 1 + retries attempts in all,
+    the shards before it are not run again, those after it are run once each."""
+    corpus = tmp_path / "raw"
+    make_corpus(str(corpus), 16, 4, seed=22)
+    names = ["a-crash-never.tar", "b-crash-always.tar", "c-crash-once.tar", "d-crash-never.tar"]
+    for i, name in enumerate(names):
+        (corpus / f"shard-{i:06d}.tar").rename(corpus / name)
+    plugin = install_plugin(tmp_path / "plugin")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(plugin)])
+    out = tmp_path / "out"
+
+    result = subprocess.run([sys.executable, "-c", BATCHED, f"crashtest://{corpus}", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    opened = {n: len((corpus / f"{n}.attempts").read_text().split()) for n in names}
+    assert opened == {names[0]: 1, names[1]: 2, names[2]: 2, names[3]: 1}
+    quarantine = pq.read_table(out / "_quarantine.parquet").to_pylist()
+    assert [(r["source"], r["reason"]) for r in quarantine] == [(f"crashtest://{corpus}/{names[1]}",
+                                                               reasons.SHARD_CRASHED)]
+    assert "died 2 times" in quarantine[0]["detail"]
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["crashed_shards"] == 1 and stats["written"] == 12 and stats["shards"] == 4
