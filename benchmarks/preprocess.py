@@ -235,7 +235,8 @@ def summarize(runs: list[dict], memory: dict | None, args) -> dict:
 
 def render(results: dict, part: str = "") -> str:
     """Markdown for benchmarks/README.md (benchmarks/tables.py): part "" (throughput and the
-    comparison), "stages" (CPU-ms per sample by stage) or "memory"."""
+    comparison), "stages" (CPU-ms per sample by stage) or "memory". Long because it is the
+    three tables' rows, one after the other."""
     s, cfg = results["summary"], results["config"]
     if part == "stages":
         rows = [[k, s["stage_cpu_ms"]["ours"][k], s["stage_cpu_ms"]["floor"][k]] for k in STAGES]
@@ -281,6 +282,8 @@ def render(results: dict, part: str = "") -> str:
          f"{c['mel_p99_abs_diff_median']} / {c['mel_p99_abs_diff_max']}"],
         ["log-mel within 8 of the peak: max abs diff, median / worst clip",
          f"{c['mel_max_abs_diff_median']} / {c['mel_max_abs_diff_max']}"],
+        ["this run", f"commit {results.get('commit', '?')}, {results['total_seconds']} s in all, "
+                     f"speech: {cfg.get('speech')}"],
         ["load average at start / end (1 min)",
          f"{results['machine']['loadavg_at_start'][0]:.2f} / {results['machine']['loadavg_at_end'][0]:.2f} "
          f"on {results['machine']['cpus']} cpus"],
@@ -313,6 +316,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _commit() -> str:
+    import subprocess
+
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=harness.ROOT)
+    return run.stdout.strip() or "?"
+
+
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -335,7 +345,7 @@ def main() -> None:
                        "ours_config": M.OURS_CONFIG, "speech": about.get("speech")},
             "machine": harness.machine(load_at_start),
             "summary": summarize(runs, memory, args), "runs": runs, "memory": memory,
-            "total_seconds": round(time.perf_counter() - started, 1),
+            "total_seconds": round(time.perf_counter() - started, 1), "commit": _commit(),
         }
         print()
         for part in ("", "stages", "memory"):
