@@ -177,6 +177,11 @@ def memory_rounds(args, corpus: str, work: str, log: str) -> dict[str, list]:
 COMPARED = ("pixel_mean_abs_diff", "pixel_mean_abs_diff_reduced_4x", "mel_p99_abs_diff", "mel_max_abs_diff")
 
 
+def _within(x, limit) -> bool:
+    """x measured (None: nothing compared) and at most limit."""
+    return x is not None and x <= limit
+
+
 def _worst(runs: list[dict], what: str, stat: str):
     """The largest of the rounds' per-round median or max of one comparison."""
     xs = [r["compare"][what][stat] for r in runs if r["compare"][what][stat] is not None]
@@ -217,10 +222,10 @@ def summarize(runs: list[dict], memory: dict | None, args) -> dict:
         "same sample keys in every round": c["rounds_with_same_keys"] == c["rounds"],
         f"images: mean abs pixel diff, reduced 4x, median <= {TOL_PIXEL_REDUCED_MEDIAN}, "
         f"every image <= {TOL_PIXEL_REDUCED_MAX}":
-            (c["pixel_mean_abs_diff_reduced_4x_median"] or 99) <= TOL_PIXEL_REDUCED_MEDIAN
-            and (c["pixel_mean_abs_diff_reduced_4x_max"] or 99) <= TOL_PIXEL_REDUCED_MAX,
+            _within(c["pixel_mean_abs_diff_reduced_4x_median"], TOL_PIXEL_REDUCED_MEDIAN)
+            and _within(c["pixel_mean_abs_diff_reduced_4x_max"], TOL_PIXEL_REDUCED_MAX),
         f"log-mel: 99th percentile abs diff within 8 of the peak <= {TOL_MEL_P99} on every clip":
-            (c["mel_p99_abs_diff_max"] or 99) <= TOL_MEL_P99,
+            _within(c["mel_p99_abs_diff_max"], TOL_MEL_P99),
     }
     if memory:
         big = f"{args.scale}x"
@@ -229,7 +234,7 @@ def summarize(runs: list[dict], memory: dict | None, args) -> dict:
                        "shards_1x": memory["1x"][0]["shards"], "shards_big": memory[big][0]["shards"],
                        "peak_mb_1x": p1, "peak_mb_big": pn, "peak_ratio": ratio(pn, p1),
                        "processes": memory[big][0]["memory"]["peak_processes"]}
-        goals[f"peak {big} <= {GOAL_MEMORY} x peak 1x"] = (s["memory"]["peak_ratio"] or 99) <= GOAL_MEMORY
+        goals[f"peak {big} <= {GOAL_MEMORY} x peak 1x"] = _within(s["memory"]["peak_ratio"], GOAL_MEMORY)
     s["goals_met"] = goals
     return s
 
