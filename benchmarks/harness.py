@@ -177,6 +177,35 @@ class TreeRun:
     stdout: str  # only when captured
     killed: str | None  # why the guard killed it
     memory: MemorySampler | None
+    cpu_s: float = 0.0  # CPU seconds of the whole process tree (`TreeCpuSampler`, reaped children)
+    other_cores: float = 0.0  # cores the rest of the machine used meanwhile
+
+
+class TreeCpuSampler(threading.Thread):
+    """CPU seconds a process tree spends, daemons included: every `interval` seconds the CPU of
+    each live process of the tree, the last reading of each (pid, start time) kept. A process
+    that ends loses at most its last interval; `run_tree` also counts what the reaped children
+    report (`RUSAGE_CHILDREN`) and keeps the larger of the two."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.last: dict[tuple[int, float], float] = {}
+
+    def run(self) -> None:
+        import psutil
+
+        while True:
+            try:
+                self.last.update(tree_cpu_by_pid(self.pid))
+            except psutil.Error:
+                pass
+            if self.stop.wait(self.interval):
+                break
+
+    def total(self) -> float:
+        return sum(self.last.values())
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -205,11 +234,13 @@ def run_tree(cmd: list[str], log: str, *, capture: bool = False, sample_memory: 
     with open(log, "ab") as lf, tempfile.TemporaryFile() as out:
         lf.write(f"\n=== {' '.join(cmd)}\n".encode())
         lf.flush()
-        t0 = time.perf_counter()
+        t0, busy0, reaped0 = time.perf_counter(), busy_seconds(), _reaped_cpu()
         proc = subprocess.Popen(cmd, stdout=out if capture else lf, stderr=lf, env=child_env(), cwd=ROOT)
         sampler = MemorySampler(proc.pid) if sample_memory else None
         if sampler:
             sampler.start()
+        cpu = TreeCpuSampler(proc.pid)
+        cpu.start()
         killed = None
         while True:
             try:
@@ -227,12 +258,23 @@ def run_tree(cmd: list[str], log: str, *, capture: bool = False, sample_memory: 
                 proc.wait()
                 break
         wall = time.perf_counter() - t0
+        cpu.stop.set()
+        cpu.join()
+        cpu_s = max(cpu.total(), _reaped_cpu() - reaped0)
+        other = max(0.0, busy_seconds() - busy0 - cpu_s)
         if sampler:
             sampler.stop.set()
             sampler.join()
         out.seek(0)
         stdout = out.read().decode() if capture else ""
-    return TreeRun(proc.returncode, wall, stdout, killed, sampler)
+    return TreeRun(proc.returncode, wall, stdout, killed, sampler, round(cpu_s, 2), round(other / wall, 2))
+
+
+def _reaped_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 # ------------------------------------------------------------------------------ reporting

@@ -1,35 +1,61 @@
-"""The three workloads of benchmarks/preprocess.py, each run in a child process of its own
-(`preprocess.py --child MODE`): the same per-sample work on the same corpus, done three ways.
+"""The workloads of benchmarks/preprocess.py and the check that two of them wrote the same samples.
 
-  floor     one process, no Ray, no DataLoader: read + decode + transform + encode, no writing.
-  baseline  webdataset + a torch DataLoader with 2 workers, writing one tar per input shard.
-  ours      `pipelines.preprocess.preprocess(..., workers=2)` on a fresh embedded Ray.
-
-Each prints one line `RESULT {json}` for the parent.
+  ours      the command line `python ray_job.py preprocess CORPUS --output OUT --config CFG
+            --quiet` (CFG: JPEG q90), timed whole by the parent: Python and Ray start-up included.
+  peer      the command line `python benchmarks/preprocess_peer.py CORPUS OUT` (webdataset +
+            DataLoader, 2 workers, none of our pipeline's code), timed whole the same way.
+  floor     one process of our own per-sample work, no Ray, no writing: read + decode +
+            transform + encode (`preprocess.py --child floor`, prints `RESULT {json}`).
+  startup   Ray's start-up alone: `init_ray()` on a fresh embedded Ray, as the command runs it
+            (`preprocess.py --child startup`, prints `RESULT {json}`).
 """
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
+import re
+import sys
+import tarfile
 import time
 
+import harness
 from harness import Meter
+
+# Our job's settings in this benchmark: the issue's workload (JPEG q90; the rest as default).
+OURS_CONFIG = {"image": {"jpeg_quality": 90}}
 
 
 def _shards(corpus: str) -> list[str]:
     return sorted(glob.glob(os.path.join(corpus, "*.tar")))
 
 
-def run_floor(corpus: str) -> dict:
+def data_config():
     from pipelines.config import DataConfig
+
+    return DataConfig.from_dict(OURS_CONFIG)
+
+
+def ours_command(corpus: str, dest: str, config_path: str) -> list[str]:
+    return [sys.executable, os.path.join(harness.ROOT, "ray_job.py"), "preprocess", corpus, "--output", dest,
+            "--config", config_path, "--quiet"]
+
+
+def peer_command(corpus: str, dest: str) -> list[str]:
+    return [sys.executable, os.path.join(harness.ROOT, "benchmarks", "preprocess_peer.py"), corpus, dest,
+            "--workers", "2"]
+
+
+def run_floor(corpus: str) -> dict:
     from pipelines.reasons import SampleError
     from pipelines.source import iter_tar_samples
+    from pipelines.stage_clock import StageClock
     from pipelines.tarheaders import ReadLimits
     from pipelines.transform import encode_members, transform_sample
 
-    cfg, n, ok = DataConfig(), 0, 0
-    with Meter() as m:
+    cfg, n, ok = data_config(), 0, 0
+    with Meter() as m, StageClock() as clock:
         for url in _shards(corpus):
             for raw in iter_tar_samples(url, limits=ReadLimits.from_config(cfg)):
                 n += 1
@@ -38,142 +64,87 @@ def run_floor(corpus: str) -> dict:
                     ok += 1
                 except SampleError:
                     pass
-    return {**m.result(n), "written": ok}
+    return {**m.result(n), "written": ok, "stage_cpu_s": clock.seconds()}
 
 
-class _BaselineTransform:
-    """Runs inside a DataLoader worker: wds sample dict -> RawSample -> transform -> members.
-
-    A worker reads whole shards one after the other (wds' split_by_worker), so the position of
-    a sample in its shard is a per-URL counter, as in `pipelines.source`."""
-
-    def __init__(self):
-        self.positions: dict[str, int] = {}
-
-    def __call__(self, sample: dict):
-        import gzip
-
-        from pipelines.config import DataConfig
-        from pipelines.reasons import SampleError
-        from pipelines.source import RawSample, gzip_member_ext
-        from pipelines.transform import encode_members, transform_sample
-
-        url = sample["__url__"]
-        pos = self.positions.get(url, 0)
-        self.positions[url] = pos + 1
-        members = {}
-        for ext, data in sample.items():
-            if ext.startswith("__"):
-                continue
-            ext, gz = gzip_member_ext(ext)  # the reader's rule: KEY.txt.gz is KEY.txt
-            members[ext] = gzip.decompress(data) if gz else data
-        raw = RawSample(sample["__key__"], url, pos, members=members)
-        cfg = DataConfig()
-        try:
-            p = transform_sample(raw, cfg)
-        except SampleError:
-            return {"url": url, "key": raw.key, "members": None}
-        return {"url": url, "key": raw.key, "members": encode_members(p, cfg)}
-
-
-def _out_name(dest: str, index: dict[str, int], url: str) -> str:
-    return os.path.join(dest, f"shard-{index[url]:06d}.tar")
-
-
-def _write_in_worker(dest: str, index: dict[str, int]):
-    """A wds pipeline stage: write each sample into the output tar of its input shard, pass on
-    only a small record (the worker holds one open writer at a time)."""
-    def stage(src):
-        import webdataset as wds
-
-        url, f, writer = None, None, None
-        try:
-            for s in src:
-                if s["url"] != url:
-                    if writer is not None:
-                        writer.close()
-                        f.close()
-                    url = s["url"]
-                    f = open(_out_name(dest, index, url), "wb")
-                    writer = wds.TarWriter(f, encoder=False, mtime=0)
-                if s["members"] is not None:
-                    writer.write({"__key__": s["key"], **s["members"]})
-                yield {"key": s["key"], "written": s["members"] is not None}
-        finally:
-            if writer is not None:
-                writer.close()
-                f.close()
-    return stage
-
-
-def run_baseline(corpus: str, dest: str, writer_mode: str) -> dict:
-    import torch
-    import webdataset as wds
-    from torch.utils.data import DataLoader
-
-    import pipelines.transform  # noqa: F401  (imported before the workers fork: they inherit it)
-
-    torch.set_num_threads(1)
-    urls = _shards(corpus)
-    index = {u: i for i, u in enumerate(urls)}
-    os.makedirs(dest, exist_ok=True)
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).map(_BaselineTransform())
-    if writer_mode == "worker":
-        ds = ds.compose(_write_in_worker(dest, index))
-    loader = DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=4)
-    n = ok = 0
-    with Meter() as m:
-        if writer_mode == "worker":
-            for rec in loader:
-                n += 1
-                ok += rec["written"]
-        else:
-            writers: dict[str, tuple] = {}
-            for s in loader:
-                n += 1
-                if s["url"] not in writers:
-                    f = open(_out_name(dest, index, s["url"]), "wb")
-                    writers[s["url"]] = (f, wds.TarWriter(f, encoder=False, mtime=0))
-                if s["members"] is not None:
-                    writers[s["url"]][1].write({"__key__": s["key"], **s["members"]})
-                    ok += 1
-            for f, w in writers.values():
-                w.close()
-                f.close()
-    return {**m.result(n), "written": ok}
-
-
-def run_ours(corpus: str, dest: str, warm: bool) -> dict:
+def run_startup() -> dict:
     from pipelines import runtime
 
-    if hasattr(runtime, "local_mode_env"):
-        runtime.local_mode_env()  # what the CLI does before Ray is imported
-    t0 = time.perf_counter()
+    runtime.local_mode_env()  # what the command does before Ray is imported
+    t0, c0 = time.perf_counter(), harness.tree_cpu()
     import ray
 
-    from pipelines.runtime import init_ray
-
-    init_ray()
-    startup = time.perf_counter() - t0
-    from pipelines.preprocess import preprocess
-
-    out: dict = {"ray_startup_s": round(startup, 3)}
-    try:
-        for label in ("cold", "warm") if warm else ("cold",):
-            with Meter() as m:
-                stats = preprocess([corpus], os.path.join(dest, label), workers=2, progress=False)
-            out[label] = {**m.result(stats["read"]), "written": stats["written"],
-                          "worker_seconds": stats["worker_seconds"]}
-    finally:
-        ray.shutdown()
+    runtime.init_ray()
+    out = {"ray_startup_s": round(time.perf_counter() - t0, 3), "ray_startup_cpu_s": round(harness.tree_cpu() - c0, 2)}
+    ray.shutdown()
     return out
 
 
-def child_main(mode: str, corpus: str, dest: str, baseline_writer: str, warm: bool) -> None:
-    if mode == "floor":
-        res = run_floor(corpus)
-    elif mode == "baseline":
-        res = run_baseline(corpus, dest, baseline_writer)
-    else:
-        res = run_ours(corpus, dest, warm)
+def child_main(mode: str, corpus: str) -> None:
+    res = run_floor(corpus) if mode == "floor" else run_startup()
     print("RESULT " + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------ same samples?
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.(.+)$")  # webdataset's key.ext split
+
+
+def read_outputs(folder: str, exts: tuple[str, ...] = ("jpg", "mel.npy")) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} of the output shards' members with those extensions (others: key only)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in _shards(folder):
+        with tarfile.open(path) as tar:
+            for info in tar:
+                m = _KEY_EXT.match(info.name)
+                if not info.isfile() or not m:
+                    continue
+                members = out.setdefault(m.group(1), {})
+                if m.group(2) in exts:
+                    members[m.group(2)] = tar.extractfile(info).read()
+    return out
+
+
+def compare_outputs(ours: str, peer: str, every: int = 1) -> dict:
+    """Keys both wrote, and how far apart their images and log-mels are on every `every`-th
+    common key.
+
+    Images: mean |pixel difference| (0-255) per image, as stored, and after both are box-reduced
+    4x (to 56 px): the two crop the center differently (ours: the source's center square
+    resized; the peer: torchvision's resize, whose longer side is truncated, then a rounded
+    crop), up to a pixel apart, which on a detailed photo alone moves the stored mean by several
+    levels; the reduced comparison leaves that offset out and keeps colour, exposure and blur.
+    Log-mels: per clip, over the bins within 8 of the clip's peak (the range Whisper's
+    normalization keeps), the 99th percentile and the largest |log10 difference|. A bin near
+    the bottom of that range holds 1e-8 of the peak's power, where a float32 FFT's rounding
+    (the peer's) is already visible in log10; the percentile says what the bulk does."""
+    import numpy as np
+    from PIL import Image
+
+    a, b = read_outputs(ours), read_outputs(peer)
+    common = sorted(set(a) & set(b))
+    px, px_small, mel_p99, mel_max = [], [], [], []
+    for key in common[::max(1, every)]:
+        if "jpg" in a[key] and "jpg" in b[key]:
+            ia, ib = (Image.open(io.BytesIO(x[key]["jpg"])).convert("RGB") for x in (a, b))
+            px.append(float(np.abs(np.asarray(ia, np.int16) - np.asarray(ib, np.int16)).mean()))
+            sa, sb = (np.asarray(im.reduce(4), np.int16) for im in (ia, ib))
+            px_small.append(float(np.abs(sa - sb).mean()))
+        if "mel.npy" in a[key] and "mel.npy" in b[key]:
+            ma, mb = (np.load(io.BytesIO(x[key]["mel.npy"])).astype(np.float32) for x in (a, b))
+            d = np.abs(ma - mb)[ma >= ma.max() - 8]
+            mel_p99.append(float(np.percentile(d, 99)))
+            mel_max.append(float(d.max()))
+
+    def spread(xs):
+        return {"median": _r(np.median(xs)), "max": _r(max(xs))} if xs else {"median": None, "max": None}
+    return {
+        "ours_keys": len(a), "peer_keys": len(b), "same_keys": set(a) == set(b), "compared": len(px),
+        "only_ours": sorted(set(a) - set(b))[:5], "only_peer": sorted(set(b) - set(a))[:5],
+        "pixel_mean_abs_diff": spread(px), "pixel_mean_abs_diff_reduced_4x": spread(px_small),
+        "mel_p99_abs_diff": spread(mel_p99), "mel_max_abs_diff": spread(mel_max),
+    }
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
