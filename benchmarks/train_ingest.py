@@ -10,8 +10,8 @@ data, interleaved over --rounds rounds (the order rotates each round, so load fr
 processes hits every variant alike); the table shows medians over rounds, the ratios compare
 each variant with the first.
 
-    python benchmarks/train_ingest.py --samples 640 --steps 60 --rounds 3 \
-        --out benchmarks/results/train_ingest.json      # ~10 min on 2 quiet cores
+    python benchmarks/train_ingest.py --samples 640 --steps 40 --rounds 3 \
+        --out benchmarks/results/train_ingest.json      # ~6 min on 2 quiet cores
     python benchmarks/tables.py                         # the README's tables from it
 Goal: data wait under 5% of step time in the steady state.
 """
