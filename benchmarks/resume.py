@@ -11,17 +11,24 @@ MMTRAIN_FAULT_PAUSE, then breaks it:
     elastic  SIGKILL the whole command, then run it again with 1 worker instead of 2
 "Restart" is the kill for `worker` (detection included) and the new command's start for the
 others (a fresh Ray included). The first new step is the first metrics line written after it.
-An uninterrupted run of the same command gives the reference loss at the last step.
+An uninterrupted run of the same command gives the reference loss at the last step and the
+time a fresh start takes to its first step. A round runs the reference and every scenario, the
+order rotating from round to round (so load from other processes hits all of them alike); the
+table shows medians over rounds, and the served twice / never counts summed over all rounds.
 
-    python benchmarks/resume.py --samples 256 --out bench_out/resume.json
+    python benchmarks/resume.py --samples 256 --rounds 3 --out benchmarks/results/resume.json
+    python benchmarks/tables.py          # the README's tables from it
+(~7 min a round on 2 quiet cores.)
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -31,8 +38,6 @@ from harness import ROOT
 
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from mmtrain.metrics import read_metric_lines as metrics  # noqa: E402  (every line: replayed steps too)
-from paused_run import start_paused  # noqa: E402  (the tests' hold-then-kill helper)
 
 SCENARIOS = ("worker", "driver", "save", "elastic")
 CHECKPOINT_EVERY = 4
@@ -49,6 +54,12 @@ def env() -> dict:
     return {**e, "OMP_NUM_THREADS": "1"}
 
 
+def metrics(run: str) -> list[dict]:
+    from mmtrain.metrics import read_metric_lines  # every line: replayed steps too
+
+    return read_metric_lines(run)
+
+
 def train_worker_pids(proc: subprocess.Popen) -> list[int]:
     import psutil
 
@@ -58,6 +69,7 @@ def train_worker_pids(proc: subprocess.Popen) -> list[int]:
 
 def scenario(name: str, data: str, run: str, config: str, pause_step: int, ids: set) -> dict:
     from mmtrain.audit import check
+    from paused_run import start_paused  # the tests' hold-then-kill helper
 
     shutil.rmtree(run, ignore_errors=True)
     cmd = train_cmd(data, run, config)
@@ -81,12 +93,24 @@ def scenario(name: str, data: str, run: str, config: str, pause_step: int, ids: 
     lines = metrics(run)
     first_new = next(m for m in lines[before:] if m["time"] >= restart)
     report = check(run, ids)
-    twice = sum(e["served_twice"] for e in report["epochs"].values())
-    never = sum(e["never_served"] for e in report["epochs"].values())
-    return {"scenario": name, "restart_to_first_step_s": round(first_new["time"] - restart, 1),
+    return {"restart_to_first_step_s": first_new["time"] - restart,
             "resumed_at_step": first_new["step"], "steps_run_again": step + 1 - first_new["step"],
-            "served_twice": twice, "never_served": never, "epochs": len(report["epochs"]),
-            "last_loss": lines[-1]["loss"], "last_step": lines[-1]["step"]}
+            "served_twice": sum(e["served_twice"] for e in report["epochs"].values()),
+            "never_served": sum(e["never_served"] for e in report["epochs"].values()),
+            "epochs": len(report["epochs"]), "last_loss": lines[-1]["loss"], "last_step": lines[-1]["step"]}
+
+
+def uninterrupted(clean: str, config: str, workdir: str) -> dict:
+    reference = os.path.join(workdir, "reference")
+    shutil.rmtree(reference, ignore_errors=True)
+    started = time.time()
+    with open(reference + ".log", "w") as log:
+        if subprocess.run(train_cmd(clean, reference, config), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                          env=env()).returncode != 0:
+            raise RuntimeError(f"the uninterrupted run failed; see {reference}.log")
+    lines = metrics(reference)
+    return {"seconds": time.time() - started, "last_loss": lines[-1]["loss"],
+            "first_step_after_start_s": lines[0]["time"] - started, "steps": lines[-1]["step"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,6 +118,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--pause-step", type=int, default=6, help="the kill comes after this step (or in its save)")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--workdir", default="bench_out/resume")
     p.add_argument("--out", default="bench_out/resume.json")
@@ -120,42 +145,85 @@ def prepare(args) -> tuple[str, set, str]:
     return clean, manifest_ids([clean]), config
 
 
-def uninterrupted(clean: str, config: str, workdir: str) -> dict:
-    reference = os.path.join(workdir, "reference")
-    shutil.rmtree(reference, ignore_errors=True)
-    started = time.time()
-    with open(reference + ".log", "w") as log:
-        if subprocess.run(train_cmd(clean, reference, config), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                          env=env()).returncode != 0:
-            raise RuntimeError(f"the uninterrupted run failed; see {reference}.log")
-    lines = metrics(reference)
-    return {"seconds": round(time.time() - started, 1), "last_loss": lines[-1]["loss"],
-            "first_step_after_start_s": round(lines[0]["time"] - started, 1), "steps": lines[-1]["step"]}
+def one_round(args, clean: str, ids: set, config: str, rnd: int) -> dict:
+    """The reference and every scenario once, in this round's order; each with the load it ran under."""
+    order = ["reference", *args.scenarios]
+    order = order[rnd % len(order):] + order[:rnd % len(order)]
+    out = {"round": rnd + 1, "order": order}
+    for name in order:
+        with harness.Meter() as meter:
+            if name == "reference":
+                r = uninterrupted(clean, config, args.workdir)
+            else:
+                r = scenario(name, clean, os.path.join(args.workdir, name), config, args.pause_step, ids)
+        out[name] = {**r, "other_cores": meter.other / meter.wall, "loadavg_at_end": list(os.getloadavg())}
+        print(f"round {rnd + 1} {name}: {out[name]}", flush=True)
+    for name in args.scenarios:
+        out[name]["loss_rel_diff"] = abs(out[name]["last_loss"] - out["reference"]["last_loss"]) / abs(
+            out["reference"]["last_loss"])
+    return out
 
 
-def table(results: list[dict]) -> str:
-    rows = [[r["scenario"], r["restart_to_first_step_s"], r["resumed_at_step"], r["steps_run_again"],
-             r["served_twice"], r["never_served"],
-             f"{r['loss_rel_diff']:.1e}" + (" (1 worker)" if r["scenario"] == "elastic" else "")] for r in results]
-    return harness.md_table(["scenario", "restart -> first new step, s", "resumed at step", "steps run again",
-                             "served twice", "never served", "last-step loss vs uninterrupted"], rows)
+# ------------------------------------------------------------------------------ the README's tables
+
+def _values(results: dict, name: str, key: str) -> list:
+    return [r[name][key] for r in results["rounds"]]
+
+
+def _same(xs: list) -> str:
+    """One value when every round agrees, else each distinct one."""
+    return "/".join(str(x) for x in sorted(set(xs)))
+
+
+def _rounds(n: int) -> str:
+    return "one round (no median)" if n == 1 else f"{n} interleaved rounds, medians"
+
+
+def render(results: dict, part: str) -> str:
+    """Markdown from a result file: `""` the medians over rounds, `"rounds"` every round."""
+    cfg, m, scenarios = results["config"], results["machine"], results["config"]["scenarios"]
+    if part == "rounds":
+        rows = [[r["round"], " → ".join(r["order"]), f"{r['reference']['first_step_after_start_s']:.1f}",
+                 *(f"{r[s]['restart_to_first_step_s']:.1f}" for s in scenarios),
+                 f"{statistics.median(r[n]['other_cores'] for n in r['order']):.2f}",
+                 harness.loads(r[r["order"][-1]]["loadavg_at_end"])] for r in results["rounds"]]
+        return harness.md_table(["round", "order", "uninterrupted: start → first step, s",
+                                 *(f"{s}: restart → first new step, s" for s in scenarios),
+                                 "other cores (median)", "load average at end"], rows)
+    if part:
+        raise ValueError(f"resume has no table {part!r}")
+    rows = [[s + (" (2 → 1 worker)" if s == "elastic" else ""),
+             f"{statistics.median(_values(results, s, 'restart_to_first_step_s')):.1f}",
+             _same(_values(results, s, "resumed_at_step")), _same(_values(results, s, "steps_run_again")),
+             sum(_values(results, s, "served_twice")), sum(_values(results, s, "never_served")),
+             f"{max(_values(results, s, 'loss_rel_diff')):.2g}"
+             + (" (a different global batch: not comparable step for step)" if s == "elastic" else "")]
+            for s in scenarios]
+    ref = statistics.median(_values(results, "reference", "first_step_after_start_s"))
+    head = (f"Run on {results['date']}: {results['samples']} samples, 2 epochs of "
+            f"{results['rounds'][0]['reference']['steps'] // 2} steps, kill after step {cfg['pause_step']}; "
+            f"{_rounds(len(results['rounds']))}; {m['cpus']} CPUs, load average (1/5/15 min) "
+            f"{harness.loads(m['loadavg_at_start'])} at start, {harness.loads(m['loadavg_at_end'])} at end. "
+            f"The uninterrupted command took {ref:.1f} s (median) from its start to its first step.\n\n")
+    return head + harness.md_table(
+        ["scenario", "restart → first new step, s (median)", "resumed at step", "steps run again",
+         "served twice (all rounds)", "never served (all rounds)", "last-step loss vs uninterrupted (relative, max)"],
+        rows)
 
 
 def main() -> None:
     args = parse_args()
+    load_at_start = os.getloadavg()
     clean, ids, config = prepare(args)
-    ref = uninterrupted(clean, config, args.workdir)
-    print(f"uninterrupted: {ref}", flush=True)
-    results = []
-    for name in args.scenarios:
-        r = scenario(name, clean, os.path.join(args.workdir, name), config, args.pause_step, ids)
-        r["loss_rel_diff"] = abs(r["last_loss"] - ref["last_loss"]) / abs(ref["last_loss"])
-        print(r, flush=True)
-        results.append(r)
-    print(f"\n{len(ids)} samples, 2 epochs of {ref['steps'] // 2} steps, kill after step {args.pause_step}; "
-          f"uninterrupted run: first step {ref['first_step_after_start_s']} s after the command started\n")
-    print(table(results))
-    harness.write_json(args.out, {"reference": ref, "scenarios": results, "samples": len(ids)})
+    rounds = []
+    for rnd in range(args.rounds):
+        rounds.append(one_round(args, clean, ids, config, rnd))
+        results = {"date": datetime.date.today().isoformat(), "samples": len(ids),
+                   "config": {"pause_step": args.pause_step, "checkpoint_every": CHECKPOINT_EVERY,
+                              "scenarios": args.scenarios, "rounds": len(rounds)},
+                   "machine": harness.machine(load_at_start), "rounds": rounds}
+        harness.write_json(args.out, results)  # after every round: an interrupted run keeps the rounds it ran
+    print("\n" + render(results, "") + "\n\n" + render(results, "rounds"))
 
 
 if __name__ == "__main__":
