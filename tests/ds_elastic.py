@@ -3,7 +3,9 @@ rank with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set.
 
     save  OUT STAGE         train 2 steps, checkpoint into OUT/ckpt (our staged layout),
                             train step 3, write the caption loss after it to OUT/expected.json
-    load  OUT STAGE MODE    restore OUT/ckpt at this world size (universal if it changed),
+    load  OUT STAGE MODES   for each MODE of MODES (comma-separated, in one process: each
+                            start of a rank costs seconds of imports), restore OUT/ckpt at this
+                            world size (universal if it changed) into a fresh model and engine,
                             train step 3 on the same global batch, write the loss to
                             OUT/got_<MODE>.json; MODE "full" restores everything, "weights"
                             only the consolidated weights with a fresh optimizer and schedule
@@ -36,8 +38,14 @@ from mmtrain.weights_only import use_weights_only_loads  # noqa: E402
 GLOBAL_BATCH = 8
 
 
-def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
+def main(phase: str, out: str, stage: int, modes: str = "full") -> None:
     dist.init_process_group("gloo")
+    for mode in modes.split(","):
+        run(phase, out, stage, mode)
+    dist.destroy_process_group()
+
+
+def run(phase: str, out: str, stage: int, mode: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     cfg = RunConfig(data_paths=("x",), run_dir=out).replace(
@@ -100,7 +108,7 @@ def main(phase: str, out: str, stage: int, mode: str = "full") -> None:
         with open(os.path.join(out, name), "w") as f:
             json.dump(result, f)
     dist.barrier()
-    dist.destroy_process_group()
+    engine.destroy()
 
 
 if __name__ == "__main__":

@@ -18,12 +18,35 @@ from mmtrain.export import load_exported, verify_probe
 from mmtrain.metrics import read_metric_lines
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
-    run = tmp_path / "run"
+def train_one_epoch(small_data, run, stage, *extra, cwd=ROOT):
     # 48 samples, 2 workers x 8 per step: 3 steps per epoch if the split is even, more if not
     cli("train", "--data", small_data, "--run-dir", run, "--zero-stage", stage, "--epochs", 1,
-        "--batch-size", 8, "--checkpoint-every", 2, "--audit-samples")
+        "--batch-size", 8, "--checkpoint-every", 2, "--audit-samples", *extra, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def default_run(small_data, tmp_path_factory):
+    """The stage-2 (default) run, which test_evaluate_writes_flat_json evaluates, plots and
+    reads the profile of: one training for both. Its --run-dir is relative (the workers, whose
+    working directory is elsewhere, must still find it) and it ends inside --profile-steps'
+    range (the trace holds what was recorded, on every rank)."""
+    folder = tmp_path_factory.mktemp("default_run")
+    train_one_epoch(small_data, "run", 2, "--profile-steps", "2:1000", cwd=folder)
+    return folder
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
+    train_one_epoch(small_data, tmp_path / "run", stage)
+    check_trained_checkpointed_and_exported(small_data, tmp_path, stage)
+
+
+def test_zero_stage_2_trains_checkpoints_and_exports(small_data, default_run):
+    check_trained_checkpointed_and_exported(small_data, default_run, 2)
+
+
+def check_trained_checkpointed_and_exported(small_data, folder, stage):
+    run = folder / "run"
     rows = read_audit(str(run))
     last = max(r["step"] for r in rows)
     metrics = read_metric_lines(str(run))
@@ -48,24 +71,23 @@ def test_zero_stage_trains_checkpoints_and_exports(small_data, tmp_path, stage):
     assert len(epoch0) == len(set(epoch0)) and set(epoch0) == manifest_ids([str(small_data)])
     assert {r["step"] for r in rows} == set(range(1, last + 1))
 
-    out = cli("export", "--run-dir", run, "--output", tmp_path / "model.safetensors")
+    out = cli("export", "--run-dir", run, "--output", folder / "model.safetensors")
     assert "matches the training engine" in out.stdout
-    model, model_cfg, meta = load_exported(str(tmp_path / "model.safetensors"))
+    model, model_cfg, meta = load_exported(str(folder / "model.safetensors"))
     assert isinstance(model, torch.nn.Module) and model_cfg.width == 128
     assert verify_probe(model, str(run)) < 1e-5  # the bare model reproduces the engine's outputs
 
 
-def test_evaluate_writes_flat_json(small_data, tmp_path):
-    run = tmp_path / "run"
-    # a relative --run-dir: the workers, whose working directory is elsewhere, must still find it
-    # the run ends inside --profile-steps' range: the trace holds what was recorded, on every rank
-    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, "--batch-size", 8,
-        "--profile-steps", "2:3", cwd=tmp_path)
+def test_evaluate_writes_flat_json(small_data, default_run, tmp_path):
+    run = default_run / "run"
+    last = max(r["step"] for r in read_audit(str(run)))
     traces = sorted(os.listdir(run / "profile"))
     assert [t.split(".")[0] for t in traces] == ["rank0", "rank1"] and all(t.endswith(".pt.trace.json.gz")
                                                                          for t in traces)
+    # a run given in epochs finds its end when the data runs out: the range it opened for the
+    # step after its last is in the trace too (the "endless" rows of the profiling test below)
     for t in traces:
-        assert profiled_steps(run / "profile" / t) == ["ProfilerStep#2"]
+        assert profiled_steps(run / "profile" / t) == sorted(f"ProfilerStep#{s}" for s in range(2, last + 2))
     cli("evaluate", "--run-dir", run, "--data", small_data, "--output", tmp_path / "eval.json")
     result = json.load(open(tmp_path / "eval.json"))
     for direction in ("image_to_text", "text_to_image", "image_to_audio", "audio_to_text"):
