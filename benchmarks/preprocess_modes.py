@@ -6,7 +6,7 @@
             DataLoader, 2 workers, none of our pipeline's code), timed whole the same way.
   floor     one process of our own per-sample work, no Ray, no writing: read + decode +
             transform + encode (`preprocess.py --child floor`, prints `RESULT {json}`).
-  startup   Ray's start-up alone: `init_ray()` on a fresh embedded Ray, as the command runs it
+  startup   Ray's start-up alone: `init_ray(dashboard=False, ray_data=False)` on a fresh embedded Ray, as the command runs it
             (`preprocess.py --child startup`, prints `RESULT {json}`).
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def run_startup() -> dict:
     t0, c0 = time.perf_counter(), harness.tree_cpu()
     import ray
 
-    runtime.init_ray()
+    runtime.init_ray(dashboard=False, ray_data=False)  # as `preprocess` starts its embedded Ray
     out = {"ray_startup_s": round(time.perf_counter() - t0, 3), "ray_startup_cpu_s": round(harness.tree_cpu() - c0, 2)}
     ray.shutdown()
     return out
