@@ -204,7 +204,17 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
 
     def run_shards(shards: list[tuple[str, str]]) -> list[dict]:
         out, config = OutputStore(url, opts, tag=tag), DataConfig.from_dict(cfg_dict)
-        return [process_shard(source, name, out, config, opts) for source, name in shards]
+        results = []
+        for source, name in shards:
+            try:
+                results.append(process_shard(source, name, out, config, opts))
+            except Exception as e:
+                # a task of several shards names the shard the store failed on itself: the
+                # driver can't ask a failing store which shards are done
+                if len(shards) > 1 and store_error_kind(e) is not None:
+                    raise store_failure(e, f"{source} -> {url}/{name}") from None
+                raise
+        return results
 
     # A task whose worker died is run again (a shard task is idempotent: it writes its outputs
     # atomically, its `done` part last), at most `shard_retries` times: a shard that kills
@@ -270,13 +280,19 @@ def _results(ref, batch: list[ShardTask], attempts: int, store: OutputStore,
             raise  # a bug: keeps its traceback
         # a refused credential, a store that stays down, reading the shard or writing its
         # output: one line, nothing marked done for it, so a re-run processes it
-        t = (_unfinished(store, batch) or batch[-1:])[0]
-        if isinstance(cause, StoreError) and t.source in str(cause):
+        # (no store call here to find the shard: the store is what is failing)
+        if isinstance(cause, StoreError) and any(t.source in str(cause) for t in batch):
             raise StoreError(str(cause)) from None
+        t = next((t for t in batch if t.source in str(cause)), batch[0])
         raise store_failure(cause, f"{t.source} -> {store.url}/{t.name}") from None
     except _crash_errors() as e:
-        left = _unfinished(store, batch)
-        finished = [store.read_json(part_names(t.name)["done"]) for t in batch[:len(batch) - len(left)]]
+        try:
+            left = _unfinished(store, batch)
+            finished = [store.read_json(part_names(t.name)["done"]) for t in batch[:len(batch) - len(left)]]
+        except Exception as store_error:  # the store failing while we look: the job's one-line error
+            if store_error_kind(store_error) is None:
+                raise
+            raise store_failure(store_error, f"{store.url}/{PARTS_DIR}") from None
         if not left:  # it died after its last shard was done
             return finished, None, []
         if len(batch) == 1 or attempts + 1 > shard_retries:

@@ -39,6 +39,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     import ray
 
     if ray.is_initialized():
+        # an instance started earlier keeps its dashboard setting; Ray Data's context is per
+        # process and still set where asked
+        _set_data_context(ray_data)
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {
@@ -54,8 +57,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded = True
+    _set_data_context(ray_data)
+
+
+def _set_data_context(ray_data: bool) -> None:
     if not ray_data:
         return
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     # our jobs draw their own progress (in samples, not blocks); Ray Data's per-operator
     # bars would interleave with it

@@ -102,8 +102,8 @@ def transform_modalities(out: Processed, chosen: dict[str, tuple[str, bytes]], c
         ext, data = chosen["audio"]
         with stage("audio_decode"):  # audio.py charges its resampling to "resample"
             wave, out.audio_seconds = audio.decode_audio(data, ext, cfg.audio)
-        wave, valid = audio.fit_length(wave, cfg.audio)
-        with stage("log_mel"):
+        with stage("log_mel"):  # fitting the clip to length included
+            wave, valid = audio.fit_length(wave, cfg.audio)
             out.mel = audio.log_mel(wave, cfg.audio)
         out.mel_frames = audio.mel_frames_for(valid, cfg.audio)
     return out
@@ -146,9 +146,10 @@ def encode_members(p: Processed, cfg: DataConfig) -> dict[str, bytes]:
     if p.text is not None:
         members[OUT_TEXT] = p.text.encode("utf-8")
     if p.mel is not None:
-        buf = io.BytesIO()
-        np.save(buf, p.mel.astype(np.float16), allow_pickle=False)
-        members[OUT_MEL] = buf.getvalue()
+        with stage("encode"):  # the stored features: the JPEG above and the float16 log-mel
+            buf = io.BytesIO()
+            np.save(buf, p.mel.astype(np.float16), allow_pickle=False)
+            members[OUT_MEL] = buf.getvalue()
     meta = {k: v for k, v in manifest_fields(p).items() if v is not None}
     meta["mel_frames"] = p.mel_frames
     members[OUT_META] = json.dumps(meta, ensure_ascii=False).encode("utf-8")

@@ -184,3 +184,17 @@ def test_403_on_one_shard_fails_train_in_one_line(data, proxy, ray_cluster, tmp_
     assert len(lines) == 1, r.stderr[-3000:]
     assert f"s3://{bucket}/raw/{SHARDS[1]}" in lines[0] and "access refused" in lines[0], lines[0]
     assert proxy.denied >= 1
+
+
+def test_403_inside_a_task_of_several_shards_names_that_shard_in_one_line(data, proxy, ray_cluster):
+    # three shards in one Ray task: the store refuses the second; the driver cannot ask the
+    # (failing) store where the task stopped, so the task names the shard itself
+    bucket = data["bucket"]
+    proxy.deny = on_object(bucket, f"raw/{SHARDS[1]}")
+    with pytest.raises(StoreError) as e:
+        preprocess([f"s3://{bucket}/raw"], f"s3://{bucket}/outbatch", storage_options=proxy.storage_options,
+                   progress=False, shards_per_task=3)
+    message = str(e.value)
+    assert "\n" not in message and "access refused" in message, message
+    assert f"raw/{SHARDS[1]} -> s3://{bucket}/outbatch/{SHARDS[1]}" in message, message
+    assert proxy.denied >= 1
