@@ -38,9 +38,8 @@ import logging
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,7 +50,7 @@ from .dataset import (FORMAT_VERSION, JOB_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, 
                       QUARANTINE_SCHEMA, STATS_FILE, part_names, settings_record, write_output)
 from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, check_ours
 from .retry import StoreError, store_error_kind, store_failure
-from .shard_job import process_shard, rewrite_without, rows_to_table
+from .shard_job import process_shards, read_parts, rewrite_without, rows_to_table
 from .shards import expand_shards
 from .stage_clock import add_seconds
 from .storage import OutputStore
@@ -200,21 +199,7 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
 
     from .runtime import cluster_cpus
 
-    url, opts, cfg_dict, tag = store.url, storage_options or {}, cfg.to_dict(), store.tag
-
-    def run_shards(shards: list[tuple[str, str]]) -> list[dict]:
-        out, config = OutputStore(url, opts, tag=tag), DataConfig.from_dict(cfg_dict)
-        results = []
-        for source, name in shards:
-            try:
-                results.append(process_shard(source, name, out, config, opts))
-            except Exception as e:
-                # a task of several shards names the shard the store failed on itself: the
-                # driver can't ask a failing store which shards are done
-                if len(shards) > 1 and store_error_kind(e) is not None:
-                    raise store_failure(e, f"{source} -> {url}/{name}") from None
-                raise
-        return results
+    job = (store.url, storage_options or {}, store.tag, cfg.to_dict())  # process_shards' arguments
 
     # A task whose worker died is run again (a shard task is idempotent: it writes its outputs
     # atomically, its `done` part last), at most `shard_retries` times: a shard that kills
@@ -222,7 +207,7 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
     # the job for ever. A task of several shards is not retried by Ray: the driver finds the
     # shard it died on (`_results`). The tasks are spread over the nodes.
     one = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
-                     scheduling_strategy="SPREAD")(run_shards)
+                     scheduling_strategy="SPREAD")(process_shards)
     several = one.options(max_retries=0, retry_exceptions=False)
     todo = list(reversed(pending))  # pop() takes them in plan order
     running: dict = {}  # ObjectRef -> (its ShardTasks, attempts their first shard already had)
@@ -233,7 +218,7 @@ def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_
     def submit(batch: list[ShardTask], attempts: int = 0) -> None:
         fn = one if len(batch) == 1 and not attempts else (
             several if len(batch) > 1 else one.options(max_retries=shard_retries - attempts))
-        running[fn.remote([(t.source, t.name) for t in batch])] = (batch, attempts)
+        running[fn.remote([(t.source, t.name) for t in batch], *job)] = (batch, attempts)
 
     try:
         while todo or running:
@@ -346,7 +331,7 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
     that grows with the corpus (about 1 GB at 10 M samples).
     """
     manifests, quarantines, per_shard = [], [], []
-    for i, (m, q, done) in enumerate(_read_parts(store, tasks)):
+    for i, (m, q, done) in enumerate(read_parts(store, [t.name for t in tasks])):
         manifests.append(m.append_column("_order", pa.array([i << 32] * m.num_rows, pa.int64())))
         quarantines.append(q)
         per_shard.append(done)
@@ -388,26 +373,6 @@ def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str)
     }
     write_output(store, manifest, quarantine, stats)
     return stats
-
-
-# parts read at once by the commit: a part is a few small reads, mostly waiting on the store
-# (an object store's round trip, a disk's), which threads overlap
-PARALLEL_READS = 16
-
-
-def _read_parts(store: OutputStore, tasks: list[ShardTask]) -> Iterator[tuple[pa.Table, pa.Table, dict]]:
-    """(manifest, quarantine, done) of every shard, in plan order."""
-
-    def read(t: ShardTask) -> tuple[pa.Table, pa.Table, dict]:
-        parts = part_names(t.name)
-        return store.read_parquet(parts["manifest"]), store.read_parquet(parts["quarantine"]), \
-            store.read_json(parts["done"])
-
-    pool = ThreadPoolExecutor(PARALLEL_READS)
-    try:
-        yield from pool.map(read, tasks)
-    finally:  # after a failed read, the reads not started yet are dropped, not waited for
-        pool.shutdown(cancel_futures=True)
 
 
 def _drop_cross_shard_duplicates(store: OutputStore, manifest: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -14,6 +14,8 @@ import re
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,7 @@ from . import reasons
 from .config import DataConfig
 from .dataset import MANIFEST_SCHEMA, QUARANTINE_SCHEMA, part_names
 from .reasons import SampleError
+from .retry import store_error_kind, store_failure
 from .source import RawSample, base_plus_ext, iter_tar_samples
 from .stage_clock import StageClock, stage
 from .storage import OutputStore
@@ -187,6 +190,23 @@ def process_shard(
     return stats
 
 
+def process_shards(shards: list[tuple[str, str]], url: str, storage_options: dict, tag: str | None,
+                   cfg_dict: dict) -> list[dict]:
+    """One Ray task's shards, (source, output name) each, in order: their stats. A task of
+    several shards names the shard the store failed on itself, in the one-line StoreError: the
+    driver can't ask a failing store which of them are done."""
+    out, cfg = OutputStore(url, storage_options, tag=tag), DataConfig.from_dict(cfg_dict)
+    results = []
+    for source, name in shards:
+        try:
+            results.append(process_shard(source, name, out, cfg, storage_options))
+        except Exception as e:
+            if len(shards) > 1 and store_error_kind(e) is not None:
+                raise store_failure(e, f"{source} -> {url}/{name}") from None
+            raise
+    return results
+
+
 def _next_sample(samples):
     with stage("read"):
         return next(samples, None)
@@ -263,3 +283,23 @@ def rewrite_without(store: OutputStore, shard_name: str, drop_keys: set[str]) ->
                     continue
                 add_member(tout, info.name, tin.extractfile(info).read())
     return dropped
+
+
+# parts read at once by the commit: a part is a few small reads, mostly waiting on the store
+# (an object store's round trip, a disk's), which threads overlap
+PARALLEL_READS = 16
+
+
+def read_parts(store: OutputStore, shard_names: list[str]) -> Iterator[tuple[pa.Table, pa.Table, dict]]:
+    """(manifest, quarantine, done) of every output shard named, in that order."""
+
+    def read(name: str) -> tuple[pa.Table, pa.Table, dict]:
+        parts = part_names(name)
+        return store.read_parquet(parts["manifest"]), store.read_parquet(parts["quarantine"]), \
+            store.read_json(parts["done"])
+
+    pool = ThreadPoolExecutor(PARALLEL_READS)
+    try:
+        yield from pool.map(read, shard_names)
+    finally:  # after a failed read, the reads not started yet are dropped, not waited for
+        pool.shutdown(cancel_futures=True)
