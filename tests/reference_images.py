@@ -1,4 +1,9 @@
-"""Image member bytes -> a uint8 [size, size, 3] RGB crop, and that crop -> JPEG bytes.
+"""The previous image code, verbatim (pipelines/images.py as of the issue-16 base commit): the
+reference that tests/test_image_speedups.py and benchmarks/image_stages.py compare the current
+implementation against. Do not change it; it is what "within tolerance of the previous
+implementation" means. Its own description follows.
+
+Image member bytes -> a uint8 [size, size, 3] RGB crop, and that crop -> JPEG bytes.
 
 Pure functions (numpy in, numpy out; no torch, no Ray) shared by the raw-shard training path and
 the offline preprocessor. Broken input raises `SampleError`, a configured rule raises
