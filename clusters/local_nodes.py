@@ -33,14 +33,28 @@ class LocalClusterError(UserError):
     """Printed as one line, exit code 2."""
 
 
+# Ports this process has handed out. A port bound and released is free again at once, so two
+# calls can get the same one back from the kernel; Ray then refuses to start ("port ... is used
+# by other components"). Remembering them makes every port of one cluster distinct.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(preferred: int | None = None) -> int:
-    for port in ([preferred] if preferred else []) + [0]:
+    """A port free on 127.0.0.1 now and not handed out before by this process: `preferred`
+    when it is, else one the kernel picks."""
+    candidates = ([preferred] if preferred else []) + [0] * 64
+    for port in candidates:
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return s.getsockname()[1]
+            got = s.getsockname()[1]
+        if got not in _HANDED_OUT:
+            _HANDED_OUT.add(got)
+            return got
     raise LocalClusterError("no free port on 127.0.0.1")
 
 

@@ -270,6 +270,28 @@ def test_local_cluster_token_is_generated_0600_and_never_in_the_state(tmp_path, 
     assert local._resolve_token(str(tmp_path / "other"), None) == (None, "RAY_AUTH_TOKEN", False)
 
 
+def test_local_cluster_ports_are_all_distinct_even_when_the_kernel_repeats_one(monkeypatch):
+    """A released port is free again at once; a repeat among one cluster's ports stops Ray's
+    head ("port ... is used by other components"), so free_port never hands one out twice."""
+    import socket
+
+    from clusters import local_nodes
+
+    monkeypatch.setattr(local_nodes, "_HANDED_OUT", set())
+    first = local_nodes.free_port()
+    real_bind = socket.socket.bind
+    repeats = iter([first, first])   # the kernel gives the same port back twice, then any
+
+    def bind(self, addr):
+        host, port = addr
+        return real_bind(self, (host, next(repeats, 0) if port == 0 else port))
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    ports = [local_nodes.free_port() for _ in range(20)] + [local_nodes.free_port(first)]
+    assert first not in ports
+    assert len(set(ports)) == len(ports)
+
+
 def test_local_cluster_refuses_a_temp_dir_too_long_for_unix_sockets(tmp_path):
     from clusters import local
 
