@@ -4,8 +4,9 @@
             --quiet` (CFG: JPEG q90), timed whole by the parent: Python and Ray start-up included.
   peer      the command line `python benchmarks/preprocess_peer.py CORPUS OUT` (webdataset +
             DataLoader, 2 workers, none of our pipeline's code), timed whole the same way.
-  floor     one process of our own per-sample work, no Ray, no writing: read + decode +
-            transform + encode (`preprocess.py --child floor`, prints `RESULT {json}`).
+  floor     the same shard work in one process, no Ray: `process_shards` (what each of our
+            Ray tasks runs: read, decode, transform, encode, write the shard and its parts) over
+            every shard in turn (`preprocess.py --child floor`, prints `RESULT {json}`).
   startup   Ray's start-up alone: `init_ray(dashboard=False, ray_data=False)` on a fresh embedded Ray, as the command runs it
             (`preprocess.py --child startup`, prints `RESULT {json}`).
 """
@@ -47,24 +48,27 @@ def peer_command(corpus: str, dest: str) -> list[str]:
             "--workers", "2"]
 
 
-def run_floor(corpus: str) -> dict:
-    from pipelines.reasons import SampleError
-    from pipelines.source import iter_tar_samples
-    from pipelines.stage_clock import StageClock
-    from pipelines.tarheaders import ReadLimits
-    from pipelines.transform import encode_members, transform_sample
+def run_floor(corpus: str, dest: str) -> dict:
+    """The job's own shard work (`process_shards`, what each Ray task runs: read, decode,
+    transform, encode, write the output shard and its parts) over every shard, in this one
+    process, no Ray. Only the commit (a fraction of a second, after the shards) is left out."""
+    import shutil
 
-    cfg, n, ok = data_config(), 0, 0
-    with Meter() as m, StageClock() as clock:
-        for url in _shards(corpus):
-            for raw in iter_tar_samples(url, limits=ReadLimits.from_config(cfg)):
-                n += 1
-                try:
-                    encode_members(transform_sample(raw, cfg), cfg)
-                    ok += 1
-                except SampleError:
-                    pass
-    return {**m.result(n), "written": ok, "stage_cpu_s": clock.seconds()}
+    from pipelines.shard_job import process_shards
+
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    cfg = data_config().to_dict()
+    with Meter() as m:
+        stats = [s for i, url in enumerate(_shards(corpus))
+                 for s in process_shards([(url, f"shard-{i:06d}.tar")], dest, {}, None, cfg)]
+    stages: dict[str, float] = {}
+    for s in stats:  # each shard's own StageClock, as in ours' `_stats.json`
+        for k, v in s["stage_cpu_s"].items():
+            stages[k] = stages.get(k, 0.0) + v
+    return {**m.result(sum(s["counts"]["read"] for s in stats)),
+            "written": sum(s["counts"].get("written", 0) for s in stats),
+            "stage_cpu_s": {k: round(v, 3) for k, v in stages.items()}}
 
 
 def run_startup() -> dict:
@@ -80,8 +84,8 @@ def run_startup() -> dict:
     return out
 
 
-def child_main(mode: str, corpus: str) -> None:
-    res = run_floor(corpus) if mode == "floor" else run_startup()
+def child_main(mode: str, corpus: str, dest: str | None = None) -> None:
+    res = run_floor(corpus, dest) if mode == "floor" else run_startup()
     print("RESULT " + json.dumps(res), flush=True)
 
 
