@@ -60,12 +60,15 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first")
     tok_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
+    bpe_file = os.path.join(run_dir, "tokenizer", "bpe.json")
     metadata = {
         "model_config": json.dumps(run["model"]),
         "data_config": json.dumps(run["data"]),
         "tokenizer": open(tok_file).read() if os.path.exists(tok_file) else "{}",
         "checkpoint": os.path.basename(checkpoint),
     }
+    if os.path.exists(bpe_file):  # the vocabulary itself: the file is used without the run
+        metadata["tokenizer_bpe"] = open(bpe_file).read()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     save_file(state, output, metadata=metadata)
     model, _, _ = load_exported(output)

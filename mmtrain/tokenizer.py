@@ -145,6 +145,21 @@ def load_tokenizer(directory: str) -> Tokenizer:
     raise ConfigError(f"{os.path.join(directory, DESCRIPTOR)}: unknown tokenizer kind {kind!r}")
 
 
+def tokenizer_from_dict(desc: dict, bpe_json: str | None = None) -> Tokenizer:
+    """The tokenizer a descriptor (`to_dict()`) names; a BPE one needs its vocabulary, the
+    content of its bpe.json (an exported model carries both in its metadata)."""
+    kind = desc.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if not bpe_json:
+            raise ConfigError("a BPE tokenizer descriptor without its vocabulary")
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(bpe_json))
+    raise ConfigError(f"unknown tokenizer kind {kind!r}")
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID, max_len: int | None = None) -> np.ndarray:
     """Right-pad token lists into an int64 [N, max_len] array (max_len defaults to the longest).
 

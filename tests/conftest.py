@@ -139,6 +139,21 @@ def multi_node_cluster():
 
 
 @pytest.fixture(scope="session")
+def demo_workdir(ray_cluster, tmp_path_factory):
+    """The README's demo, run once per session as the README runs it (`ray_job.py demo`, on an
+    embedded Ray of its own): a trained run (run/), its export (model.safetensors), the raw and
+    preprocessed corpora (raw/, clean/) and the held-out 16-way shards (heldout_raw/, heldout/).
+    Yields (workdir, the completed process). MMTRAIN_TEST_DEMO_DIR names a folder to keep it in
+    between sessions: a finished demo re-run there only redoes its quick last steps."""
+    work = Path(os.environ.get("MMTRAIN_TEST_DEMO_DIR") or tmp_path_factory.mktemp("demo") / "demo")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "demo", "--workdir", str(work)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=1500, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return work, r
+
+
+@pytest.fixture(scope="session")
 def fault_data(ray_cluster, tmp_path_factory):
     """The fault-tolerance corpus (tests/fault_runs.py): 64 preprocessed samples in 8 shards."""
     from fault_runs import make_data

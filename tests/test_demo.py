@@ -2,20 +2,10 @@
 config on 640 samples of 16 subjects, the loss falls by well over 30% and held-out 16-way
 image->text recall@1 is at least 0.5 (chance: 1/16)."""
 import json
-import os
-import subprocess
-import sys
-
-from conftest import ROOT
 
 
-def test_demo_learns(ray_cluster, tmp_path):
-    work = tmp_path / "demo"
-    # as the README runs it: on an embedded Ray of its own, not the session's cluster
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "demo", "--workdir", str(work)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=1500, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
+def test_demo_learns(demo_workdir):
+    work, r = demo_workdir
     assert "== summary" in r.stdout
     summary = json.load(open(work / "summary.json"))
     assert summary["train"]["loss_drop"] > 0.3
