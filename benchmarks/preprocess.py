@@ -111,7 +111,7 @@ def run_floor_pair(corpus: str, work: str, log: str) -> dict:
 
     halves = []
     for i in range(2):
-        half = os.path.join(work, f"corpus-half-{i}")
+        half = os.path.join(work, f"{os.path.basename(corpus.rstrip('/'))}-half-{i}")
         if not os.path.isdir(half):
             os.makedirs(half + ".tmp", exist_ok=True)
             for path in M._shards(corpus)[i::2]:
