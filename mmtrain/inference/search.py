@@ -112,8 +112,8 @@ def search_corpus(out: str, item: dict, *, target: str | None = None, k: int = 5
     Every problem with what was given is a one-line UserError."""
     from .loaded import load_model
 
-    if k < 1:
-        raise UserError(f"-k must be at least 1, not {k}")
+    if not 1 <= k <= MAX_K:
+        raise UserError(f"-k must be at least 1 and at most {MAX_K}, not {k}")
     index = open_index(out, storage_options)
     loaded = load_model(model or model_of_index(out, storage_options), storage_options=storage_options)
     if loaded.embed_dim != index.dim:
@@ -145,7 +145,14 @@ def format_results(results: list[dict], width: int = 110) -> str:
         return "no rows have that modality"
     lines = [f"{'#':>3}  {'score':>6}  {'key':<16} {'source':<32} caption"]
     for i, r in enumerate(results, 1):
-        source = r["source"] if len(r["source"]) <= 32 else "…" + r["source"][-31:]
-        line = f"{i:>3}  {r['score']:6.3f}  {r['key']:<16} {source:<32} {r['caption'] or '-'}"
+        source = _printable(r["source"])
+        source = source if len(source) <= 32 else "…" + source[-31:]
+        line = f"{i:>3}  {r['score']:6.3f}  {_printable(r['key']):<16} {source:<32} {_printable(r['caption'] or '-')}"
         lines.append(line if len(line) <= width else line[:width - 1] + "…")
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """Keys and captions come from shards: a control character (a newline, a terminal escape)
+    is shown as U+FFFD instead of acting on the user's terminal. (--json escapes them.)"""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)

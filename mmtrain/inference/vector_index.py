@@ -56,10 +56,12 @@ def ensure_index(out: str, storage_options: dict | None = None, *, min_rows: int
         name = existing.get((col,))
         if name is not None:
             stats = table.index_stats(name)
-            if stats.num_unindexed_rows <= STALE_FRACTION * stats.num_indexed_rows:
-                # Lance scans the few unindexed rows exactly and merges them into every answer
+            # vectors, not rows: null vectors are never indexed, and rows appended by a re-run of
+            # `embed` are not until a rebuild (Lance scans them exactly and merges them in)
+            unindexed = max(0, vectors - stats.num_indexed_rows)
+            if unindexed <= STALE_FRACTION * vectors:
                 report[col] = {"vectors": vectors, "index": str(stats.index_type), "built": False,
-                               "unindexed": stats.num_unindexed_rows, "name": name}
+                               "unindexed": unindexed, "name": name}
                 continue
         plan = index_plan(vectors, dim)
         table.create_index(col, config=IvfPq(distance_type="cosine", **plan), replace=True)
