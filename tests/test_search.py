@@ -67,11 +67,12 @@ def embedding_table(items, keys, sources, loaded) -> pa.Table:
 
 
 def write_out(out: Path, table: pa.Table, model: str) -> Path:
-    """An `embed` output folder: OUT/embeddings.lance and OUT/embed.json naming the model."""
-    import lancedb
+    """An `embed` output folder: OUT/embeddings.lance (written by pylance, as Ray Data's Lance
+    writer does) and OUT/embed.json naming the model."""
+    import lance
 
     out.mkdir(parents=True)
-    lancedb.connect(str(out)).create_table("embeddings", data=table, schema=table.schema)
+    lance.write_dataset(table, str(out / "embeddings.lance"))
     (out / "embed.json").write_text(json.dumps({"model": model}))
     return out
 
@@ -102,21 +103,31 @@ def subject_names() -> list[str]:
     return names(SUBJECTS)
 
 
+def subject_queries() -> list[str]:
+    """A query naming each subject, phrased as people search (and as classify's default
+    template): the model learned from captions, and a bare "a red circle" is not one (on the
+    demo model bare names find their subject for 10 of 16 subjects, these for 16 of 16)."""
+    return [f"a photo of {name}" for name in subject_names()]
+
+
 def test_a_text_query_naming_a_subject_finds_its_images(built):
     from mmtrain.inference.search import open_index, query_vector
 
     out, loaded, table, _ = built
     index = open_index(str(out))
     assert (index.count, index.dim) == (TABLE_SAMPLES, loaded.embed_dim)
-    hits = []
-    for s, name in enumerate(subject_names()):
-        vector, modality = query_vector(loaded, {"text": name})
+    hits, first = [], []
+    for s, query in enumerate(subject_queries()):
+        vector, modality = query_vector(loaded, {"text": query})
         assert modality == "text" and vector.shape == (index.dim,)
         found = index.search(vector, "image", 5)
         assert len(found) == 5 and [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
         hits.append(sum(subject_of(r["key"]) == s for r in found))
-    # at least 80% of subjects have a majority of their own images in the top 5
+        first.append(subject_of(found[0]["key"]) == s)
+    # the issue asks for the subject's images in the top 5 for >= 80% of subjects; asked here:
+    # a majority of the top 5, and the best hit, for >= 80% of subjects (the demo model: all 16)
     assert sum(h >= 3 for h in hits) >= 0.8 * SUBJECTS, hits
+    assert sum(first) >= 0.8 * SUBJECTS, first
 
 
 def test_scores_are_the_cosine_similarities_and_null_vectors_are_never_returned(built):
@@ -126,7 +137,7 @@ def test_scores_are_the_cosine_similarities_and_null_vectors_are_never_returned(
     vectors = {r["id"]: r["image_vector"] for r in table.to_pylist()}
     without_image = {i for i, v in vectors.items() if v is None}
     index = open_index(str(out))
-    q, _ = query_vector(loaded, {"text": subject_names()[0]})
+    q, _ = query_vector(loaded, {"text": subject_queries()[0]})
     everything = index.search(q, "image", TABLE_SAMPLES)
     assert len(everything) == TABLE_SAMPLES - len(without_image)
     assert not {r["id"] for r in everything} & without_image
@@ -187,7 +198,7 @@ def test_ann_index_is_built_when_large_and_finds_what_exact_search_finds(built, 
     assert all(not c["built"] and c["index"] is None and "exact" in c["why"] for c in small.values()), small
     assert open_index(str(out)).indexed == set()
 
-    big = write_out(tmp_path / "big", padded(table, 3000), str(out))
+    big = write_out(tmp_path / "big", padded(table, 3000), json.loads((out / "embed.json").read_text())["model"])
     report = ensure_index(str(big), min_rows=2000)
     assert {c: (r["built"], r["index"]) for c, r in report.items()} == \
         {c: (True, "IVF_PQ") for c in ("image_vector", "text_vector", "audio_vector")}, report
@@ -197,7 +208,7 @@ def test_ann_index_is_built_when_large_and_finds_what_exact_search_finds(built, 
 
     index = open_index(str(big))
     assert index.indexed == {"image_vector", "text_vector", "audio_vector"} and index.count == 3000
-    queries = [({"text": name}, "image") for name in subject_names()]
+    queries = [({"text": query}, "image") for query in subject_queries()]
     queries += [({"image": q["image"]}, "text") for q in by_subject.values() if "image" in q]
     queries += [({"audio": q["audio"]}, "image") for q in by_subject.values() if "audio" in q]
     for item, target in queries:
@@ -214,9 +225,13 @@ def run_cli(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_cli_json_and_table(built):
+def test_cli_json_and_table(built, capsys):
+    import ray_job
+
     out, _, _, _ = built
-    r = run_cli("--index", out, "--text", subject_names()[3], "-k", 4, "--json")
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "search", "--index", str(out),
+                        "--text", subject_queries()[3], "-k", "4", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     found = json.loads(r.stdout)
     assert isinstance(found, list) and len(found) == 4
@@ -224,15 +239,13 @@ def test_cli_json_and_table(built):
         assert {"key", "source", "score", "caption", "id"} <= set(row)
         assert isinstance(row["score"], float) and -1.0001 <= row["score"] <= 1.0001
         assert row["source"].endswith(".tar") and row["id"] == f"{row['source']}#{row['key']}"
-    assert sum(subject_of(row["key"]) == 3 for row in found) >= 2, found
+    assert sum(subject_of(row["key"]) == 3 for row in found) >= 3, found
 
-    import ray_job
-
-    r = run_cli("--index", out, "--text", subject_names()[3], "--target", "text")
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["#", "score", "key"] and len(lines) == 6  # header + the default k = 5
-    assert ray_job.build_parser().parse_args(["search", "--index", "x", "--audio", "a.wav"]).k == 5
+    # the readable table, default k = 5, and the default target for a text query (image)
+    assert ray_job.main(["search", "--index", str(out), "--text", subject_queries()[3]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["#", "score", "key"] and len(lines) == 6, lines
+    assert [line.split()[2] for line in lines[1:5]] == [row["key"] for row in found]
 
 
 def narrow_table(table: pa.Table, dim: int) -> pa.Table:
@@ -256,7 +269,7 @@ def test_bad_input_is_one_line_and_exit_2(built, tmp_path, capsys):
     narrow = write_out(tmp_path / "narrow", narrow_table(table, 8), model)
     unnamed = write_out(tmp_path / "unnamed", table.slice(0, 4), model)
     (unnamed / "embed.json").unlink()
-    text = ["--text", "a red circle"]
+    text = ["--text", "a photo of a red circle"]
     cases = [
         ("no embedding table", ["--index", tmp_path / "nowhere", *text]),
         ("image_decode_error", ["--index", out, "--image", not_an_image]),
