@@ -286,3 +286,24 @@ def test_bad_input_is_one_line_and_exit_2(built, tmp_path, capsys):
         assert "\n" not in err and err.startswith("error: ") and "Traceback" not in err, err
         assert expected.lower() in err.lower(), (expected, err)
     assert not (tmp_path / "nowhere").exists()  # nothing is created where the index was not
+
+
+def test_search_on_object_storage(built, s3_server, s3_bucket):
+    """OUT in a bucket (S3 on loopback), reached with the fsspec `--storage-options` every other
+    command takes: the same answers as on local disk."""
+    import lance
+
+    from mmtrain.inference.lance_store import lance_storage_options
+    from mmtrain.inference.search import open_index, search_corpus
+    from mmtrain.inference.vector_index import ensure_index
+
+    out, _, table, _ = built
+    bucket, fs = s3_bucket
+    opts = s3_server["storage_options"]
+    remote = f"s3://{bucket}/vectors"
+    lance.write_dataset(table, f"{remote}/embeddings.lance", storage_options=lance_storage_options(opts))
+    fs.pipe(f"{bucket}/vectors/embed.json", (out / "embed.json").read_bytes())
+    assert open_index(remote, opts).count == TABLE_SAMPLES
+    query = {"text": subject_queries()[5]}
+    assert search_corpus(remote, query, storage_options=opts) == search_corpus(str(out), query)
+    assert all(r["index"] is None for r in ensure_index(remote, opts).values())
