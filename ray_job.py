@@ -181,6 +181,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from mmtrain.inference.search import format_results, read_query_file, search_corpus
+
+    if args.text is not None:
+        item = {"text": args.text}
+    else:
+        path, modality = (args.image, "image") if args.image is not None else (args.audio, "audio")
+        item = {modality: read_query_file(path, modality)}
+    results = search_corpus(args.index, item, target=args.target, k=args.k, model=args.model,
+                            storage_options=_storage_options(args))
+    print(json.dumps(results, indent=1) if args.json else format_results(results))
+    return 0
+
+
 # --- cluster jobs (Ray Jobs API; the logic is in clusters/jobs.py; its errors are UserErrors) ---
 
 def cmd_submit(args) -> int:
@@ -230,7 +244,7 @@ def cmd_list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_commands in (_data_commands, _train_command, _run_commands, _job_commands):
+    for add_commands in (_data_commands, _train_command, _run_commands, _use_commands, _job_commands):
         add_commands(sub)
     return p
 
@@ -345,6 +359,22 @@ def _run_commands(sub) -> None:
     sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
     sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
     sp.set_defaults(fn=cmd_demo)
+
+
+def _use_commands(sub) -> None:
+    sp = sub.add_parser("search", help="cross-modal nearest neighbours in an `embed` output")
+    sp.add_argument("--index", required=True, metavar="OUT", help="the output folder (or URL) of `embed`")
+    query = sp.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query")
+    query.add_argument("--image", metavar="FILE", help="an image query (JPEG, PNG, WebP)")
+    query.add_argument("--audio", metavar="FILE", help="an audio query (WAV, FLAC, OGG, MP3)")
+    sp.add_argument("--target", choices=("image", "text", "audio"),
+                    help="the modality to find (default: image for a text query, text otherwise)")
+    sp.add_argument("-k", type=int, default=5, help="results (default 5)")
+    sp.add_argument("--json", action="store_true", help="a JSON list of {key, source, caption, score, id}")
+    sp.add_argument("--model", help="embed the query with this model (default: the one OUT/embed.json names)")
+    sp.add_argument("--storage-options", metavar="JSON", help="fsspec options for OUT and the model's storage")
+    sp.set_defaults(fn=cmd_search)
 
 
 def _job_address(sp) -> None:
