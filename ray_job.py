@@ -14,6 +14,7 @@ import sys
 import typing
 
 from mmtrain import credentials
+from mmtrain.inference.commands import add_caption_command
 from pipelines.errors import UserError
 
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in (_data_commands, _train_command, _run_commands, _use_commands, _job_commands):
         add_commands(sub)
+    add_caption_command(sub, _common, _storage_options, _set_address)
     return p
 
 

@@ -7,7 +7,8 @@
 
 Files: config.py (ModelConfig, PRESETS), layers.py (transformer blocks), encoders.py (image,
 text, audio), losses.py (InfoNCE, captioning CE, cross-rank gather), multimodal.py (fusion,
-decoder, the model), registry.py, flops.py (parameter and FLOPs counts for MFU).
+decoder, the model), generation.py (beam search over the caption decoder), registry.py,
+flops.py (parameter and FLOPs counts for MFU).
 """
 from .config import PAD_ID, PRESETS, ModelConfig
 from .flops import count_parameters, flops_per_sample, token_counts

@@ -201,6 +201,16 @@ class MultimodalModel(nn.Module):
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
+    def caption_context(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """What the caption decoder cross-attends to: the fused image+audio tokens [B, S, width],
+        their key mask [B, S], and which rows have an image or audio at all [B] bool (the others
+        see only the fusion's null token). Runs no text encoder."""
+        enc = self._encode(batch, run=("image", "audio"))
+        B = enc.present["image"].shape[0]
+        fused, fused_mask = self.fusion(enc.tokens, B)
+        return fused, fused_mask, enc.present["image"] | enc.present["audio"]
+
+    @torch.no_grad()
     def generate_caption(
         self,
         batch: dict[str, Tensor],
