@@ -62,7 +62,7 @@ class CaptionEvalActor:
 
 def caption_pass(model_path: str, shards: list[str], data_cfg, *, preprocessed: bool, workers: int,
                  batch_size: int, gpus_per_worker: float = 0, max_len: int | None = None,
-                 storage_options: dict | None = None) -> dict:
+                 storage_options: dict | None = None, bar=None) -> dict:
     """{"loss": token-mean caption cross-entropy or None, "generated": [...], "references": [...]}
     over the samples of `shards` that have a caption and something to caption it from
     (generated and references aligned, in the order the rows arrive)."""
@@ -77,6 +77,8 @@ def caption_pass(model_path: str, shards: list[str], data_cfg, *, preprocessed: 
     ce, tokens, generated, references = 0.0, 0, [], []
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         ce, tokens = ce + float(b["ce"].sum()), tokens + int(b["tokens"].sum())
+        if bar is not None:
+            bar.update(len(b["key"]))
         for g, r, t in zip(b["generated"], b["reference"], b["tokens"]):
             if t > 0:
                 generated.append(str(g))

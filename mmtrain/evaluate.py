@@ -29,13 +29,15 @@ MAX_LABELS, MAX_LABEL_CHARS = 10_000, 200
 def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_size: int = 64,
              workers: int = 2, gpus_per_worker: float = 0, labels: list[str] | None = None,
              template: str = "a photo of {}", caption_max_len: int | None = None,
-             storage_options: dict | None = None) -> dict:
+             storage_options: dict | None = None, progress: bool = True) -> dict:
     """A flat dict: `image_to_text/recall@1`, ... for every direction with both modalities
     present in at least 2 samples; `zero_shot/image_accuracy` (and audio) over the samples
     whose caption names one of `labels` (default: the corpus's subject names, when the data
     carries them); `caption_loss`, `caption/bleu4`; the sample counts and the checkpoint.
     `run_dir` is a run directory (its newest complete checkpoint) or an exported
-    `.safetensors`; `storage_options` reach the data and the model."""
+    `.safetensors`; `storage_options` reach the data and the model. `progress`: a bar per
+    pass on stderr (Ray Data's own bars are off: `pipelines.runtime`)."""
+    from pipelines.dataset import shard_counts
     from pipelines.runtime import init_ray
 
     from .eval_captions import caption_pass
@@ -51,15 +53,18 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
     init_ray(num_cpus=max(os.cpu_count() or 1, workers + 2))
     run = dict(preprocessed=preprocessed, workers=workers, batch_size=batch_size, gpus_per_worker=gpus_per_worker,
                storage_options=storage_options)
-    rows = gather_vectors(embedded_rows(run_dir, shards, loaded.data_cfg, **run), loaded.embed_dim)
+    counts = shard_counts(shards, storage_options) if preprocessed else None
+    total = sum(counts.values()) if counts else None
+    with _bar(progress, total, "evaluate: embed") as bar:
+        rows = gather_vectors(embedded_rows(run_dir, shards, loaded.data_cfg, **run), loaded.embed_dim, bar)
     if rows["n"] == 0:
         raise UserError(f"no samples to evaluate in {', '.join(data)}")
     result: dict = {"samples": rows["n"], "checkpoint": checkpoint_name(loaded.origin),
                     **retrieval_recalls(rows["emb"], rows["present"])}
-    truth = [named_label(c, labels) if c is not None else None for c in rows["caption"]] if labels else []
     if labels:
-        result.update(_zero_shot(loaded, rows, labels, template, truth))
-    captions = caption_pass(run_dir, shards, loaded.data_cfg, max_len=caption_max_len, **run)
+        result.update(_zero_shot(loaded, rows, labels, template))
+    with _bar(progress, rows["n"], "evaluate: captions") as bar:
+        captions = caption_pass(run_dir, shards, loaded.data_cfg, max_len=caption_max_len, bar=bar, **run)
     if captions["loss"] is not None:
         result["caption_loss"] = round(captions["loss"], 4)
         result["caption/bleu4"] = round(corpus_bleu(captions["generated"], captions["references"]), 4)
@@ -97,7 +102,13 @@ def _check_settings(workers: int, batch_size: int, template: str, caption_max_le
         raise UserError(f"--template must hold one {{}} for the label, e.g. 'a photo of {{}}'; got {template!r}")
 
 
-def gather_vectors(ds, dim: int) -> dict:
+def _bar(enabled: bool, total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", desc=desc, dynamic_ncols=True, disable=not enabled)
+
+
+def gather_vectors(ds, dim: int, bar=None) -> dict:
     """The rows of an `embedded_rows` dataset on the driver: {"n", "caption": [str | None],
     "emb": {m: float32 [n, dim], zeros where absent}, "present": {m: bool [n]}}."""
     from .inference.schema import VECTOR_COLUMNS
@@ -107,6 +118,8 @@ def gather_vectors(ds, dim: int) -> dict:
     present: dict[str, list] = {m: [] for m in MODALITIES}
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         captions += table.column("caption").to_pylist()
+        if bar is not None:
+            bar.update(table.num_rows)
         for m in MODALITIES:
             col = table.column(VECTOR_COLUMNS[m]).combine_chunks()
             valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
@@ -121,11 +134,12 @@ def gather_vectors(ds, dim: int) -> dict:
             "present": {m: np.concatenate(v) if v else np.zeros(0, bool) for m, v in present.items()}}
 
 
-def _zero_shot(loaded, rows: dict, labels: list[str], template: str, truth: list) -> dict:
+def _zero_shot(loaded, rows: dict, labels: list[str], template: str) -> dict:
     """Zero-shot accuracy of the image and the audio embeddings against the label prompts,
     over the samples that have the modality and whose caption names exactly one label."""
     from .inference.classify import label_embeddings, zero_shot
 
+    truth = [named_label(c, labels) if c is not None else None for c in rows["caption"]]
     label_emb = label_embeddings(loaded, labels, template)
     result: dict = {"zero_shot/labels": len(labels)}
     for m in ("image", "audio"):
