@@ -66,13 +66,15 @@ def caption_pass(model_path: str, shards: list[str], data_cfg, *, preprocessed: 
     """{"loss": token-mean caption cross-entropy or None, "generated": [...], "references": [...]}
     over the samples of `shards` that have a caption and something to caption it from
     (generated and references aligned, in the order the rows arrive)."""
+    from ray.data import ActorPoolStrategy
+
     from pipelines.ingest import build_dataset
 
     ds = build_dataset(shards, data_cfg, seed=0, preprocessed=preprocessed, storage_options=storage_options)
     ds = ds.map_batches(CaptionEvalActor, fn_constructor_kwargs={"model_path": model_path,
                                                                  "storage_options": storage_options,
                                                                  "max_len": max_len},
-                        batch_size=batch_size, batch_format="numpy", concurrency=workers,
+                        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
                         num_cpus=1, num_gpus=gpus_per_worker or None)
     ce, tokens, generated, references = 0.0, 0, [], []
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
