@@ -148,10 +148,12 @@ def _audit_lines(report: dict) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from mmtrain.evaluate import evaluate
+    from mmtrain.evaluate import evaluate, parse_labels
 
     _set_address(args)
     result = evaluate(args.run_dir, args.data, output=args.output, batch_size=args.batch_size,
+                      workers=args.workers, gpus_per_worker=args.gpus_per_worker, labels=parse_labels(args.labels),
+                      template=args.template, caption_max_len=args.caption_max_len,
                       storage_options=_storage_options(args))
     print(json.dumps(result, indent=1, sort_keys=True))
     return 0
@@ -335,11 +337,20 @@ def _run_commands(sub) -> None:
     _common(sp)
     sp.set_defaults(fn=cmd_audit)
 
-    sp = sub.add_parser("evaluate", help="retrieval recall@k and caption loss of a run's latest checkpoint")
-    sp.add_argument("--run-dir", required=True, help="the run whose latest checkpoint is evaluated")
-    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="preprocessed held-out data")
+    sp = sub.add_parser("evaluate", help="retrieval recall@k, zero-shot accuracy, caption loss and BLEU-4 "
+                                         "of a run's latest checkpoint (or an exported model)")
+    sp.add_argument("--run-dir", "--model", dest="run_dir", required=True,
+                    help="the run whose latest checkpoint is evaluated, or an exported model.safetensors")
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="held-out data (raw or preprocessed)")
     sp.add_argument("--output", help="write the results JSON here")
     sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
+    sp.add_argument("--workers", type=int, default=2, help="model actors embedding and captioning (default 2)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per model actor (default 0: CPU)")
+    sp.add_argument("--labels", help="zero-shot labels L1,L2,... that captions name (default: the corpus's "
+                                     "subject names from its _corpus.json, when the data has one)")
+    sp.add_argument("--template", default="a photo of {}", help="the zero-shot prompt (default 'a photo of {}')")
+    sp.add_argument("--caption-max-len", type=int, default=None,
+                    help="tokens per generated caption (default: the model's max_text_len)")
     _common(sp)
     sp.set_defaults(fn=cmd_evaluate)
 
