@@ -181,6 +181,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from mmtrain.inference.serve import ServeConfig, serve_forever
+
+    _set_address(args)
+    cfg = ServeConfig(model=args.model, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
+                      gpus_per_replica=args.gpus_per_replica)
+    serve_forever(cfg, say=lambda line: print(line, flush=True), warn=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 # --- cluster jobs (Ray Jobs API; the logic is in clusters/jobs.py; its errors are UserErrors) ---
 
 def cmd_submit(args) -> int:
@@ -230,7 +240,7 @@ def cmd_list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_commands in (_data_commands, _train_command, _run_commands, _job_commands):
+    for add_commands in (_data_commands, _train_command, _run_commands, _use_commands, _job_commands):
         add_commands(sub)
     return p
 
@@ -345,6 +355,18 @@ def _run_commands(sub) -> None:
     sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
     sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
     sp.set_defaults(fn=cmd_demo)
+
+
+def _use_commands(sub) -> None:
+    sp = sub.add_parser("serve", help="the model over HTTP (Ray Serve): /embed /search /classify /caption /healthz")
+    sp.add_argument("--model", required=True, help="a run directory or an exported .safetensors")
+    sp.add_argument("--index", metavar="OUT", help="an `embed` output for /search")
+    sp.add_argument("--host", default="127.0.0.1", help="listen here (default 127.0.0.1; there is no authentication)")
+    sp.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    sp.add_argument("--replicas", type=int, default=1, help="copies of the model answering requests (default 1)")
+    sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="(default 0: CPU)")
+    _common(sp, storage=False)
+    sp.set_defaults(fn=cmd_serve)
 
 
 def _job_address(sp) -> None:
