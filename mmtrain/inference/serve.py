@@ -11,20 +11,21 @@ An unexpected exception is a 500 with its traceback in the replica's log; the re
 on. There is no authentication: the default host is loopback, and `serve_forever` warns
 when asked to listen anywhere else.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at
+# run time, from signatures Serve rewrites
 import asyncio
 import ipaddress
 import logging
 import signal
 import socket
-import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -75,6 +76,12 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = {404: f"no such endpoint: {where}", 405: f"method not allowed: {where}"}.get(exc.status_code,
                                                                                          f"{exc.detail}: {where}")
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # our routes take the raw request, so this means a route's signature is wrong: still one line
+    return error_response(400, f"bad request to {request.url.path}: {exc.errors()[:1]}")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -131,6 +138,7 @@ class ModelServer:
             check_declared_length(request.headers.get("content-length"), self.cfg.max_body_bytes)
             body = await read_capped(request.stream(), self.cfg.max_body_bytes)
             result = await asyncio.get_running_loop().run_in_executor(self.worker, self._run, body, endpoint, work)
+            return JSONResponse(result)  # in the try: a NaN from a broken model is a ValueError here
         except RequestError as e:
             return error_response(e.status, str(e))
         except BadInput as e:
@@ -140,7 +148,6 @@ class ModelServer:
         except Exception:  # a bug: its traceback to the replica's log, one line to the client
             log.exception("/%s failed", endpoint)
             return error_response(500, f"internal error in /{endpoint} (the traceback is in the replica's log)")
-        return JSONResponse(result)
 
     def _run(self, body: bytes, endpoint: str, work: Callable[[ParsedRequest], object]):
         # on the worker thread: parsing a large body does not hold up the event loop either
@@ -260,19 +267,28 @@ def serve_forever(cfg: ServeConfig, say: Callable[[str], None] = print,
     if is_embedded():
         _check_port_free(cfg.host, cfg.port)
     start_proxy(cfg)
+    # SIGTERM (a `kill`, a service manager) stops the server the way Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         url = run_app(cfg)
         say(f"serving {origin}{rows} at {url} (POST /embed /search /classify /caption, GET /healthz); "
             f"Ctrl-C stops")
-        _wait_for_stop()
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:  # on an error too: no app is left behind on a cluster
+    finally:  # on an error too: no app of ours is left behind on a cluster
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `kill` does not cut the shutdown short
         if is_embedded():
             serve.shutdown()
         else:
             serve.delete(APP_NAME)
+        signal.signal(signal.SIGTERM, previous)
     say("stopped")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -282,14 +298,3 @@ def _check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port or --host") from None
-
-
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C (KeyboardInterrupt) or SIGTERM (a `kill`, a service manager)."""
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(3600):
-            pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
