@@ -257,12 +257,16 @@ def serve_forever(cfg: ServeConfig, say: Callable[[str], None] = print,
 
     if (line := exposure_warning(cfg.host)) is not None:
         warn(line)
-    origin = load_model(cfg.model).origin
+    loaded = load_model(cfg.model)
     rows = ""
     if cfg.index:
         from .search import open_index
 
-        rows = f", index {cfg.index} ({open_index(cfg.index).count:,} rows)"
+        index = open_index(cfg.index)
+        if index.dim != loaded.embed_dim:
+            raise UserError(f"--index {cfg.index} holds {index.dim}-dimensional vectors but --model {cfg.model} "
+                            f"makes {loaded.embed_dim}: embed the corpus with this model first")
+        rows = f", index {cfg.index} ({index.count:,} rows)"
     init_ray(dashboard=False, ray_data=False)
     if is_embedded():
         _check_port_free(cfg.host, cfg.port)
@@ -271,7 +275,7 @@ def serve_forever(cfg: ServeConfig, say: Callable[[str], None] = print,
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         url = run_app(cfg)
-        say(f"serving {origin}{rows} at {url} (POST /embed /search /classify /caption, GET /healthz); "
+        say(f"serving {loaded.origin}{rows} at {url} (POST /embed /search /classify /caption, GET /healthz); "
             f"Ctrl-C stops")
         while True:
             time.sleep(3600)
