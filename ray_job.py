@@ -195,6 +195,13 @@ def cmd_search(args) -> int:
     results = search_corpus(args.index, item, target=args.target, k=args.k, model=args.model,
                             storage_options=_storage_options(args))
     print(json.dumps(results, indent=1) if args.json else format_results(results))
+def cmd_serve(args) -> int:
+    from mmtrain.inference.serve import ServeConfig, serve_forever
+
+    _set_address(args)
+    cfg = ServeConfig(model=args.model, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
+                      gpus_per_replica=args.gpus_per_replica)
+    serve_forever(cfg, say=lambda line: print(line, flush=True), warn=lambda line: print(line, file=sys.stderr))
     return 0
 
 
@@ -388,6 +395,15 @@ def _use_commands(sub) -> None:
     sp.add_argument("--model", help="embed the query with this model (default: the one OUT/embed.json names)")
     sp.add_argument("--storage-options", metavar="JSON", help="fsspec options for OUT and the model's storage")
     sp.set_defaults(fn=cmd_search)
+    sp = sub.add_parser("serve", help="the model over HTTP (Ray Serve): /embed /search /classify /caption /healthz")
+    sp.add_argument("--model", required=True, help="a run directory or an exported .safetensors")
+    sp.add_argument("--index", metavar="OUT", help="an `embed` output for /search")
+    sp.add_argument("--host", default="127.0.0.1", help="listen here (default 127.0.0.1; there is no authentication)")
+    sp.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    sp.add_argument("--replicas", type=int, default=1, help="copies of the model answering requests (default 1)")
+    sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="(default 0: CPU)")
+    _common(sp, storage=False)
+    sp.set_defaults(fn=cmd_serve)
 
 
 def _job_address(sp) -> None:
