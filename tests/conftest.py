@@ -144,8 +144,12 @@ def demo_workdir(ray_cluster, tmp_path_factory):
     embedded Ray of its own): a trained run (run/), its export (model.safetensors), the raw and
     preprocessed corpora (raw/, clean/) and the held-out 16-way shards (heldout_raw/, heldout/).
     Yields (workdir, the completed process). MMTRAIN_TEST_DEMO_DIR names a folder to keep it in
-    between sessions: a finished demo re-run there only redoes its quick last steps."""
-    work = Path(os.environ.get("MMTRAIN_TEST_DEMO_DIR") or tmp_path_factory.mktemp("demo") / "demo")
+    between sessions (a developer's shortcut): a finished demo there is used as it is, without
+    running anything, and the process is None."""
+    kept = os.environ.get("MMTRAIN_TEST_DEMO_DIR")
+    if kept and (Path(kept) / "summary.json").exists():
+        return Path(kept), None
+    work = Path(kept or tmp_path_factory.mktemp("demo") / "demo")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "demo", "--workdir", str(work)],
                        capture_output=True, text=True, cwd=ROOT, timeout=1500, env=env)

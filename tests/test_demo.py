@@ -6,7 +6,7 @@ import json
 
 def test_demo_learns(demo_workdir):
     work, r = demo_workdir
-    assert "== summary" in r.stdout
+    assert r is None or "== summary" in r.stdout  # None: a kept demo (MMTRAIN_TEST_DEMO_DIR)
     summary = json.load(open(work / "summary.json"))
     assert summary["train"]["loss_drop"] > 0.3
     assert summary["evaluate"]["samples"] == 16
