@@ -61,7 +61,7 @@ def _from_run(run_dir: str, device: torch.device, storage_options: dict | None) 
 
 
 def _from_exported(path: str, device: torch.device) -> LoadedModel:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
@@ -70,7 +70,7 @@ def _from_exported(path: str, device: torch.device) -> LoadedModel:
         model_cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
         data_cfg = DataConfig.from_dict(json.loads(meta.get("data_config") or "{}"))
         tokenizer = tokenizer_from_dict(json.loads(meta.get("tokenizer") or "{}"), meta.get("tokenizer_bpe"))
-    except (KeyError, ValueError, OSError) as e:  # not one of our exports
+    except (KeyError, ValueError, OSError, SafetensorError) as e:  # not one of our exports, or not safetensors
         raise UserError(f"--model {path}: not a model exported by `ray_job.py export` ({type(e).__name__}: {e})")
     model = build_model(model_cfg)
     model.load_state_dict(load_file(path, device="cpu"), strict=True)
