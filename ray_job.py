@@ -202,6 +202,15 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(model=args.model, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
                       gpus_per_replica=args.gpus_per_replica)
     serve_forever(cfg, say=lambda line: print(line, flush=True), warn=lambda line: print(line, file=sys.stderr))
+def cmd_classify(args) -> int:
+    from mmtrain.inference.classify import classify, format_summary
+
+    _set_address(args)
+    labels = [label.strip() for label in args.labels.split(",")]
+    result = classify(args.model, args.data, labels, args.template, output=args.output, workers=args.workers,
+                      batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+                      storage_options=_storage_options(args))
+    print(format_summary(result))
     return 0
 
 
@@ -254,7 +263,8 @@ def cmd_list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_commands in (_data_commands, _train_command, _run_commands, _use_commands, _job_commands):
+    for add_commands in (_data_commands, _train_command, _run_commands, _use_commands, _classify_command,
+                         _job_commands):
         add_commands(sub)
     add_caption_command(sub, _common, _storage_options, _set_address)
     return p
@@ -404,6 +414,18 @@ def _use_commands(sub) -> None:
     sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="(default 0: CPU)")
     _common(sp, storage=False)
     sp.set_defaults(fn=cmd_serve)
+def _classify_command(sub) -> None:
+    sp = sub.add_parser("classify", help="zero-shot classification of every sample into one of --labels")
+    sp.add_argument("--model", required=True, help="a run directory (its latest checkpoint) or an exported .safetensors")
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="raw or preprocessed shards")
+    sp.add_argument("--labels", required=True, metavar="L1,L2,...", help="the classes, comma-separated (2 or more)")
+    sp.add_argument("--template", default="a photo of {}", help="the prompt, {} the label (default 'a photo of {}')")
+    sp.add_argument("--output", required=True, metavar="FILE.jsonl", help="one JSON line per sample")
+    sp.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
+    sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0, metavar="G", help="GPUs per actor (default 0)")
+    _common(sp)
+    sp.set_defaults(fn=cmd_classify)
 
 
 def _job_address(sp) -> None:
