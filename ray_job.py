@@ -14,7 +14,7 @@ import sys
 import typing
 
 from mmtrain import credentials
-from mmtrain.inference.commands import add_caption_command
+from mmtrain.inference.commands import CommandHelpers, add_use_commands
 from pipelines.errors import UserError
 
 
@@ -147,18 +147,6 @@ def _audit_lines(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_evaluate(args) -> int:
-    from mmtrain.evaluate import evaluate, parse_labels
-
-    _set_address(args)
-    result = evaluate(args.run_dir, args.data, output=args.output, batch_size=args.batch_size,
-                      workers=args.workers, gpus_per_worker=args.gpus_per_worker, labels=parse_labels(args.labels),
-                      template=args.template, caption_max_len=args.caption_max_len,
-                      storage_options=_storage_options(args))
-    print(json.dumps(result, indent=1, sort_keys=True))
-    return 0
-
-
 def cmd_export(args) -> int:
     from mmtrain.export import export
 
@@ -181,36 +169,6 @@ def cmd_demo(args) -> int:
 
     _set_address(args)
     run_demo(args.workdir, samples=args.samples, quick=args.quick)
-    return 0
-
-
-def cmd_search(args) -> int:
-    from mmtrain.inference.search import format_results, read_query_file, search_corpus
-
-    if args.text is not None:
-        item = {"text": args.text}
-    else:
-        path, modality = (args.image, "image") if args.image is not None else (args.audio, "audio")
-        item = {modality: read_query_file(path, modality)}
-    results = search_corpus(args.index, item, target=args.target, k=args.k, model=args.model,
-                            storage_options=_storage_options(args))
-    print(json.dumps(results, indent=1) if args.json else format_results(results))
-def cmd_serve(args) -> int:
-    from mmtrain.inference.serve import ServeConfig, serve_forever
-
-    _set_address(args)
-    cfg = ServeConfig(model=args.model, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
-                      gpus_per_replica=args.gpus_per_replica)
-    serve_forever(cfg, say=lambda line: print(line, flush=True), warn=lambda line: print(line, file=sys.stderr))
-def cmd_classify(args) -> int:
-    from mmtrain.inference.classify import classify, format_summary
-
-    _set_address(args)
-    labels = [label.strip() for label in args.labels.split(",")]
-    result = classify(args.model, args.data, labels, args.template, output=args.output, workers=args.workers,
-                      batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
-                      storage_options=_storage_options(args))
-    print(format_summary(result))
     return 0
 
 
@@ -263,10 +221,10 @@ def cmd_list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_commands in (_data_commands, _train_command, _run_commands, _use_commands, _classify_command,
-                         _job_commands):
+    for add_commands in (_data_commands, _train_command, _run_commands):
         add_commands(sub)
-    add_caption_command(sub, _common, _storage_options, _set_address)
+    add_use_commands(sub, CommandHelpers(_common, _storage_options, _set_address))
+    _job_commands(sub)
     return p
 
 
@@ -354,23 +312,6 @@ def _run_commands(sub) -> None:
     _common(sp)
     sp.set_defaults(fn=cmd_audit)
 
-    sp = sub.add_parser("evaluate", help="retrieval recall@k, zero-shot accuracy, caption loss and BLEU-4 "
-                                         "of a run's latest checkpoint (or an exported model)")
-    sp.add_argument("--run-dir", "--model", dest="run_dir", required=True,
-                    help="the run whose latest checkpoint is evaluated, or an exported model.safetensors")
-    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="held-out data (raw or preprocessed)")
-    sp.add_argument("--output", help="write the results JSON here")
-    sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
-    sp.add_argument("--workers", type=int, default=2, help="model actors embedding and captioning (default 2)")
-    sp.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per model actor (default 0: CPU)")
-    sp.add_argument("--labels", help="zero-shot labels L1,L2,... that captions name (default: the corpus's "
-                                     "subject names from its _corpus.json, when the data has one)")
-    sp.add_argument("--template", default="a photo of {}", help="the zero-shot prompt (default 'a photo of {}')")
-    sp.add_argument("--caption-max-len", type=int, default=None,
-                    help="tokens per generated caption (default: the model's max_text_len)")
-    _common(sp)
-    sp.set_defaults(fn=cmd_evaluate)
-
     sp = sub.add_parser("export", help="consolidate the latest checkpoint into one safetensors file")
     sp.add_argument("--run-dir", required=True, help="the run to export")
     sp.add_argument("--output", required=True, help="the safetensors file to write")
@@ -389,43 +330,6 @@ def _run_commands(sub) -> None:
     sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
     sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
     sp.set_defaults(fn=cmd_demo)
-
-
-def _use_commands(sub) -> None:
-    sp = sub.add_parser("search", help="cross-modal nearest neighbours in an `embed` output")
-    sp.add_argument("--index", required=True, metavar="OUT", help="the output folder (or URL) of `embed`")
-    query = sp.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="a text query")
-    query.add_argument("--image", metavar="FILE", help="an image query (JPEG, PNG, WebP)")
-    query.add_argument("--audio", metavar="FILE", help="an audio query (WAV, FLAC, OGG, MP3)")
-    sp.add_argument("--target", choices=("image", "text", "audio"),
-                    help="the modality to find (default: image for a text query, text otherwise)")
-    sp.add_argument("-k", type=int, default=5, help="results (default 5)")
-    sp.add_argument("--json", action="store_true", help="a JSON list of {key, source, caption, score, id}")
-    sp.add_argument("--model", help="embed the query with this model (default: the one OUT/embed.json names)")
-    sp.add_argument("--storage-options", metavar="JSON", help="fsspec options for OUT and the model's storage")
-    sp.set_defaults(fn=cmd_search)
-    sp = sub.add_parser("serve", help="the model over HTTP (Ray Serve): /embed /search /classify /caption /healthz")
-    sp.add_argument("--model", required=True, help="a run directory or an exported .safetensors")
-    sp.add_argument("--index", metavar="OUT", help="an `embed` output for /search")
-    sp.add_argument("--host", default="127.0.0.1", help="listen here (default 127.0.0.1; there is no authentication)")
-    sp.add_argument("--port", type=int, default=8000, help="(default 8000)")
-    sp.add_argument("--replicas", type=int, default=1, help="copies of the model answering requests (default 1)")
-    sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="(default 0: CPU)")
-    _common(sp, storage=False)
-    sp.set_defaults(fn=cmd_serve)
-def _classify_command(sub) -> None:
-    sp = sub.add_parser("classify", help="zero-shot classification of every sample into one of --labels")
-    sp.add_argument("--model", required=True, help="a run directory (its latest checkpoint) or an exported .safetensors")
-    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="raw or preprocessed shards")
-    sp.add_argument("--labels", required=True, metavar="L1,L2,...", help="the classes, comma-separated (2 or more)")
-    sp.add_argument("--template", default="a photo of {}", help="the prompt, {} the label (default 'a photo of {}')")
-    sp.add_argument("--output", required=True, metavar="FILE.jsonl", help="one JSON line per sample")
-    sp.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
-    sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
-    sp.add_argument("--gpus-per-worker", type=float, default=0, metavar="G", help="GPUs per actor (default 0)")
-    _common(sp)
-    sp.set_defaults(fn=cmd_classify)
 
 
 def _job_address(sp) -> None:
