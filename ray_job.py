@@ -156,6 +156,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from mmtrain.inference.embed_job import EmbedConfig, embed, format_summary
+
+    _set_address(args)
+    cfg = EmbedConfig(model=args.model, data=tuple(args.data), output=args.output, workers=args.workers,
+                      batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+                      shards_per_commit=args.shards_per_commit, storage_options=_storage_options(args),
+                      progress=not args.quiet)
+    info = embed(cfg, say=lambda line: print(line, file=sys.stderr))
+    print(format_summary(info, args.output))
+    return 0
+
+
 def cmd_export(args) -> int:
     from mmtrain.export import export
 
@@ -326,6 +339,21 @@ def _run_commands(sub) -> None:
     sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     _common(sp)
     sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("embed", help="embed a corpus with a trained model into a Lance table (resumable)")
+    sp.add_argument("--model", required=True, help="a run directory (its latest checkpoint) or an exported .safetensors")
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="raw shards or preprocessed output")
+    sp.add_argument("--output", required=True,
+                    help="a new or empty folder: embeddings.lance, quarantine.lance, embed.json; re-run to resume")
+    sp.add_argument("--workers", type=int, default=2, help="model actors, one model each (default 2)")
+    sp.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0, metavar="G", help="GPUs per actor (default 0: CPU)")
+    sp.add_argument("--shards-per-commit", type=int, metavar="N",
+                    help="shards per Lance commit: what a kill can make a re-run redo (default: about an eighth "
+                         "of the shards, at least 2 per worker)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(sp)
+    sp.set_defaults(fn=cmd_embed)
 
     sp = sub.add_parser("export", help="consolidate the latest checkpoint into one safetensors file")
     sp.add_argument("--run-dir", required=True, help="the run to export")
