@@ -15,7 +15,7 @@ POINT:
                   temporary file, then the process dies.
   lance-commit:NAME[#N]
                   `embed`: as the N-th (default 1st) Lance commit of OUTPUT/NAME (e.g.
-                  embeddings.lance) by Ray Data's Lance writer begins: its fragments are written,
+                  embeddings.lance) by Ray Data's Lance writer (mmtrain/inference/lance_sink.py) begins: its fragments are written,
                   the version that would reference them is not.
 
 Before dying it prints `kill_at: killed ...` on stderr (a test checks that the kill happened
@@ -118,9 +118,9 @@ def kill_in_a_write(pattern: str, nth: int) -> None:
 
 
 def kill_at_a_lance_commit(output: str, name: str, nth: int) -> None:
-    from ray.data._internal.datasource import lance_datasink
+    from mmtrain.inference.lance_sink import LanceAppendSink
 
-    original = lance_datasink._BaseLanceDatasink.on_write_complete
+    original = LanceAppendSink.on_write_complete
     target, seen = os.path.realpath(os.path.join(output, name)), [0]
 
     def on_write_complete(self, write_results):
@@ -130,7 +130,7 @@ def kill_at_a_lance_commit(output: str, name: str, nth: int) -> None:
                 die(f"at Lance commit #{nth} of {name}")
         return original(self, write_results)
 
-    lance_datasink._BaseLanceDatasink.on_write_complete = on_write_complete
+    LanceAppendSink.on_write_complete = on_write_complete
 
 
 def main(argv: list[str]) -> int:

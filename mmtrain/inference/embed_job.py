@@ -148,10 +148,11 @@ class Tables:
     def append(self, uri: str, table: pa.Table) -> None:
         """One Lance commit of `table`'s rows through Ray Data's Lance writer (module doc)."""
         import ray
-        from ray.data import SaveMode
 
-        if table.num_rows:
-            ray.data.from_arrow(table).write_lance(uri, mode=SaveMode.APPEND, storage_options=self.opts)
+        from .lance_sink import LanceAppendSink
+
+        if table.num_rows:  # ds.write_lance(uri, mode="append") but for ray-project/ray#65129 (lance_sink.py)
+            ray.data.from_arrow(table).write_datasink(LanceAppendSink(uri, storage_options=self.opts))
 
     def counts(self) -> dict:
         import lance
