@@ -99,8 +99,8 @@ def check_no_overlap(inputs: list[str], shards: list[str], output: str, storage_
                                  f"to a separate location")
 
 
-def check_ours(store: OutputStore, job_file: str) -> None:
-    """Refuse a location with files that are not a preprocess output's."""
+def check_ours(store: OutputStore, job_file: str, job: str = "preprocess") -> None:
+    """Refuse a location with files that are not a `job` output's (its `job_file`, a lock)."""
     if store.local and os.path.exists(store.root) and not os.path.isdir(store.root):
         raise OutputConflict(f"{store.url} is a file; --output must name a folder (new or empty)")
     if store.exists(job_file):
@@ -109,7 +109,7 @@ def check_ours(store: OutputStore, job_file: str) -> None:
     foreign = [n for n in store.entries() if n not in ours and not n.startswith(f"{job_file}.tmp-")]
     if foreign:
         raise OutputConflict(
-            f"{store.url} is not empty and holds no preprocess output ({len(foreign)} other entries, e.g. "
+            f"{store.url} is not empty and holds no {job} output ({len(foreign)} other entries, e.g. "
             f"{foreign[0]!r}); choose a new or empty --output")
 
 
@@ -180,7 +180,7 @@ def _generations(store: OutputStore) -> list[str]:
 
 
 def acquire(store: OutputStore, fingerprint: str, *, say: Callable[[str], None] | None = None,
-            lease_seconds: float = LEASE_SECONDS) -> OutputLock:
+            lease_seconds: float = LEASE_SECONDS, job: str = "preprocess") -> OutputLock:
     """Take the output's lock, or raise `OutputBusy` in one line if a live job holds it."""
     record = {
         "owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
@@ -202,7 +202,7 @@ def acquire(store: OutputStore, fingerprint: str, *, say: Callable[[str], None] 
                 raise OutputConflict(f"{store.path(gens[-1])} is not a lock of ours")
             state = holder_state(previous)
             if state == "alive":
-                raise OutputBusy(f"{store.url} is being written by another preprocess ({describe(previous)}); "
+                raise OutputBusy(f"{store.url} is being written by another {job} ({describe(previous)}); "
                                  f"wait for it to finish or stop it")
             number = int(gens[-1][len(LOCK_DIR) + 1:-5]) + 1
         else:
@@ -213,7 +213,7 @@ def acquire(store: OutputStore, fingerprint: str, *, say: Callable[[str], None] 
             continue
         took_over = previous if previous is not None and not previous.get("released") else None
         if took_over is not None:
-            message = (f"taking over {store.url}: the preprocess that held it ({describe(took_over)}) "
+            message = (f"taking over {store.url}: the {job} that held it ({describe(took_over)}) "
                        f"is gone")
             (say or log.warning)(message)
         for old in gens[:-1]:  # generations before the one just superseded: nobody reads them

@@ -13,6 +13,10 @@ POINT:
                   `_quarantine.parquet`, `_stats.json`, or an output shard being rewritten
                   without its cross-shard duplicates. Half of the first chunk reaches the
                   temporary file, then the process dies.
+  lance-commit:NAME[#N]
+                  `embed`: as the N-th (default 1st) Lance commit of OUTPUT/NAME (e.g.
+                  embeddings.lance) by Ray Data's Lance writer (mmtrain/inference/lance_sink.py) begins: its fragments are written,
+                  the version that would reference them is not.
 
 Before dying it prints `kill_at: killed ...` on stderr (a test checks that the kill happened
 where it was aimed) and, once Ray is up, `kill_at: ray job JOB_ID`, so that a test can wait
@@ -113,6 +117,22 @@ def kill_in_a_write(pattern: str, nth: int) -> None:
     OutputStore.open_atomic = open_atomic
 
 
+def kill_at_a_lance_commit(output: str, name: str, nth: int) -> None:
+    from mmtrain.inference.lance_sink import LanceAppendSink
+
+    original = LanceAppendSink.on_write_complete
+    target, seen = os.path.realpath(os.path.join(output, name)), [0]
+
+    def on_write_complete(self, write_results):
+        if os.path.realpath(self.uri) == target:
+            seen[0] += 1
+            if seen[0] == nth:
+                die(f"at Lance commit #{nth} of {name}")
+        return original(self, write_results)
+
+    LanceAppendSink.on_write_complete = on_write_complete
+
+
 def main(argv: list[str]) -> int:
     point, output, sep, *args = argv
     assert sep == "--", "usage: kill_at.py POINT OUTPUT -- ARGS..."
@@ -120,6 +140,9 @@ def main(argv: list[str]) -> int:
         kill_when_a_shard_has_started(output)
     elif point == "commit":
         kill_before_the_commit()
+    elif point.startswith("lance-commit:"):
+        name, _, nth = point[len("lance-commit:"):].partition("#")
+        kill_at_a_lance_commit(output, name, int(nth or 1))
     elif point.startswith("write:"):
         pattern, _, nth = point[len("write:"):].partition("#")
         kill_in_a_write(pattern, int(nth or 1))

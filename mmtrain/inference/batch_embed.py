@@ -1,18 +1,30 @@
 """Embedding at scale on Ray Data: decoded rows stream through `map_batches` into a pool of
 actors, each holding one copy of the model (Ray's batch-inference pattern), on GPUs when
-asked. `embed`, `classify` and `evaluate` all embed through `embedded_rows`."""
+asked. `embed`, `classify` and `evaluate` all embed through `embedded_rows`; the `embed` job
+embeds through `embedded_or_quarantined`, which keeps the rows that fail to decode (with
+their reason) instead of dropping them."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pyarrow as pa
 
 from .schema import MODALITIES, VECTOR_COLUMNS
 
+log = logging.getLogger(__name__)
+
+# a row that could not be embedded carries its pipelines.reasons code and a detail line in
+# these columns ("" on a good row) from the decode step through the actors
+ERROR_COLUMNS = ("reason", "detail")
+
 
 class EmbedActor:
     """`map_batches` callable class: loads the model once per actor, then embeds decoded rows
     (`pipelines.ingest.decode_batch`'s arrays) into one row each: source, key, caption (null
-    without one) and a vector per modality (null where the row lacks it)."""
+    without one) and a vector per modality (null where the row lacks it). Rows with a
+    non-empty `reason` (from `decode_keeping_errors`) are not embedded: they come out with
+    null vectors and their `reason` and `detail`."""
 
     def __init__(self, model_path: str, storage_options: dict | None = None):
         import ray
@@ -27,7 +39,18 @@ class EmbedActor:
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         from .inputs import embed_rows
 
-        return vectors_table(rows, embed_rows(rows, self.loaded), self.loaded.embed_dim)
+        dim = self.loaded.embed_dim
+        if "reason" not in rows:
+            return vectors_table(rows, embed_rows(rows, self.loaded), dim)
+        good = np.array([not r for r in rows["reason"]], bool)
+        emb = {m: np.zeros((len(good), dim), np.float32) for m in MODALITIES}
+        if good.any():
+            for m, e in embed_rows({k: v[good] for k, v in rows.items()}, self.loaded).items():
+                emb[m][good] = e
+        table = vectors_table(rows, emb, dim)  # a bad row has no modality present: null vectors
+        for c in ERROR_COLUMNS:
+            table = table.append_column(c, pa.array([str(v) for v in rows[c]], pa.string()))
+        return table
 
 
 def vectors_table(rows: dict[str, np.ndarray], emb: dict[str, np.ndarray], dim: int) -> pa.Table:
@@ -52,7 +75,81 @@ def embedded_rows(model_path: str, shards: list[str], data_cfg, *, preprocessed:
     from pipelines.ingest import build_dataset
 
     ds = build_dataset(shards, data_cfg, seed=0, preprocessed=preprocessed, storage_options=storage_options)
+    return _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options)
+
+
+def embedded_or_quarantined(model_path: str, shards: list[str], data_cfg, *, preprocessed: bool, workers: int = 2,
+                            batch_size: int = 64, gpus_per_worker: float = 0,
+                            storage_options: dict | None = None):
+    """A lazy Ray Dataset with one row per sample the reader yields from `shards`: a good
+    one's `vectors_table` row with reason "", a bad one (the reader's error, a failed decode,
+    a filter rule) with null vectors and its reason code and detail. Nothing is dropped."""
+    import ray
+
+    from pipelines.datasource import WebDatasetDatasource
+    from pipelines.ingest import PREPROCESSED_COLUMNS, RAW_COLUMNS
+    from pipelines.shards import shard_sizes
+    from pipelines.tarheaders import ReadLimits
+
+    source = WebDatasetDatasource(shards, modalities=PREPROCESSED_COLUMNS if preprocessed else RAW_COLUMNS,
+                                  storage_options=storage_options, limits=ReadLimits.from_config(data_cfg),
+                                  include_errors=True, rows_per_block=16,
+                                  shard_sizes=shard_sizes(shards, storage_options))
+    ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=0.25)
+    ds = ds.map_batches(decode_keeping_errors, fn_kwargs={"cfg": data_cfg}, batch_format="pyarrow",
+                        batch_size=16, num_cpus=0.5)
+    return _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options)
+
+
+def _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options):
     return ds.map_batches(EmbedActor, fn_constructor_kwargs={"model_path": model_path,
                                                             "storage_options": storage_options},
                           batch_size=batch_size, batch_format="numpy", concurrency=workers,
                           num_cpus=1, num_gpus=gpus_per_worker or None)
+
+
+def decode_keeping_errors(batch: pa.Table, cfg) -> dict[str, np.ndarray]:
+    """`pipelines.ingest.decode_batch`'s arrays (the same decoding, the same dtypes) for every
+    row, with `reason` and `detail` columns: a row the reader marked as an error, or whose
+    decoding raises a SampleError, has its code there and no modality present. An unexpected
+    exception is `internal_error`, logged with its traceback (a bug: it must not end the job,
+    nor lose the sample)."""
+    from pipelines.ingest import _decode_row
+    from pipelines.reasons import INTERNAL_ERROR, SampleError
+
+    size, n_mels, frames = cfg.image.size, cfg.audio.n_mels, cfg.audio.num_frames
+    rows = batch.to_pylist()
+    n = len(rows)
+    out = {
+        "key": np.array([r["key"] for r in rows], dtype=object), "source": np.array([r["source"] for r in rows], dtype=object),
+        "epoch": np.zeros(n, np.int32),
+        "image": np.zeros((n, size, size, 3), np.uint8), "image_present": np.zeros(n, bool),
+        "text": np.array([""] * n, dtype=object), "text_present": np.zeros(n, bool),
+        "mel": np.zeros((n, n_mels, frames), np.float16), "mel_frames": np.zeros(n, np.int32),
+        "audio_present": np.zeros(n, bool),
+        "reason": np.array([""] * n, dtype=object), "detail": np.array([""] * n, dtype=object),
+    }
+    for i, row in enumerate(rows):
+        if row.get("error"):
+            out["reason"][i], out["detail"][i] = row["error"], row.get("error_detail") or ""
+            continue
+        try:
+            image, text, mel, mel_frames = _decode_row(row, cfg)
+        except SampleError as e:  # SampleFiltered too: a filter rule's reason
+            out["reason"][i], out["detail"][i] = e.reason, e.detail
+            continue
+        except Exception as e:  # MemoryError too; KeyboardInterrupt and SystemExit go through
+            log.error("unexpected %s decoding sample %s#%s (quarantined as %s)", type(e).__name__,
+                      row["source"], row["key"], INTERNAL_ERROR, exc_info=e)
+            out["reason"][i] = INTERNAL_ERROR
+            out["detail"][i] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+            continue
+        if image is not None:
+            out["image"][i], out["image_present"][i] = image, True
+        if text is not None:
+            out["text"][i], out["text_present"][i] = text, True
+        if mel is not None:
+            t = min(frames, mel.shape[1])
+            out["mel"][i, :, :t] = mel[:, :t]
+            out["mel_frames"][i], out["audio_present"][i] = min(mel_frames, t), True
+    return out

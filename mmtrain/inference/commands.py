@@ -24,7 +24,8 @@ class CommandHelpers:
 
 
 def add_use_commands(sub, h: CommandHelpers) -> None:
-    for add in (_evaluate_command, _search_command, _classify_command, _caption_command, _serve_command):
+    for add in (_evaluate_command, _embed_command, _search_command, _classify_command, _caption_command,
+                _serve_command):
         add(sub, h)
 
 
@@ -67,6 +68,36 @@ def cmd_evaluate(args, h: CommandHelpers) -> int:
                       template=args.template, caption_max_len=args.caption_max_len,
                       storage_options=h.storage_options(args))
     print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+# --- embed --------------------------------------------------------------------------------
+
+def _embed_command(sub, h: CommandHelpers) -> None:
+    sp = sub.add_parser("embed", help="embed a corpus with a trained model into a Lance table (resumable)")
+    _model_arg(sp)
+    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="raw shards or preprocessed output")
+    sp.add_argument("--output", required=True,
+                    help="a new or empty folder: embeddings.lance, quarantine.lance, embed.json; re-run to resume")
+    _pool_args(sp, 64)
+    sp.add_argument("--shards-per-commit", type=int, metavar="N",
+                    help="shards per Lance commit: what a kill can make a re-run redo (default: about an eighth "
+                         "of the shards, at least 2 per worker)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.common(sp)
+    sp.set_defaults(fn=functools.partial(cmd_embed, h=h))
+
+
+def cmd_embed(args, h: CommandHelpers) -> int:
+    from .embed_job import EmbedConfig, embed, format_summary
+
+    h.set_address(args)
+    cfg = EmbedConfig(model=args.model, data=tuple(args.data), output=args.output, workers=args.workers,
+                      batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+                      shards_per_commit=args.shards_per_commit, storage_options=h.storage_options(args),
+                      progress=not args.quiet)
+    info = embed(cfg, say=lambda line: print(line, file=sys.stderr))
+    print(format_summary(info, args.output))
     return 0
 
 
