@@ -70,12 +70,14 @@ def caption_pass(model_path: str, shards: list[str], data_cfg, *, preprocessed: 
 
     from pipelines.ingest import build_dataset
 
+    from .inference.batch_embed import actor_cpus
+
     ds = build_dataset(shards, data_cfg, seed=0, preprocessed=preprocessed, storage_options=storage_options)
     ds = ds.map_batches(CaptionEvalActor, fn_constructor_kwargs={"model_path": model_path,
                                                                  "storage_options": storage_options,
                                                                  "max_len": max_len},
                         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
-                        num_cpus=1, num_gpus=gpus_per_worker or None)
+                        num_cpus=actor_cpus(workers, gpus_per_worker), num_gpus=gpus_per_worker or None)
     ce, tokens, generated, references = 0.0, 0, [], []
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         ce, tokens = ce + float(b["ce"].sum()), tokens + int(b["tokens"].sum())

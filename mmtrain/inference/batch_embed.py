@@ -105,7 +105,22 @@ def _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_opti
     return ds.map_batches(EmbedActor, fn_constructor_kwargs={"model_path": model_path,
                                                             "storage_options": storage_options},
                           batch_size=batch_size, batch_format="numpy", concurrency=workers,
-                          num_cpus=1, num_gpus=gpus_per_worker or None)
+                          num_cpus=actor_cpus(workers, gpus_per_worker), num_gpus=gpus_per_worker or None)
+
+
+def actor_cpus(workers: int, gpus_per_worker: float) -> float:
+    """Logical CPUs per model actor (embed, classify, caption, evaluate): one each, unless the
+    actors would take every CPU of an embedded Ray. Ray Data then never schedules the read and
+    decode tasks that feed them (2 actors on a 2-core laptop wait for ever); there the actors
+    share what is left after one CPU for reading and decoding (logical CPUs are a scheduling
+    budget: the actors' threads and the decode tasks share the real cores either way). On a
+    cluster, and for GPU actors, one each: an autoscaler adds nodes for them."""
+    from pipelines.runtime import cluster_cpus, is_embedded
+
+    if gpus_per_worker or not is_embedded():
+        return 1.0
+    cpus = cluster_cpus()
+    return 1.0 if workers + 1 <= cpus else max(0.1, (cpus - 1) / workers)
 
 
 def decode_keeping_errors(batch: pa.Table, cfg) -> dict[str, np.ndarray]:

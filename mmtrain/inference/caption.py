@@ -97,6 +97,8 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
     from pipelines.shards import expand_shards
     from pipelines.storage import OutputStore, is_local
 
+    from .batch_embed import actor_cpus
+
     from .loaded import load_model
 
     settings = CaptionSettings(max_len=max_len, beams=beams, workers=workers, batch_size=batch_size,
@@ -117,7 +119,8 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
     ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={
         "model_path": model, "storage_options": storage_options, "max_len": settings.max_len,
         "beams": settings.beams}, batch_size=settings.batch_size, batch_format="numpy",
-        concurrency=settings.workers, num_cpus=1, num_gpus=settings.gpus_per_worker or None)
+        concurrency=settings.workers, num_cpus=actor_cpus(settings.workers, settings.gpus_per_worker),
+        num_gpus=settings.gpus_per_worker or None)
     with OutputStore(folder, storage_options).open_atomic(name) as f:
         samples, empty, examples = _write_lines(ds, f, expected, progress)
     cap = loaded.model_cfg.max_text_len

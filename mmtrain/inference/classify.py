@@ -15,7 +15,6 @@ import json
 import math
 import os
 import secrets
-import sys
 from collections import Counter
 
 import numpy as np
@@ -135,7 +134,6 @@ def classify(model: str, data: list[str], labels: list[str], template: str = DEF
     preprocessed = check_preprocessed(shards, loaded.data_cfg, storage_options)
     expected = sum((shard_counts(shards, storage_options) or {}).values()) if preprocessed else None
     init_ray()
-    workers = _pool_size(workers, gpus_per_worker)
     ds = embedded_rows(model, shards, loaded.data_cfg, preprocessed=preprocessed, workers=workers,
                        batch_size=batch_size, gpus_per_worker=gpus_per_worker, storage_options=storage_options)
     counts: Counter = Counter()
@@ -149,22 +147,6 @@ def classify(model: str, data: list[str], labels: list[str], template: str = DEF
     return {"output": output, "samples": sum(counts.values()) + unclassified, "expected": expected,
             "unclassified": unclassified, "labels": {label: counts.get(label, 0) for label in labels},
             "logit_scale": round(scale, 3), "model": loaded.origin}
-
-
-def _pool_size(workers: int, gpus_per_worker: float) -> int:
-    """`workers`, or fewer on an embedded Ray too small for them: each CPU actor holds a whole
-    CPU, and the read and decode tasks need one more (0.75: `build_dataset`'s), or the pipeline
-    waits forever for a CPU that never comes (2 actors on a 2-core laptop did). A cluster may
-    grow (its autoscaler), so there the pool stays as asked."""
-    from pipelines.runtime import cluster_cpus, is_embedded
-
-    if gpus_per_worker or not is_embedded() or workers + 1 <= cluster_cpus():
-        return workers
-    fit = max(1, cluster_cpus() - 1)
-    if fit < workers:
-        print(f"classify: {cluster_cpus()} CPUs here: {fit} model actor(s), one CPU left to read and decode",
-              file=sys.stderr)
-    return fit
 
 
 def classified_lines(table: pa.Table, labels: list[str], label_emb: np.ndarray, scale: float) -> list[dict]:
