@@ -1,8 +1,9 @@
 """`python ray_job.py demo`: the whole flow on a synthetic corpus, on a local embedded Ray.
 
 make-corpus (with one of each defect planted) -> preprocess -> train (tiny, 2 workers,
-DeepSpeed ZeRO-2) -> evaluate on held-out 16-way shards -> export -> plot, then a short
-summary. Every step is the same code the CLI runs; re-running resumes where it stopped.
+DeepSpeed ZeRO-2) -> evaluate on held-out 16-way shards -> export -> plot -> embed the corpus
+into a Lance table -> search it with a text query -> caption the held-out samples, then a short
+summary that ends with one search result and one generated caption. Every step is the same code the CLI runs; re-running resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
     from .trainer import local_cpus, train
 
     os.makedirs(workdir, exist_ok=True)
-    paths = {name: os.path.join(workdir, name) for name in ("raw", "heldout_raw", "clean", "heldout", "run")}
+    paths = {name: os.path.join(workdir, name)
+             for name in ("raw", "heldout_raw", "clean", "heldout", "run", "embeddings")}
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -59,13 +61,54 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
     stage("export")
     exported = export(paths["run"], os.path.join(workdir, "model.safetensors"))
     plot = plot_run(paths["run"])
+
+    used = _use_the_model(exported["output"], paths, os.path.join(workdir, "captions.jsonl"), stage)
     timings["end"] = time.time()
 
     report = _report(stats, summary, read_metrics(paths["run"]), result, exported, plot, timings)
+    report["use"] = used
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(report, f, indent=1)
     log(format_report(report))
     return report
+
+
+def _use_the_model(model: str, paths: dict, captions: str, stage) -> dict:
+    """embed -> search -> caption with the exported model: one search result for the first
+    subject's caption-like query, and the generated caption of the first held-out sample."""
+    from pipelines.corpus_samples import subject_names
+
+    from .inference.caption import caption
+    from .inference.embed_job import EmbedConfig, embed
+    from .inference.search import search_corpus
+
+    stage("embed")
+    embedded = embed(EmbedConfig(model=model, data=(paths["clean"],), output=paths["embeddings"]))
+    stage("search")
+    query = f"a photo of {subject_names(1)[0]}"
+    top = search_corpus(paths["embeddings"], {"text": query}, k=1)[0]
+    stage("caption")
+    captioned = caption(model, [paths["heldout"]], captions)
+    with open(captions) as f:
+        first = min((json.loads(line) for line in f), key=lambda row: row["key"])
+    truth = _held_out_caption(paths["heldout"], first["key"])
+    return {"embedded": embedded["counts"]["embedded"], "table": paths["embeddings"],
+            "search": {"query": query, "key": top["key"], "caption": top["caption"], "score": round(top["score"], 3)},
+            "caption": {"key": first["key"], "generated": first["caption"], "held_out": truth,
+                        "samples": captioned["samples"]}}
+
+
+def _held_out_caption(folder: str, key: str) -> str | None:
+    """The caption the held-out sample came with (from the preprocessed shard)."""
+    import glob
+    import tarfile
+
+    for path in sorted(glob.glob(os.path.join(folder, "*.tar"))):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name == f"{key}.txt":
+                    return tar.extractfile(member).read().decode("utf-8", "replace")
+    return None
 
 
 def _report(stats: dict, summary: dict, metrics: list[dict], result: dict, exported: dict, plot: str,
@@ -86,6 +129,15 @@ def _report(stats: dict, summary: dict, metrics: list[dict], result: dict, expor
     }
 
 
+def _use_lines(u: dict | None) -> list[str]:
+    if not u:
+        return []
+    s, c = u["search"], u["caption"]
+    return [f"  embed       {u['embedded']} samples -> {u['table']}",
+            f"  search      \"{s['query']}\" -> {s['key']} (score {s['score']}): \"{s['caption']}\"",
+            f"  caption     held-out {c['key']}: \"{c['generated']}\" (its own caption: \"{c['held_out']}\")"]
+
+
 def format_report(r: dict) -> str:
     t, e = r["train"], r["evaluate"]
     recalls = [f"    {k:<28} {v}" for k, v in sorted(e.items()) if "/recall@" in k]
@@ -103,5 +155,6 @@ def format_report(r: dict) -> str:
         f"  export      {r['export']['file']} (matches the engine: max |diff| {r['export']['probe_max_abs_diff']})",
         f"  plot        {r['plot']}",
         "  seconds     " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()),
+        *_use_lines(r.get("use")),  # last: what using the model looks like
     ]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The README's first command, end to end, and the learning acceptance: with the default tiny
 config on 640 samples of 16 subjects, the loss falls by well over 30% and held-out 16-way
-image->text recall@1 is at least 0.5 (chance: 1/16)."""
+image->text recall@1 is at least 0.5 (chance: 1/16); then the model in use: the corpus embedded
+into a Lance table, a text query that finds its subject, a generated caption."""
 import json
 
 
@@ -15,3 +16,12 @@ def test_demo_learns(demo_workdir):
     assert summary["export"]["probe_max_abs_diff"] < 1e-5
     assert (work / "model.safetensors").stat().st_size > 1_000_000
     assert (work / "run" / "training.png").stat().st_size > 1000
+    # the summary ends with the model in use: the corpus embedded, one search, one caption
+    use = summary["use"]
+    assert use["embedded"] == 650
+    assert "red circle" in use["search"]["caption"]  # the query names the first subject
+    assert use["caption"]["generated"].strip() and use["caption"]["samples"] == 16
+    if r is not None:  # the summary block (printed at once; Ray's worker log lines may follow it)
+        block = r.stdout.split("== summary", 1)[1].splitlines()[1:]
+        block = block[:next((i for i, line in enumerate(block) if not line.startswith("  ")), len(block))]
+        assert block[-2].lstrip().startswith("search ") and block[-1].lstrip().startswith("caption ")

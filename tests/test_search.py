@@ -73,7 +73,7 @@ def write_out(out: Path, table: pa.Table, model: str) -> Path:
 
     out.mkdir(parents=True)
     lance.write_dataset(table, str(out / "embeddings.lance"))
-    (out / "embed.json").write_text(json.dumps({"model": model}))
+    (out / "embed.json").write_text(json.dumps({"model": {"path": model}}))  # as `embed` writes it
     return out
 
 
@@ -198,7 +198,7 @@ def test_ann_index_is_built_when_large_and_finds_what_exact_search_finds(built, 
     assert all(not c["built"] and c["index"] is None and "exact" in c["why"] for c in small.values()), small
     assert open_index(str(out)).indexed == set()
 
-    big = write_out(tmp_path / "big", padded(table, 3000), json.loads((out / "embed.json").read_text())["model"])
+    big = write_out(tmp_path / "big", padded(table, 3000), json.loads((out / "embed.json").read_text())["model"]["path"])
     report = ensure_index(str(big), min_rows=2000)
     assert {c: (r["built"], r["index"]) for c, r in report.items()} == \
         {c: (True, "IVF_PQ") for c in ("image_vector", "text_vector", "audio_vector")}, report
@@ -263,7 +263,7 @@ def test_bad_input_is_one_line_and_exit_2(built, tmp_path, capsys):
     import ray_job
 
     out, loaded, table, _ = built
-    model = json.loads((out / "embed.json").read_text())["model"]
+    model = json.loads((out / "embed.json").read_text())["model"]["path"]
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_bytes(b"these are not pixels\n" * 20)
     narrow = write_out(tmp_path / "narrow", narrow_table(table, 8), model)

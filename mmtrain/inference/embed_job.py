@@ -224,7 +224,9 @@ def _claim(store: OutputStore, fp: str, loaded, cfg: EmbedConfig, preprocessed: 
                                                                     "progress")}
     info.update(format=FORMAT_VERSION, fingerprint=fp, complete=False, inputs=list(cfg.data),
                 preprocessed=preprocessed, settings=settings, data_config=loaded.data_cfg.to_dict(),
-                model={"origin": loaded.origin, "embed_dim": loaded.embed_dim, "fingerprint": fp})
+                # `path`: what `search` and `serve` load to embed queries the same way
+                model={"path": cfg.model if "://" in cfg.model else os.path.abspath(cfg.model),
+                       "origin": loaded.origin, "embed_dim": loaded.embed_dim, "fingerprint": fp})
     store.write_json(INFO_FILE, info)
     return info
 

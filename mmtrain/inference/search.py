@@ -100,6 +100,7 @@ def model_of_index(out: str, storage_options: dict | None = None) -> str:
     except ValueError as e:
         raise UserError(f"--index {out}: {INFO_FILE} is not JSON ({e}); pass --model") from None
     model = info.get("model") if isinstance(info, dict) else None
+    model = model.get("path") if isinstance(model, dict) else model  # embed writes {"path", "origin", ...}
     if not isinstance(model, str) or not model:
         raise UserError(f"--index {out}: {INFO_FILE} names no model; pass --model")
     return model
