@@ -139,8 +139,13 @@ def _zero_shot(loaded, rows: dict, labels: list[str], template: str) -> dict:
     over the samples that have the modality and whose caption names exactly one label."""
     from .inference.classify import label_embeddings, zero_shot
 
+    from .inference.inputs import BadInput
+
     truth = [named_label(c, labels) if c is not None else None for c in rows["caption"]]
-    label_emb = label_embeddings(loaded, labels, template)
+    try:
+        label_emb = label_embeddings(loaded, labels, template)
+    except BadInput as e:
+        raise UserError(f"--labels: {e}") from None
     result: dict = {"zero_shot/labels": len(labels)}
     for m in ("image", "audio"):
         have = rows["present"][m]

@@ -226,3 +226,15 @@ def test_an_output_of_another_model_is_refused_in_one_line(model, corpus, embedd
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-3000:]
     assert "another model" in r.stderr
     assert sorted(os.listdir(out)) == before and table(out).num_rows == SAMPLES
+
+
+def test_model_actors_leave_reading_and_decoding_a_cpu_on_a_small_embedded_ray():
+    """Two actors of one CPU each on a 2-CPU embedded Ray left the read (0.25 CPU) and decode
+    (0.5) tasks that feed them unscheduled for ever; the actors now share all but one CPU."""
+    from mmtrain.inference.batch_embed import cpus_per_actor
+
+    for workers, cpus in [(1, 1), (1, 2), (2, 2), (3, 2), (2, 4), (8, 4), (3, 16)]:
+        share = cpus_per_actor(workers, cpus)
+        assert 0 < share <= 1
+        assert workers * share + 0.75 <= cpus or share == 0.1, (workers, cpus, share)
+    assert cpus_per_actor(2, 2) == 0.5 and cpus_per_actor(2, 8) == 1.0

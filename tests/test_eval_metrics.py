@@ -172,10 +172,11 @@ def test_evaluate_cli_with_the_demo_model(demo_workdir, fresh_heldout, tmp_path)
     for direction in ("image_to_text", "text_to_image", "audio_to_text"):
         assert 0 <= r[f"{direction}/recall@1"] <= r[f"{direction}/recall@5"] <= 1
     assert r["zero_shot/labels"] == 16 and 0 < r["zero_shot/image_samples"] <= 32
-    assert r["zero_shot/image_accuracy"] >= 0.25  # 4x chance for a model that learned (the demo asserts it did)
+    assert r["zero_shot/image_accuracy"] >= 0.8  # the bar (0.93 measured on these 32 samples)
     assert 0 <= r["zero_shot/audio_accuracy"] <= 1
     assert r["caption_loss"] > 0 and 0 < r["caption/samples"] <= 32
-    assert 0 <= r["caption/bleu4"] <= 1 and 0 <= r["caption/names_subject"] <= 1
+    assert 0 < r["caption/bleu4"] <= 1
+    assert r["caption/names_subject"] >= 0.5  # the bar (0.87 measured)
     assert r["image_to_text/recall@1"] == single_process_recall(work / "model.safetensors", fresh_heldout)
 
 

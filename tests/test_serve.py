@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import queue
 import signal
@@ -172,7 +173,7 @@ def test_search_answers_the_search_objects_best_first(served):
 def test_classify_answers_label_score_and_scores(served):
     from pipelines.corpus_samples import subject_names
 
-    from mmtrain.inference.classify import label_embeddings, zero_shot
+    from mmtrain.inference.classify import label_embeddings, logit_scale, zero_shot
     from mmtrain.inference.inputs import embed_items
 
     labels = subject_names(SUBJECTS)
@@ -182,7 +183,7 @@ def test_classify_answers_label_score_and_scores(served):
     assert list(got["scores"]) == labels and abs(sum(got["scores"].values()) - 1) < 1e-4
     assert got["score"] == max(got["scores"].values()) == got["scores"][got["label"]]
     best, scores = zero_shot(embed_items([{"image": q.image}], served.loaded)["image"],
-                             label_embeddings(served.loaded, labels, "a photo of {}"))
+                             label_embeddings(served.loaded, labels, "a photo of {}"), logit_scale(served.loaded))
     assert got["label"] == labels[int(best[0])]
     np.testing.assert_allclose(list(got["scores"].values()), scores[0], atol=1e-5)
 
@@ -229,6 +230,11 @@ def bad_requests() -> list[tuple[str, str, object, int, str]]:
         ("POST", "/search", {"text": text, "k": "5"}, 400, "k must be"),
         ("POST", "/search", {"text": text, "k": True}, 400, "k must be"),
         ("POST", "/search", {"text": text, "target": "video"}, 400, "target must be"),
+        # nested just under the parser's depth limit: echoing it back must not recurse past it
+        ("POST", "/search", b'{"text": "x", "k": ' + b"[" * 900 + b"]" * 900 + b"}", 400, "k must be"),
+        # a lone surrogate parses, but an answer echoing it could not be encoded
+        ("POST", "/classify", json.dumps({"image": img, "labels": ["\ud800", "a blue square"]}).encode(), 400,
+         "valid unicode"),
         ("POST", "/classify", {"text": text}, 400, "labels"),
         ("POST", "/classify", {"image": img, "labels": "red,blue"}, 400, "labels must be a list"),
         ("POST", "/classify", {"image": img, "labels": ["a red circle", ""]}, 400, "non-empty"),

@@ -114,12 +114,16 @@ def actor_cpus(workers: int, gpus_per_worker: float) -> float:
     decode tasks that feed them (2 actors on a 2-core laptop wait for ever); there the actors
     share what is left after one CPU for reading and decoding (logical CPUs are a scheduling
     budget: the actors' threads and the decode tasks share the real cores either way). On a
-    cluster, and for GPU actors, one each: an autoscaler adds nodes for them."""
+    cluster one each: an autoscaler adds nodes for them."""
     from pipelines.runtime import cluster_cpus, is_embedded
 
-    if gpus_per_worker or not is_embedded():
+    if not is_embedded():
         return 1.0
-    cpus = cluster_cpus()
+    return cpus_per_actor(workers, cluster_cpus())
+
+
+def cpus_per_actor(workers: int, cpus: int) -> float:
+    """1, or an equal share of all but one of `cpus` when `workers` whole CPUs leave none."""
     return 1.0 if workers + 1 <= cpus else max(0.1, (cpus - 1) / workers)
 
 

@@ -186,6 +186,8 @@ def embed(cfg: EmbedConfig, *, say: Callable[[str], None] | None = None) -> dict
     store.makedirs()
     lock = acquire(store, fp, say=say, job="embed")
     try:
+        if store.exists(INFO_FILE):  # again under the lock: another model's run may have claimed it meanwhile
+            _check_same_job(store, fp)
         info = _claim(store, fp, loaded, cfg, preprocessed)
         store.remove_temporaries(("",))  # embed.json's, of this job's killed runs: the lock says none runs
         tables = Tables(store, loaded.embed_dim, opts)
@@ -288,6 +290,12 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="shard", desc="embed", dynamic_ncols=True)
 
 
+def _index_summary(index: dict) -> str:
+    """`ensure_index`'s answer, per vector column: "image_vector IVF_PQ, ..." or "exact search"."""
+    built = [f"{col} {v.get('index')}" for col, v in sorted(index.items()) if isinstance(v, dict) and v.get("built")]
+    return ", ".join(built) or "exact search"
+
+
 def format_summary(info: dict, output: str) -> str:
     c, run = info["counts"], info.get("this_run", {})
     reasons = ", ".join(f"{r} {n}" for r, n in c["quarantined_by_reason"].items())
@@ -295,5 +303,5 @@ def format_summary(info: dict, output: str) -> str:
     return (f"embed -> {output}: {c['embedded']} samples embedded, {c['quarantined']} quarantined"
             + (f" ({reasons})" if reasons else "")
             + f"; {run.get('embedded_shards', 0)} shards embedded now, {run.get('skipped_shards', 0)} already done"
-            + (f"; index: {index.get('kind') or index.get('index') or 'exact search'}" if index else "")
+            + (f"; index: {_index_summary(index)}" if index else "")
             + f"; {run.get('seconds', 0):.1f} s")

@@ -168,12 +168,14 @@ class ModelServer:
                 for row in self.index.search(vector, target, req.options["k"])]
 
     def _classify(self, req: ParsedRequest) -> dict:
-        from .classify import zero_shot
+        from .classify import logit_scale, zero_shot
         from .inputs import embed_items
 
         labels = req.options["labels"]
         emb = embed_items([req.item], self.loaded)[req.modality]
-        best, scores = zero_shot(emb, self._label_embeddings(labels, req.options.get("template")))
+        # the model's own temperature, as the `classify` command uses it
+        best, scores = zero_shot(emb, self._label_embeddings(labels, req.options.get("template")),
+                                 logit_scale(self.loaded))
         i = int(best[0])
         return {"label": labels[i], "score": float(scores[0, i]),
                 "scores": {label: float(s) for label, s in zip(labels, scores[0])}}

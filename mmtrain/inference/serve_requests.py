@@ -69,9 +69,23 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def quoted(value, limit: int = 40) -> str:
-    """A client's value as JSON, cut to `limit` characters: for error messages."""
-    text = json.dumps(value)
+    """A client's value as JSON, cut to `limit` characters: for error messages. A list or an
+    object shows as its type only: re-serializing a client's deeply nested value could recurse
+    past the limit that parsing it just stayed under."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    text = one_line(json.dumps(value, ensure_ascii=True))
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _utf8(text: str) -> bool:
+    """False for a lone surrogate ("\\ud800" in JSON parses to one): the answer, which
+    echoes labels, could not be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def too_large(cap: int) -> str:
@@ -172,8 +186,9 @@ def _classify_options(doc: dict, max_len: int) -> dict:
     labels = doc.get("labels")
     if not isinstance(labels, list) or not 2 <= len(labels) <= MAX_LABELS:
         raise RequestError(400, f"labels must be a list of 2 to {MAX_LABELS} strings")
-    if not all(isinstance(x, str) and x.strip() and len(x) <= MAX_LABEL_CHARS for x in labels):
-        raise RequestError(400, f"every label must be a non-empty string of at most {MAX_LABEL_CHARS} characters")
+    if not all(isinstance(x, str) and x.strip() and len(x) <= MAX_LABEL_CHARS and _utf8(x) for x in labels):
+        raise RequestError(400, f"every label must be a non-empty string of at most {MAX_LABEL_CHARS} characters "
+                                f"(valid Unicode: labels come back in the answer)")
     if len(set(labels)) != len(labels):
         raise RequestError(400, "labels must be distinct")
     options = {"labels": labels}
