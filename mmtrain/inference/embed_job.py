@@ -44,6 +44,7 @@ from pipelines.ownership import OutputConflict, acquire, check_no_overlap, check
 from pipelines.shards import expand_shards
 from pipelines.storage import OutputStore
 
+from .lance_store import lance_storage_options
 from .schema import INFO_FILE, QUARANTINE_DIR, QUARANTINE_SCHEMA, TABLE_DIR, embedding_schema
 
 log = logging.getLogger(__name__)
@@ -92,25 +93,11 @@ def model_fingerprint(loaded) -> str:
     return h.hexdigest()[:16]
 
 
-def lance_storage_options(storage_options: dict) -> dict | None:
-    """fsspec/s3fs options (what --storage-options gives) as Lance's object-store options."""
-    if not storage_options:
-        return None
-    client = storage_options.get("client_kwargs") or {}
-    mapping = {"aws_access_key_id": storage_options.get("key"), "aws_secret_access_key": storage_options.get("secret"),
-               "aws_session_token": storage_options.get("token"), "aws_endpoint": client.get("endpoint_url"),
-               "aws_region": client.get("region_name")}
-    out = {k: str(v) for k, v in mapping.items() if v}
-    if out.get("aws_endpoint", "").startswith("http://"):
-        out["allow_http"] = "true"
-    return out or None
-
-
 class Tables:
     """The output's two Lance datasets, created empty on the first run."""
 
     def __init__(self, store: OutputStore, dim: int, storage_options: dict):
-        self.opts = lance_storage_options(storage_options)
+        self.opts = lance_storage_options(storage_options) or None  # the translation search and the index use
         base = store.root if store.local else store.url.rstrip("/")
         self.vectors, self.quarantine = f"{base}/{TABLE_DIR}", f"{base}/{QUARANTINE_DIR}"
         self.schemas = {self.vectors: embedding_schema(dim), self.quarantine: QUARANTINE_SCHEMA}
