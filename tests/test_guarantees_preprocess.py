@@ -144,8 +144,10 @@ def assert_rerun_gives_the_reference(corpus, out, reference):
 def test_killed_before_any_shard_is_finished(corpus, reference, tmp_path):
     out = tmp_path / "clean"
     stderr = killed_at("shard-started", corpus, out)
-    assert "none finished" in stderr
-    assert temporaries(out)  # a shard was being written when the job died
+    # kill_at saw a shard's temporary and no finished shard at the moment it killed the driver.
+    # The temporary itself may be gone by now: the dead driver's shard tasks run on until Ray
+    # reaps them, and one may finish its shard in between.
+    assert re.search(r"with [1-9]\d* shard\(s\) started and none finished", stderr), stderr[-2000:]
     wait_until_the_dead_drivers_tasks_are_gone(stderr)
     assert_rerun_gives_the_reference(corpus, out, reference)
 
