@@ -47,6 +47,12 @@ class WebDatasetDatasource(Datasource):
     `rows_per_block` rows, so memory per task is one block plus one sample. Error rows are
     kept (column `error`) unless `include_errors=False`; callers that train on raw shards
     drop them, the preprocess job records them.
+
+    `mark_shard_ends=True` adds a column `shard_rows`: 0, except on the last row a shard
+    yields, where it is that shard's number of rows. A consumer of the rows in any order
+    (an actor pool does not keep it) then knows when it has all of a shard: the `embed` job
+    commits whole shards while one streaming execution runs on. An empty shard yields no
+    row, hence no mark: it is complete when the dataset is.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class WebDatasetDatasource(Datasource):
         include_errors: bool = True,
         rows_per_block: int = 128,
         shard_sizes: dict[str, int | None] | None = None,
+        mark_shard_ends: bool = False,
     ):
         super().__init__()
         if not shards:
@@ -70,6 +77,7 @@ class WebDatasetDatasource(Datasource):
         self.include_errors = include_errors
         self.rows_per_block = rows_per_block
         self.shard_sizes = shard_sizes or {}
+        self.mark_shard_ends = mark_shard_ends
 
     def estimate_inmemory_data_size(self) -> int | None:
         sizes = [self.shard_sizes.get(s) for s in self.shards]
@@ -88,7 +96,8 @@ class WebDatasetDatasource(Datasource):
         return tasks
 
     def schema(self) -> pa.Schema:
-        return sample_schema(self.modalities)
+        schema = sample_schema(self.modalities)
+        return schema.append(pa.field("shard_rows", pa.int64())) if self.mark_shard_ends else schema
 
     def _skip(self, group: list[str]):
         """A predicate (source, key) -> bool for rows to leave out, or None (subclass hook)."""
@@ -96,21 +105,29 @@ class WebDatasetDatasource(Datasource):
 
     def _reader(self, group: list[str], schema: pa.Schema):
         modalities, opts, limits = self.modalities, self.storage_options, self.limits
-        keep_errors, rows_per_block = self.include_errors, self.rows_per_block
+        keep_errors, rows_per_block, mark = self.include_errors, self.rows_per_block, self.mark_shard_ends
         skip = self._skip(group)
+        # marking holds the newest row back: it may be its shard's last, which gets the count
+        held = 1 if mark else 0
 
         def read() -> Iterator[pa.Table]:
             rows: list[dict] = []
             for url in group:
+                n = 0
                 for raw in iter_tar_samples(url, storage_options=opts, limits=limits):
                     if raw.error is not None and not keep_errors:
                         continue
                     if skip is not None and skip(raw.source, raw.key):
                         continue
                     rows.append(sample_row(raw, modalities))
-                    if len(rows) >= rows_per_block:
-                        yield pa.Table.from_pylist(rows, schema=schema)
-                        rows = []
+                    n += 1
+                    if mark:
+                        rows[-1]["shard_rows"] = 0
+                    if len(rows) >= rows_per_block + held:
+                        yield pa.Table.from_pylist(rows[:len(rows) - held], schema=schema)
+                        rows = rows[len(rows) - held:]
+                if mark and n:
+                    rows[-1]["shard_rows"] = n
             if rows:
                 yield pa.Table.from_pylist(rows, schema=schema)
 

@@ -16,9 +16,11 @@ from mmtrain.inference.caption import caption_rows
 from mmtrain.inference.inputs import model_batch
 from mmtrain.inference.loaded import load_model
 from mmtrain.model.generation import beam_search, caption_scores
+from tarutil import write_tar
 
 HELD_OUT_SEED = 4242  # neither the demo's training corpus (0) nor its held-out one (12345)
 SAMPLES, SUBJECTS = 32, 16
+BROKEN_KEY = "broken"
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,9 @@ def job(demo_workdir, heldout, tmp_path_factory):
     """`ray_job.py caption` over the held-out raw shards with the run directory, 3 beams."""
     work, _ = demo_workdir
     out = tmp_path_factory.mktemp("caption_out") / "captions.jsonl"
-    r = cli("caption", "--model", work / "run", "--data", heldout[0], "--output", out, "--beams", 3,
+    broken = tmp_path_factory.mktemp("caption_broken") / "shard-broken.tar"  # one sample whose image is no image
+    write_tar(broken, [(f"{BROKEN_KEY}.jpg", b"not a jpeg at all"), (f"{BROKEN_KEY}.txt", b"a photo of a red circle")])
+    r = cli("caption", "--model", work / "run", "--data", heldout[0], broken, "--output", out, "--beams", 3,
             "--workers", 2, "--batch-size", 8)
     return out, r
 
@@ -118,12 +122,16 @@ def job(demo_workdir, heldout, tmp_path_factory):
 def test_the_job_writes_one_line_per_sample(job, heldout):
     out, r = job
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == SAMPLES
+    assert len(lines) == SAMPLES + 1
+    bad = [line for line in lines if line["key"] == BROKEN_KEY]  # reported with its reason, not dropped
+    assert len(bad) == 1 and bad[0]["caption"] is None and bad[0]["reason"] and bad[0]["detail"], bad
+    lines = [line for line in lines if line["key"] != BROKEN_KEY]
     assert all(set(line) == {"key", "source", "caption"} for line in lines)
     assert sorted(line["key"] for line in lines) == sorted(heldout[1])
     assert {line["source"] for line in lines} == {str(heldout[0] / f"shard-00000{i}.tar") for i in (0, 1)}
     assert os.listdir(out.parent) == [out.name]  # no temporary left beside it
-    assert f"captioned {SAMPLES} samples" in r.stdout and "(beams 3," in r.stdout
+    assert f"captioned {SAMPLES + 1} samples" in r.stdout and "(beams 3," in r.stdout
+    assert "1 could not be read or decoded" in r.stdout
     examples = [line for line in r.stdout.splitlines() if line.startswith("  ")]
     assert len(examples) == 2 and all(e.split(": ", 1)[0].strip() in heldout[1] for e in examples)
 
@@ -132,6 +140,7 @@ def test_half_the_captions_name_the_subject(job, heldout, rows, loaded):
     out, _ = job
     subjects = heldout[1]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [line for line in lines if line["key"] in subjects]
     beam_hits = sum(_names_subject(line["caption"], subjects[line["key"]]) for line in lines)
     greedy = caption_rows(loaded, rows)
     greedy_hits = sum(_names_subject(c, subjects[k]) for c, k in zip(greedy, rows["key"]))

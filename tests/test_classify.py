@@ -17,6 +17,7 @@ from tarutil import write_tar
 SEED = 4321        # the demo trains on seed 0 and holds out seed 1
 SAMPLES = 64       # 4 of each of the 16 subjects
 TEXT_ONLY_KEY = "lonely"
+BROKEN_KEY = "broken"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,8 @@ def heldout(demo_workdir, tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
     info = make_corpus(str(root / "raw"), SAMPLES, 4, seed=SEED)
     write_tar(root / "raw" / "shard-text-only.tar", [(f"{TEXT_ONLY_KEY}.txt", b"a photo of a red circle")])
+    write_tar(root / "raw" / "shard-broken.tar", [(f"{BROKEN_KEY}.jpg", b"not a jpeg at all"),
+                                                  (f"{BROKEN_KEY}.txt", b"a photo of a red circle")])
     names = info["subject_names"]
     truth = {p.key: names[p.subject] for p in (plan(SEED, GOOD, i, len(names)) for i in range(SAMPLES))}
     return {"model": work / "model.safetensors", "data": root / "raw", "names": names, "truth": truth,
@@ -60,21 +63,24 @@ def test_jsonl_has_one_line_per_sample_and_counts_on_console(heldout, classified
     r, lines, out = classified
     names, truth = heldout["names"], heldout["truth"]
     keys = [line["key"] for line in lines]
-    assert len(lines) == SAMPLES + 1 and sorted(keys) == sorted([*truth, TEXT_ONLY_KEY])
+    assert len(lines) == SAMPLES + 2 and sorted(keys) == sorted([*truth, TEXT_ONLY_KEY, BROKEN_KEY])
     for line in lines:
         assert {"key", "source", "label", "score", "modality"} <= set(line)
         assert line["source"].endswith(".tar")
         if line["key"] == TEXT_ONLY_KEY:  # reported, not skipped
             assert line["label"] is None and line["modality"] is None and "no image or audio" in line["reason"]
+        elif line["key"] == BROKEN_KEY:  # reported with the reader's or decoder's reason, not dropped
+            assert line["label"] is None and line["reason"] and line["detail"], line
         else:
             assert line["label"] in names and line["modality"] in ("image", "audio")
             assert 1 / len(names) <= line["score"] <= 1  # the best of a softmax over 16 labels
     # the console: a count per label (matching the file) and the unclassified sample
-    assert f"classified {SAMPLES} of {SAMPLES + 1} samples" in r.stdout
+    assert f"classified {SAMPLES} of {SAMPLES + 2} samples" in r.stdout
     for name in names:
         n = sum(line["label"] == name for line in lines)
         assert any(row.split() == [*name.split(), str(n)] for row in r.stdout.splitlines()), (name, r.stdout)
     assert "1 sample(s) without image or audio" in r.stdout
+    assert "1 sample(s) could not be read or decoded" in r.stdout
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 

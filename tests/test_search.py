@@ -66,21 +66,35 @@ def embedding_table(items, keys, sources, loaded) -> pa.Table:
     return t.select(schema.names).cast(schema)
 
 
-def write_out(out: Path, table: pa.Table, model: str) -> Path:
+def write_out(out: Path, table: pa.Table, model: str, fingerprint: str | None = None) -> Path:
     """An `embed` output folder: OUT/embeddings.lance (written by pylance, as Ray Data's Lance
-    writer does) and OUT/embed.json naming the model."""
+    writer does) and OUT/embed.json naming the model (and its fingerprint, as `embed` does)."""
     import lance
 
     out.mkdir(parents=True)
     lance.write_dataset(table, str(out / "embeddings.lance"))
-    (out / "embed.json").write_text(json.dumps({"model": {"path": model}}))  # as `embed` writes it
+    recorded = {"path": model, **({"fingerprint": fingerprint, "origin": model} if fingerprint else {})}
+    (out / "embed.json").write_text(json.dumps({"model": recorded}))  # as `embed` writes it
     return out
+
+
+def retrained_copy(model: str, path: Path) -> Path:
+    """The export with one weight changed: same config and dimension, another model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(model, framework="pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(path), metadata=meta)
+    return path
 
 
 @pytest.fixture(scope="module")
 def built(demo_workdir, tmp_path_factory):
     """(OUT, the loaded model, the query items: 16 held-out samples, one per subject)."""
-    from mmtrain.inference.loaded import load_model
+    from mmtrain.inference.loaded import load_model, model_fingerprint
     from pipelines.corpus import make_corpus
 
     work, _ = demo_workdir
@@ -91,7 +105,7 @@ def built(demo_workdir, tmp_path_factory):
     make_corpus(str(tmp / "queries"), SUBJECTS, 1, seed=14015)
     items, keys, sources = corpus_items(sorted((tmp / "raw").glob("shard-*.tar")))
     table = embedding_table(items, keys, sources, loaded)
-    out = write_out(tmp / "out", table, model)
+    out = write_out(tmp / "out", table, model, model_fingerprint(loaded))
     queries, qkeys, _ = corpus_items(sorted((tmp / "queries").glob("shard-*.tar")))
     by_subject = {subject_of(k): q for k, q in zip(qkeys, queries)}
     return out, loaded, table, by_subject
@@ -279,6 +293,9 @@ def test_bad_input_is_one_line_and_exit_2(built, tmp_path, capsys):
         (f"makes {loaded.embed_dim}-dimensional vectors but", ["--index", narrow, *text]),
         ("pass --model", ["--index", unnamed, *text]),
         ("no such file", ["--index", out, *text, "--model", tmp_path / "absent.safetensors"]),
+        # the same dimension, another model: vectors in another space are refused, not searched
+        ("is not the one that built", ["--index", out, *text, "--model",
+                                       retrained_copy(model, tmp_path / "retrained.safetensors")]),
     ]
     for expected, args in cases:
         assert ray_job.main(["search", *map(str, args)]) == 2, expected
@@ -306,4 +323,9 @@ def test_search_on_object_storage(built, s3_server, s3_bucket):
     assert open_index(remote, opts).count == TABLE_SAMPLES
     query = {"text": subject_queries()[5]}
     assert search_corpus(remote, query, storage_options=opts) == search_corpus(str(out), query)
+    # the model in the bucket too (an export: its bytes read through fsspec)
+    fs.pipe(f"{bucket}/models/model.safetensors", Path(json.loads((out / "embed.json").read_text())["model"]["path"])
+            .read_bytes())
+    assert search_corpus(remote, query, model=f"s3://{bucket}/models/model.safetensors",
+                         storage_options=opts) == search_corpus(str(out), query)
     assert all(r["index"] is None for r in ensure_index(remote, opts).values())

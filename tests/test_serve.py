@@ -287,17 +287,32 @@ def test_cli_refuses_a_missing_model_in_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_cli_refuses_gpus_its_embedded_ray_lacks_in_one_line(demo_workdir):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "serve", "--model",
+                        str(demo_workdir[0] / "model.safetensors"), "--replicas", "2", "--gpus-per-replica", "64",
+                        "--port", str(free_port())], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --replicas 2 x --gpus-per-replica 64") and "needs 128 GPUs" in last, last
+    assert "Traceback" not in r.stderr
+
+
 def _lines(stream, into: queue.Queue) -> None:
     for line in stream:
         into.put(line)
 
 
 def test_cli_serves_until_ctrl_c_and_stops_cleanly(demo_workdir):
-    model = str(demo_workdir[0] / "model.safetensors")
+    # relative: the replicas run in Ray's worker folders, and must still find it
+    model = os.path.relpath(demo_workdir[0] / "model.safetensors", ROOT)
     port = free_port()
+    # more replicas than this machine has CPUs: they share an embedded Ray's CPUs instead of waiting for ever
+    replicas = (os.cpu_count() or 1) + 1
     # its own embedded Ray, as a user runs it: not the session's cluster
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "ray_job.py"), "serve", "--model", model, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ray_job.py"), "serve", "--model", model, "--port", str(port),
+                             "--replicas", str(replicas)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     out: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True)

@@ -50,6 +50,8 @@ class EmbedActor:
         table = vectors_table(rows, emb, dim)  # a bad row has no modality present: null vectors
         for c in ERROR_COLUMNS:
             table = table.append_column(c, pa.array([str(v) for v in rows[c]], pa.string()))
+        if "shard_rows" in rows:  # the reader's shard-end marks, for a consumer that commits whole shards
+            table = table.append_column("shard_rows", pa.array(np.asarray(rows["shard_rows"], np.int64)))
         return table
 
 
@@ -80,10 +82,20 @@ def embedded_rows(model_path: str, shards: list[str], data_cfg, *, preprocessed:
 
 def embedded_or_quarantined(model_path: str, shards: list[str], data_cfg, *, preprocessed: bool, workers: int = 2,
                             batch_size: int = 64, gpus_per_worker: float = 0,
-                            storage_options: dict | None = None):
+                            storage_options: dict | None = None, mark_shard_ends: bool = False):
     """A lazy Ray Dataset with one row per sample the reader yields from `shards`: a good
     one's `vectors_table` row with reason "", a bad one (the reader's error, a failed decode,
-    a filter rule) with null vectors and its reason code and detail. Nothing is dropped."""
+    a filter rule) with null vectors and its reason code and detail. Nothing is dropped.
+    `mark_shard_ends`: a `shard_rows` column (`WebDatasetDatasource`) rides along."""
+    ds = decoded_keeping_errors(shards, data_cfg, preprocessed=preprocessed, storage_options=storage_options,
+                                mark_shard_ends=mark_shard_ends)
+    return _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options)
+
+
+def decoded_keeping_errors(shards: list[str], data_cfg, *, preprocessed: bool, storage_options: dict | None = None,
+                           mark_shard_ends: bool = False):
+    """A lazy Ray Dataset of `decode_keeping_errors` rows: one per sample the reader yields,
+    a bad one with its reason (the model jobs report it instead of dropping it)."""
     import ray
 
     from pipelines.datasource import WebDatasetDatasource
@@ -94,11 +106,10 @@ def embedded_or_quarantined(model_path: str, shards: list[str], data_cfg, *, pre
     source = WebDatasetDatasource(shards, modalities=PREPROCESSED_COLUMNS if preprocessed else RAW_COLUMNS,
                                   storage_options=storage_options, limits=ReadLimits.from_config(data_cfg),
                                   include_errors=True, rows_per_block=16,
-                                  shard_sizes=shard_sizes(shards, storage_options))
+                                  shard_sizes=shard_sizes(shards, storage_options), mark_shard_ends=mark_shard_ends)
     ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=0.25)
-    ds = ds.map_batches(decode_keeping_errors, fn_kwargs={"cfg": data_cfg}, batch_format="pyarrow",
-                        batch_size=16, num_cpus=0.5)
-    return _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options)
+    return ds.map_batches(decode_keeping_errors, fn_kwargs={"cfg": data_cfg}, batch_format="pyarrow",
+                          batch_size=16, num_cpus=0.5)
 
 
 def _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options):
@@ -148,6 +159,8 @@ def decode_keeping_errors(batch: pa.Table, cfg) -> dict[str, np.ndarray]:
         "audio_present": np.zeros(n, bool),
         "reason": np.array([""] * n, dtype=object), "detail": np.array([""] * n, dtype=object),
     }
+    if "shard_rows" in batch.column_names:  # passed through: see WebDatasetDatasource
+        out["shard_rows"] = np.asarray(batch.column("shard_rows").to_numpy(zero_copy_only=False), np.int64)
     for i, row in enumerate(rows):
         if row.get("error"):
             out["reason"][i], out["detail"][i] = row["error"], row.get("error_detail") or ""

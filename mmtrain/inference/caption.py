@@ -45,7 +45,8 @@ def caption_text(tokenizer, ids: list[int]) -> str:
 
 class CaptionActor:
     """`map_batches` callable class: loads the model once per actor, then turns decoded rows
-    into (source, key, caption) rows."""
+    into (key, source, caption, reason, detail) rows. A row that could not be read or decoded
+    (a non-empty `reason` from `decode_keeping_errors`) keeps its reason and has no caption."""
 
     def __init__(self, model_path: str, storage_options: dict | None = None, max_len: int | None = None,
                  beams: int = 1):
@@ -60,10 +61,19 @@ class CaptionActor:
         self.max_len, self.beams = max_len, beams
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
-        captions = caption_rows(self.loaded, rows, self.max_len, self.beams)
+        n = len(rows["key"])
+        reasons = [str(r) for r in rows["reason"]] if "reason" in rows else [""] * n
+        good = np.array([not r for r in reasons], bool)
+        captions: list[str | None] = [None] * n
+        if good.any():
+            made = caption_rows(self.loaded, {k: v[good] for k, v in rows.items()}, self.max_len, self.beams)
+            for i, text in zip(np.flatnonzero(good), made):
+                captions[i] = text
+        details = [str(d) for d in rows["detail"]] if "detail" in rows else [""] * n
         return pa.table({"key": pa.array([str(k) for k in rows["key"]], pa.string()),
                          "source": pa.array([str(s) for s in rows["source"]], pa.string()),
-                         "caption": pa.array(captions, pa.string())})
+                         "caption": pa.array(captions, pa.string()),
+                         "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string())})
 
 
 @dataclass(frozen=True)
@@ -92,12 +102,11 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
     or an exported .safetensors) into `output`, one JSON line per sample: key, source, caption.
     Returns the counts, settings and two example lines. `progress`: a bar in samples on stderr."""
     from pipelines.dataset import check_preprocessed, shard_counts
-    from pipelines.ingest import build_dataset
     from pipelines.runtime import init_ray
     from pipelines.shards import expand_shards
     from pipelines.storage import OutputStore, is_local
 
-    from .batch_embed import actor_cpus
+    from .batch_embed import actor_cpus, decoded_keeping_errors
 
     from .loaded import load_model
 
@@ -115,36 +124,42 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
     expected = sum((shard_counts(shards, storage_options) or {}).values()) if preprocessed else None
     init_ray()
     start = time.monotonic()
-    ds = build_dataset(shards, loaded.data_cfg, seed=0, preprocessed=preprocessed, storage_options=storage_options)
+    # every sample the reader yields, a bad one with its reason: a line in the output, not a gap
+    ds = decoded_keeping_errors(shards, loaded.data_cfg, preprocessed=preprocessed, storage_options=storage_options)
     ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={
         "model_path": model, "storage_options": storage_options, "max_len": settings.max_len,
         "beams": settings.beams}, batch_size=settings.batch_size, batch_format="numpy",
         concurrency=settings.workers, num_cpus=actor_cpus(settings.workers, settings.gpus_per_worker),
         num_gpus=settings.gpus_per_worker or None)
     with OutputStore(folder, storage_options).open_atomic(name) as f:
-        samples, empty, examples = _write_lines(ds, f, expected, progress)
+        samples, empty, rejected, examples = _write_lines(ds, f, expected, progress)
     cap = loaded.model_cfg.max_text_len
-    return {"output": output, "samples": samples, "empty_captions": empty, "expected": expected,
+    return {"output": output, "samples": samples, "empty_captions": empty, "rejected": rejected, "expected": expected,
             "model": loaded.origin, "beams": settings.beams, "max_len": min(settings.max_len or cap, cap),
             "seconds": round(time.monotonic() - start, 2), "examples": examples}
 
 
-def _write_lines(ds, f, total: int | None, progress: bool) -> tuple[int, int, list[dict]]:
+def _write_lines(ds, f, total: int | None, progress: bool) -> tuple[int, int, int, list[dict]]:
     """The dataset's rows as JSON lines into `f`, as they arrive (in no set order): how many,
-    how many with an empty caption, and the first two with a caption."""
+    how many with an empty caption, how many could not be read or decoded (their line has
+    caption null, `reason` and `detail`), and the first two with a caption."""
     from tqdm import tqdm
 
-    samples, empty, examples = 0, 0, []
+    samples, empty, rejected, examples = 0, 0, 0, []
     with tqdm(total=total, unit="sample", desc="caption", dynamic_ncols=True, disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
+                if row["reason"]:
+                    rejected += 1
+                else:
+                    del row["reason"], row["detail"]
+                    empty += not row["caption"]
+                    if row["caption"] and len(examples) < 2:
+                        examples.append(row)
                 f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-                empty += not row["caption"]
-                if row["caption"] and len(examples) < 2:
-                    examples.append(row)
             samples += batch.num_rows
             bar.update(batch.num_rows)
-    return samples, empty, examples
+    return samples, empty, rejected, examples
 
 
 def _output_place(output: str) -> tuple[str, str]:

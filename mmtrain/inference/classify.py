@@ -115,7 +115,7 @@ def classify(model: str, data: list[str], labels: list[str], template: str = DEF
     from pipelines.runtime import init_ray
     from pipelines.shards import expand_shards
 
-    from .batch_embed import embedded_rows
+    from .batch_embed import embedded_or_quarantined
     from .inputs import BadInput
     from .loaded import load_model
 
@@ -134,25 +134,31 @@ def classify(model: str, data: list[str], labels: list[str], template: str = DEF
     preprocessed = check_preprocessed(shards, loaded.data_cfg, storage_options)
     expected = sum((shard_counts(shards, storage_options) or {}).values()) if preprocessed else None
     init_ray()
-    ds = embedded_rows(model, shards, loaded.data_cfg, preprocessed=preprocessed, workers=workers,
-                       batch_size=batch_size, gpus_per_worker=gpus_per_worker, storage_options=storage_options)
+    # every sample the reader yields, a bad one with its reason: a line in the output, not a gap
+    ds = embedded_or_quarantined(model, shards, loaded.data_cfg, preprocessed=preprocessed, workers=workers,
+                                 batch_size=batch_size, gpus_per_worker=gpus_per_worker,
+                                 storage_options=storage_options)
     counts: Counter = Counter()
     with _atomic_lines(output) as f, _bar(expected, progress) as bar:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for line in classified_lines(table, labels, label_emb, scale):
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                counts[line["label"]] += 1
+                counts["rejected" if line.get("detail") is not None else line["label"]] += 1
             bar.update(len(table))
-    unclassified = counts.pop(None, 0)
-    return {"output": output, "samples": sum(counts.values()) + unclassified, "expected": expected,
-            "unclassified": unclassified, "labels": {label: counts.get(label, 0) for label in labels},
+    unclassified, rejected = counts.pop(None, 0), counts.pop("rejected", 0)
+    return {"output": output, "samples": sum(counts.values()) + unclassified + rejected, "expected": expected,
+            "unclassified": unclassified, "rejected": rejected,
+            "labels": {label: counts.get(label, 0) for label in labels},
             "logit_scale": round(scale, 3), "model": loaded.origin}
 
 
 def classified_lines(table: pa.Table, labels: list[str], label_emb: np.ndarray, scale: float) -> list[dict]:
-    """One dict per row of an `embedded_rows` batch, in row order."""
+    """One dict per row of an `embedded_or_quarantined` batch, in row order: a row that could
+    not be read or decoded has null label and its `reason` code and `detail`."""
     n = len(table)
     keys, sources = table.column("key").to_pylist(), table.column("source").to_pylist()
+    reasons = table.column("reason").to_pylist() if "reason" in table.column_names else [""] * n
+    details = table.column("detail").to_pylist() if "detail" in table.column_names else [""] * n
     chosen = np.full(n, -1)  # index into CLASSIFIED, -1: neither
     vectors = np.zeros((n, label_emb.shape[1]), np.float32)
     for j, m in reversed(list(enumerate(CLASSIFIED))):  # image last: it wins where both are present
@@ -166,6 +172,8 @@ def classified_lines(table: pa.Table, labels: list[str], label_emb: np.ndarray, 
         if has[i]:
             line.update(modality=CLASSIFIED[chosen[i]], label=labels[best[k]], score=round(float(scores[k, best[k]]), 6))
             k += 1
+        elif reasons[i]:
+            line.update(modality=None, label=None, score=None, reason=reasons[i], detail=details[i])
         else:
             line.update(modality=None, label=None, score=None, reason=NO_MODALITY)
         lines.append(line)
@@ -233,12 +241,15 @@ class _bar:
 def format_summary(result: dict) -> str:
     """The label counts, most frequent first, and what was not classified."""
     width = max(len(label) for label in result["labels"])
-    lines = [f"classified {result['samples'] - result['unclassified']} of {result['samples']} samples "
-             f"into {result['output']}"]
+    classified = result['samples'] - result['unclassified'] - result.get('rejected', 0)
+    lines = [f"classified {classified} of {result['samples']} samples into {result['output']}"]
     for label, n in sorted(result["labels"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {label:<{width}}  {n}")
     if result["unclassified"]:
         lines.append(f"  {result['unclassified']} sample(s) without image or audio: in the output with label null")
+    if result.get("rejected"):
+        lines.append(f"  {result['rejected']} sample(s) could not be read or decoded: in the output with label null, "
+                     f"their reason and detail")
     if result["expected"] is not None and result["expected"] != result["samples"]:
         lines.append(f"  the manifests list {result['expected']} samples; {result['expected'] - result['samples']} "
                      f"did not decode (see the warnings above)")

@@ -82,7 +82,7 @@ def _embed_command(sub, h: CommandHelpers) -> None:
     _pool_args(sp, 64)
     sp.add_argument("--shards-per-commit", type=int, metavar="N",
                     help="shards per Lance commit: what a kill can make a re-run redo (default: about an eighth "
-                         "of the shards, at least 2 per worker)")
+                         "of the shards; a commit comes sooner when the rows waiting reach 256 MiB)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     h.common(sp)
     sp.set_defaults(fn=functools.partial(cmd_embed, h=h))
@@ -192,12 +192,22 @@ def format_caption_summary(summary: dict) -> str:
     expected, samples = summary["expected"], summary["samples"]
     skipped = "" if expected in (None, samples) else \
         f" ({expected - samples} of {expected} could not be decoded: see the warnings)"
+    if summary.get("rejected"):
+        skipped += (f"; {summary['rejected']} could not be read or decoded: in the output with caption null, "
+                    f"their reason and detail")
     lines = [f"captioned {samples} samples in {summary['seconds']} s (beams {summary['beams']}, max length "
              f"{summary['max_len']}; {summary['empty_captions']} empty){skipped}: {summary['output']}"]
     return "\n".join(lines + [f"  {row['key']}: {row['caption']}" for row in summary["examples"]])
 
 
 # --- serve --------------------------------------------------------------------------------
+
+def _absolute(path: str) -> str:
+    """A local path as the replicas see it: they run in Ray's worker folders, not in ours."""
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
 
 def _serve_command(sub, h: CommandHelpers) -> None:
     sp = sub.add_parser("serve", help="the model over HTTP (Ray Serve): /embed /search /classify /caption /healthz")
@@ -207,7 +217,7 @@ def _serve_command(sub, h: CommandHelpers) -> None:
     sp.add_argument("--port", type=int, default=8000, help="(default 8000)")
     sp.add_argument("--replicas", type=int, default=1, help="copies of the model answering requests (default 1)")
     sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="(default 0: CPU)")
-    h.common(sp, storage=False)
+    h.common(sp)
     sp.set_defaults(fn=functools.partial(cmd_serve, h=h))
 
 
@@ -215,7 +225,8 @@ def cmd_serve(args, h: CommandHelpers) -> int:
     from .serve import ServeConfig, serve_forever
 
     h.set_address(args)
-    cfg = ServeConfig(model=args.model, index=args.index, host=args.host, port=args.port, replicas=args.replicas,
-                      gpus_per_replica=args.gpus_per_replica)
+    cfg = ServeConfig(model=_absolute(args.model), index=args.index and _absolute(args.index), host=args.host,
+                      port=args.port, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                      storage_options=h.storage_options(args))
     serve_forever(cfg, say=lambda line: print(line, flush=True), warn=lambda line: print(line, file=sys.stderr))
     return 0

@@ -3,8 +3,10 @@
 OUT/quarantine.lance with its reason; OUT/embed.json records the model, the settings and
 the counts. Then the ANN index (`vector_index.ensure_index`).
 
-Exactly once, across `kill -9` and re-runs. The pending shards are embedded in groups; each
-group is written with Ray Data's Lance writer (`Dataset.write_lance`, mode append), which
+Exactly once, across `kill -9` and re-runs. The pending shards are embedded in one streaming
+Ray Data execution; the driver gathers the rows by shard (`shard_buffer.py`) and commits
+complete shards in groups. Each group is written with Ray Data's Lance writer
+(`Dataset.write_lance`, mode append), which
 commits all of a write's fragments in one Lance transaction on the driver after every write
 task has finished, so a group's vectors are in the table all together or not at all (the
 fragment files of a killed write are never referenced by a version). A group holds whole
@@ -25,8 +27,6 @@ incrementally (the new shards only).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -45,12 +45,14 @@ from pipelines.shards import expand_shards
 from pipelines.storage import OutputStore
 
 from .lance_store import lance_storage_options
+from .loaded import model_fingerprint
 from .schema import INFO_FILE, QUARANTINE_DIR, QUARANTINE_SCHEMA, TABLE_DIR, embedding_schema
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MAX_SHARDS_PER_COMMIT = 256  # a group's vectors pass through the driver: this bounds its memory
+MAX_SHARDS_PER_COMMIT = 256
+MAX_BYTES_PER_COMMIT = 256 << 20  # the complete shards' rows wait on the driver: this bounds them
 
 
 @dataclass(frozen=True)
@@ -72,25 +74,12 @@ class EmbedConfig:
             raise UserError("--shards-per-commit must be at least 1")
 
 
-def group_size(pending: int, workers: int, fixed: int | None = None) -> int:
-    """Shards per commit: few groups (each one starts the actor pool again, loading the model
-    in every actor), yet enough of them that a kill loses little, and every actor busy."""
+def group_size(pending: int, fixed: int | None = None) -> int:
+    """Shards per commit: few commits (each is a Lance version and a small write on Ray Data),
+    yet enough of them that a kill loses little: about an eighth of the run each."""
     if fixed is not None:
         return fixed
-    return max(1, min(MAX_SHARDS_PER_COMMIT, max(2 * workers, math.ceil(pending / 8))))
-
-
-def model_fingerprint(loaded) -> str:
-    """What makes two tables comparable: the weights (bytes), the data transform, the dim."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps({"data": loaded.data_cfg.to_dict(), "dim": loaded.embed_dim, "format": FORMAT_VERSION},
-                        sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    return max(1, min(MAX_SHARDS_PER_COMMIT, math.ceil(pending / 8)))
 
 
 class Tables:
@@ -222,37 +211,48 @@ def _claim(store: OutputStore, fp: str, loaded, cfg: EmbedConfig, preprocessed: 
 
 def _embed_pending(pending: list[str], cfg: EmbedConfig, data_cfg, preprocessed: bool, tables: Tables,
                    store: OutputStore, info: dict, lock) -> None:
-    """Each group of shards: embed (one Ray Data execution, the actors' rows streaming back
-    to the driver), then commit its quarantine rows, its vectors, and embed.json."""
+    """One streaming Ray Data execution over every pending shard (the actor pool starts once);
+    the driver gathers the rows by shard (`ShardBuffer`) and commits the complete ones in
+    groups: quarantine rows, then vectors, then embed.json."""
     from .batch_embed import embedded_or_quarantined
+    from .shard_buffer import ShardBuffer
 
-    size = group_size(len(pending), cfg.workers, cfg.shards_per_commit)
-    bar, samples = _progress_bar(len(pending), cfg.progress), 0
+    size = group_size(len(pending), cfg.shards_per_commit)
+    ds = embedded_or_quarantined(cfg.model, pending, data_cfg, preprocessed=preprocessed, workers=cfg.workers,
+                                 batch_size=cfg.batch_size, gpus_per_worker=cfg.gpus_per_worker,
+                                 storage_options=cfg.storage_options or None, mark_shard_ends=True)
+    buffer, bar, samples = ShardBuffer(pending), _progress_bar(len(pending), cfg.progress), 0
     try:
-        for i in range(0, len(pending), size):
-            group = pending[i:i + size]
-            ds = embedded_or_quarantined(cfg.model, group, data_cfg, preprocessed=preprocessed,
-                                         workers=cfg.workers, batch_size=cfg.batch_size,
-                                         gpus_per_worker=cfg.gpus_per_worker,
-                                         storage_options=cfg.storage_options or None)
-            parts = []
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                parts.append(batch)
-                samples += batch.num_rows
-                if bar is not None:
-                    bar.set_postfix_str(f"{samples} samples", refresh=True)
-            vectors, quarantined = split_rows(parts, tables)
-            lock.ensure_held()
-            tables.append(tables.quarantine, quarantined)  # first: see the module doc
-            tables.append(tables.vectors, vectors)
-            with_vectors = set(vectors.column("shard").to_pylist())
-            info["shards_without_vectors"] += [s for s in group if s not in with_vectors]
-            store.write_json(INFO_FILE, info)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            buffer.add(batch)
+            samples += batch.num_rows
             if bar is not None:
-                bar.update(len(group))
+                bar.set_postfix_str(f"{samples} samples", refresh=True)
+            while len(buffer.ready) >= size or (buffer.ready and buffer.ready_bytes >= MAX_BYTES_PER_COMMIT):
+                _commit(*buffer.take_ready(size), tables, store, info, lock, bar)
+        rest = buffer.rest()  # the execution is over: every shard is complete
+        for i in range(0, len(rest), size):
+            _commit(rest[i:i + size], buffer.take(rest[i:i + size]), tables, store, info, lock, bar)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _commit(group: list[str], parts: list[pa.Table], tables: Tables, store: OutputStore, info: dict, lock,
+            bar) -> None:
+    """Whole shards into the tables: their quarantine rows, then their vectors (the module doc
+    says why in this order), then embed.json for those without a vector."""
+    if not group:
+        return
+    vectors, quarantined = split_rows(parts, tables)
+    lock.ensure_held()
+    tables.append(tables.quarantine, quarantined)
+    tables.append(tables.vectors, vectors)
+    with_vectors = set(vectors.column("shard").to_pylist())
+    info["shards_without_vectors"] += [s for s in group if s not in with_vectors]
+    store.write_json(INFO_FILE, info)
+    if bar is not None:
+        bar.update(len(group))
 
 
 def split_rows(parts: list[pa.Table], tables: Tables) -> tuple[pa.Table, pa.Table]:

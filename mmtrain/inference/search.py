@@ -87,8 +87,9 @@ def query_vector(loaded, item: dict) -> tuple[np.ndarray, str]:
     return embed_items([item], loaded)[modality][0], modality
 
 
-def model_of_index(out: str, storage_options: dict | None = None) -> str:
-    """The model that built OUT, as OUT/embed.json records it (`embed` writes it)."""
+def index_info(out: str, storage_options: dict | None = None) -> dict | None:
+    """OUT/embed.json (what `embed` records), or None where there is none. Unreadable or
+    not JSON: a one-line UserError."""
     from pipelines.storage import filesystem, join
 
     fs, path = filesystem(join(out, INFO_FILE), storage_options)
@@ -96,14 +97,40 @@ def model_of_index(out: str, storage_options: dict | None = None) -> str:
         with fs.open(path, "rb") as f:
             info = json.loads(f.read(1 << 20))
     except FileNotFoundError:
-        raise UserError(f"--index {out}: no {INFO_FILE} saying which model built it; pass --model") from None
+        return None
     except ValueError as e:
         raise UserError(f"--index {out}: {INFO_FILE} is not JSON ({e}); pass --model") from None
-    model = info.get("model") if isinstance(info, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
+def model_of_index(out: str, storage_options: dict | None = None) -> str:
+    """The model that built OUT, as OUT/embed.json records it (`embed` writes it)."""
+    info = index_info(out, storage_options)
+    if info is None:
+        raise UserError(f"--index {out}: no {INFO_FILE} saying which model built it; pass --model")
+    model = info.get("model")
     model = model.get("path") if isinstance(model, dict) else model  # embed writes {"path", "origin", ...}
     if not isinstance(model, str) or not model:
         raise UserError(f"--index {out}: {INFO_FILE} names no model; pass --model")
     return model
+
+
+def check_model_fits(loaded, index: EmbeddingIndex, out: str, storage_options: dict | None = None) -> None:
+    """Queries embedded by `loaded` are comparable with OUT's vectors: the same dimension, and
+    where OUT/embed.json records the fingerprint of the model that built it, the same model
+    (weights, data transform). Another model's vectors live in another space: its results
+    would look like answers and mean nothing. A one-line UserError otherwise."""
+    from .loaded import model_fingerprint
+
+    if loaded.embed_dim != index.dim:
+        raise UserError(f"the model {loaded.origin} makes {loaded.embed_dim}-dimensional vectors but {out} holds "
+                        f"{index.dim}-dimensional ones: use the model that built it")
+    recorded = ((index_info(out, storage_options) or {}).get("model") or {})
+    expected = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    if expected and model_fingerprint(loaded) != expected:
+        raise UserError(f"the model {loaded.origin} is not the one that built {out} ({recorded.get('origin')}, "
+                        f"fingerprint {expected}): its vectors are not comparable; use that model, or embed the "
+                        f"corpus with this one")
 
 
 def search_corpus(out: str, item: dict, *, target: str | None = None, k: int = 5, model: str | None = None,
@@ -117,9 +144,7 @@ def search_corpus(out: str, item: dict, *, target: str | None = None, k: int = 5
         raise UserError(f"-k must be at least 1 and at most {MAX_K}, not {k}")
     index = open_index(out, storage_options)
     loaded = load_model(model or model_of_index(out, storage_options), storage_options=storage_options)
-    if loaded.embed_dim != index.dim:
-        raise UserError(f"the model makes {loaded.embed_dim}-dimensional vectors but {out} holds {index.dim}-"
-                        f"dimensional ones: search with the model that built it")
+    check_model_fits(loaded, index, out, storage_options)
     try:
         vector, modality = query_vector(loaded, item)
         return index.search(vector, target or DEFAULT_TARGET[modality], k)

@@ -21,7 +21,7 @@ import socket
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -53,6 +53,7 @@ class ServeConfig(Settings):
     replicas: int = 1
     gpus_per_replica: float = 0
     max_body_bytes: int = MAX_BODY_BYTES
+    storage_options: dict = field(default_factory=dict)  # fsspec options for a model or index in a bucket
 
     def checks(self):
         yield from at_least(self, 1, "port", "replicas")
@@ -98,12 +99,12 @@ class ModelServer:
         # the device comes from Ray: a replica given a GPU sees only its own
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
-        self.loaded = load_model(cfg.model, device=device)
+        self.loaded = load_model(cfg.model, device=device, storage_options=cfg.storage_options or None)
         self.index = None
         if cfg.index:
             from .search import open_index
 
-            self.index = open_index(cfg.index)
+            self.index = open_index(cfg.index, cfg.storage_options or None)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.label_cache: OrderedDict = OrderedDict()
 
@@ -202,9 +203,27 @@ class ModelServer:
 
 
 def build_app(cfg: ServeConfig):
-    """The Serve application: `cfg.replicas` ModelServer replicas, each 1 CPU (+ its GPUs)."""
-    options = {"num_cpus": 1, **({"num_gpus": cfg.gpus_per_replica} if cfg.gpus_per_replica else {})}
-    return ModelServer.options(num_replicas=cfg.replicas, ray_actor_options=options).bind(cfg)
+    """The Serve application: `cfg.replicas` ModelServer replicas (`replica_resources`)."""
+    return ModelServer.options(num_replicas=cfg.replicas, ray_actor_options=replica_resources(cfg)).bind(cfg)
+
+
+def replica_resources(cfg: ServeConfig) -> dict:
+    """1 CPU per replica (+ its GPUs). An embedded Ray has a fixed size and no autoscaler: there
+    the replicas share its CPUs when there are more replicas than CPUs (logical CPUs are a
+    scheduling budget; requests share the real cores either way), and GPUs it does not have
+    are a one-line error, not a deployment that waits for ever."""
+    import ray
+
+    from pipelines.runtime import cluster_cpus, is_embedded
+
+    cpus = 1.0
+    if is_embedded():
+        cpus = min(1.0, cluster_cpus() / cfg.replicas)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if cfg.gpus_per_replica * cfg.replicas > gpus:
+            raise UserError(f"--replicas {cfg.replicas} x --gpus-per-replica {cfg.gpus_per_replica} needs "
+                            f"{cfg.gpus_per_replica * cfg.replicas:g} GPUs; this machine's Ray has {gpus:g}")
+    return {"num_cpus": cpus, **({"num_gpus": cfg.gpus_per_replica} if cfg.gpus_per_replica else {})}
 
 
 def start_app(cfg: ServeConfig) -> str:
@@ -259,17 +278,17 @@ def serve_forever(cfg: ServeConfig, say: Callable[[str], None] = print,
 
     if (line := exposure_warning(cfg.host)) is not None:
         warn(line)
-    loaded = load_model(cfg.model)
+    opts = cfg.storage_options or None
+    loaded = load_model(cfg.model, storage_options=opts)
     rows = ""
     if cfg.index:
-        from .search import open_index
+        from .search import check_model_fits, open_index
 
-        index = open_index(cfg.index)
-        if index.dim != loaded.embed_dim:
-            raise UserError(f"--index {cfg.index} holds {index.dim}-dimensional vectors but --model {cfg.model} "
-                            f"makes {loaded.embed_dim}: embed the corpus with this model first")
+        index = open_index(cfg.index, opts)
+        check_model_fits(loaded, index, cfg.index, opts)
         rows = f", index {cfg.index} ({index.count:,} rows)"
     init_ray(dashboard=False, ray_data=False)
+    replica_resources(cfg)  # what cannot be placed is a one-line error before Serve starts
     if is_embedded():
         _check_port_free(cfg.host, cfg.port)
     start_proxy(cfg)
