@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-REALDATA = SHARED / "realdata" / "webdataset-testdata"
 sys.path.insert(0, str(ROOT))
 
 # Ray 2.60 turns token authentication on by default. This session's cluster gets its own

@@ -189,6 +189,7 @@ def test_kill_9_then_a_rerun_leaves_every_id_exactly_once(model, defects, defect
     in_vectors = set(before_v["shard"].to_pylist())
     assert len(in_vectors) == 1
     assert set(before_q["shard"].to_pylist()) - in_vectors  # the window between the two commits
+    assert unreferenced_files(out / "embeddings.lance")  # the killed commit's fragment files
 
     embed_ok("--model", model, "--data", root, "--output", out, "--shards-per-commit", "1")
     ref_v, ref_q = table(defects_embedded), table(defects_embedded, "quarantine.lance")
@@ -197,6 +198,19 @@ def test_kill_9_then_a_rerun_leaves_every_id_exactly_once(model, defects, defect
     assert max(Counter(got_v["id"].to_pylist()).values()) == 1
     pairs = lambda t: Counter(zip(t["id"].to_pylist(), t["reason"].to_pylist()))  # noqa: E731
     assert pairs(got_q) == pairs(ref_q)
+    for name in ("embeddings.lance", "quarantine.lance"):  # the re-run left no orphaned file
+        assert unreferenced_files(out / name) == set(), name
+
+
+def unreferenced_files(uri) -> set[str]:
+    """Data files of a Lance dataset that no version references (a killed commit's)."""
+    import lance
+
+    referenced = set()
+    for v in lance.dataset(str(uri)).versions():
+        ds = lance.dataset(str(uri), version=v["version"])
+        referenced |= {os.path.basename(f.path) for fragment in ds.get_fragments() for f in fragment.data_files()}
+    return {p.name for p in (uri / "data").iterdir()} - referenced
 
 
 def test_an_output_with_foreign_files_is_refused_in_one_line(model, corpus, tmp_path):

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from conftest import REALDATA
+import other_tools as other_tools_mod
 from pipelines import reasons
 from pipelines.config import DataConfig, TextConfig
 from pipelines.datasource import read_webdataset
@@ -21,31 +21,60 @@ def samples_of(data: bytes):
     return list(_iter_stream(io.BytesIO(data), "mem://x.tar"))
 
 
-def test_realdata_gzip_shard_png_and_cls():
-    got = list(iter_tar_samples(str(REALDATA / "sample.tgz")))
+@pytest.fixture(scope="module")
+def other_tools(tmp_path_factory):
+    """Shards written by GNU tar, gzip and webdataset's TarWriter (tests/other_tools.py)."""
+    folder = tmp_path_factory.mktemp("other_tools")
+    testgz, distinct = other_tools_mod.gz_members_tar(folder)
+    return {"sample.tgz": other_tools_mod.png_cls_tgz(folder), "testgz.tar": testgz, "distinct": distinct,
+            "compressed.tar": other_tools_mod.folder_members_tar(folder)}
+
+
+def test_gnu_tar_gzip_shard_png_and_cls(other_tools):
+    got = list(iter_tar_samples(str(other_tools["sample.tgz"])))
     assert len(got) == 90 and not [s for s in got if s.error]
     assert all(set(s.members) == {"png", "cls"} for s in got)
-    assert got[0].members["png"].startswith(b"\x89PNG")
-    assert len({s.key for s in got}) == 90
+    assert got[0].members["png"].startswith(b"\x89PNG") and got[0].members["png"] == other_tools_mod.digit_png(0)
+    assert len({s.key for s in got}) == 90 and got[10].key == "10" and got[10].members["cls"] == b"0"
 
 
-def test_realdata_gzip_members_are_decompressed():
-    got = list(iter_tar_samples(str(REALDATA / "testgz.tar")))
-    assert len(got) == 1000 and not [s for s in got if s.error]
+def test_gzip_members_are_decompressed(other_tools):
+    got = list(iter_tar_samples(str(other_tools["testgz.tar"])))
+    assert len(got) == 120 and not [s for s in got if s.error]
     assert all(set(s.members) == {"txt"} for s in got)
     # what the member holds after gunzip, checked against an independent decode
     import tarfile
-    with tarfile.open(REALDATA / "testgz.tar") as t:
+    with tarfile.open(other_tools["testgz.tar"]) as t:
         first = t.getmembers()[0]
         expected = gzip.decompress(t.extractfile(first).read())
     assert got[0].members["txt"] == expected and len(expected) > 10
+    assert len({s.members["txt"] for s in got}) == other_tools["distinct"]
 
 
-def test_realdata_members_in_a_folder():
-    got = list(iter_tar_samples(str(REALDATA / "compressed.tar")))
+def test_members_in_a_folder_with_the_folders_own_entry(other_tools):
+    got = list(iter_tar_samples(str(other_tools["compressed.tar"])))
     assert [s.key for s in got] == ["compressed/0001", "compressed/0002", "compressed/0003"]
     assert not [s for s in got if s.error]
-    assert all(s.members["txt"] for s in got)
+    assert [s.members["txt"] for s in got] == [f"text number {i}, in a folder".encode() for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_long_names_in_gnu_and_pax_headers(tmp_path, fmt):
+    path, keys = other_tools_mod.long_names_tar(tmp_path, fmt)
+    got = list(iter_tar_samples(str(path)))
+    assert [s.key for s in got] == keys and all(len(k) > 100 for k in keys)
+    assert not [s for s in got if s.error]
+    assert [(s.members["txt"], s.members["cls"]) for s in got] == [(b"caption 0", b"0"), (b"caption 1", b"1")]
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_webdatasets_own_writer(tmp_path, gz):
+    path, keys = other_tools_mod.webdataset_shard(tmp_path, gz=gz)
+    got = list(iter_tar_samples(str(path)))
+    assert [s.key for s in got] == keys and not [s for s in got if s.error]
+    assert all(set(s.members) == {"png", "txt", "cls"} for s in got)
+    assert got[1].members["txt"] == b"a caption for sample 1" and got[1].members["cls"] == b"1"
+    assert got[0].members["png"] == other_tools_mod.digit_png(100)
 
 
 def test_extensions_are_case_insensitive_and_grouped():
@@ -157,8 +186,8 @@ def test_ray_datasource_rows(ray_cluster, tmp_path):
     assert {r["key"] for r in clean} == {"k1", "k2", "k3"}
 
 
-def test_ray_datasource_reads_realdata(ray_cluster):
-    ds = read_webdataset([str(REALDATA / "sample.tgz"), str(REALDATA / "compressed.tar")])
+def test_ray_datasource_reads_other_tools_shards(ray_cluster, other_tools):
+    ds = read_webdataset([str(other_tools["sample.tgz"]), str(other_tools["compressed.tar"])])
     rows = ds.take_all()
     assert len(rows) == 93 and not [r for r in rows if r["error"]]
     assert sum(r["image_ext"] == "png" for r in rows) == 90

@@ -110,6 +110,18 @@ class Tables:
             seen.update(pc.unique(batch.column(0)).to_pylist())
         return seen
 
+    def clean_up_after_a_killed_run(self) -> None:
+        """A killed run leaves the fragment files of the commit it was in (written, never part of
+        a version): Lance deletes files no version references, and the versions before the
+        latest (the job's own steps: nothing a user made). `delete_unverified` is safe only
+        with no other writer: the ownership lock guarantees it (a dead driver's straggling
+        write task can add files no commit will ever reference, nothing more)."""
+        import lance
+
+        for uri in self.schemas:
+            lance.dataset(uri, storage_options=self.opts).cleanup_old_versions(
+                retain_versions=1, delete_unverified=True, error_if_tagged_old_versions=False)
+
     def forget_quarantined(self, shards: set[str]) -> int:
         """Delete the quarantine rows of `shards` (left by a run killed between the two commits
         of a group); returns how many shards had some."""
@@ -164,10 +176,13 @@ def embed(cfg: EmbedConfig, *, say: Callable[[str], None] | None = None) -> dict
     try:
         if store.exists(INFO_FILE):  # again under the lock: another model's run may have claimed it meanwhile
             _check_same_job(store, fp)
+        resumed = store.exists(INFO_FILE) and not store.read_json(INFO_FILE).get("complete", True)
         info = _claim(store, fp, loaded, cfg, preprocessed)
         store.remove_temporaries(("",))  # embed.json's, of this job's killed runs: the lock says none runs
         tables = Tables(store, loaded.embed_dim, opts)
         tables.open_or_create(store)
+        if resumed:  # the last run did not finish: it may have left a commit's files behind
+            tables.clean_up_after_a_killed_run()
         done = tables.distinct(tables.vectors, "shard") | set(info["shards_without_vectors"])
         pending = [s for s in shards if s not in done]
         tables.forget_quarantined(set(pending))
