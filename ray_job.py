@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""One command line for every step: runs on an embedded local Ray, or on a cluster when
-`--address` / RAY_ADDRESS names one. Thin by design: parse, build a config, call
-`pipelines/` or `mmtrain/`. A user's error (`UserError`) is one line on stderr with exit 2;
-anything else is a bug and keeps its traceback (exit 1)."""
+"""One command line for every step of the pipeline: each runs on an embedded local Ray, or on a
+cluster when --address or RAY_ADDRESS names one. A user's error is one line on stderr with exit
+code 2; anything else is a bug and keeps its traceback (exit code 1).
+
+Thin by design: parse, build a config, call `pipelines/` or `mmtrain/`; a user's error is a `UserError`."""
 from __future__ import annotations
 
 import argparse
@@ -219,13 +220,27 @@ def cmd_list(args) -> int:
 # --- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ray_job.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ray_job.py", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in (_data_commands, _train_command, _run_commands):
         add_commands(sub)
     add_use_commands(sub, CommandHelpers(_common, _storage_options, _set_address))
     _job_commands(sub)
     return p
+
+
+def version() -> str:
+    """The [project] version of the pyproject.toml beside this file (the checkout being run; an installed
+    raymm may be another checkout's), else the installed raymm's (Python 3.10 has no tomllib)."""
+    from importlib import metadata
+
+    try:
+        import tomllib
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    except (ImportError, OSError):
+        return metadata.version("raymm")
 
 
 def _common(sp, storage: bool = True) -> None:
@@ -251,7 +266,8 @@ def _data_commands(sub) -> None:
     sp.add_argument("--output", required=True, help="a new or empty folder or fsspec URL")
     sp.add_argument("--workers", type=int, help="concurrent shard tasks (default: all CPUs)")
     sp.add_argument("--config", help="JSON file with data settings (see pipelines/config.py)")
-    sp.add_argument("--image-size", type=int, help="output images are SIZE x SIZE (default 224)")
+    sp.add_argument("--image-size", type=int,
+                    help="output images are SIZE x SIZE (default: the --config file's image.size, else 224)")
     sp.add_argument("--no-dedup", action="store_true", help="keep samples whose raw content was already kept")
     sp.add_argument("--shard-retries", type=int, default=3, metavar="N",
                     help="run a shard again at most N times after its task's process dies (OOM kill, crash), "
@@ -346,18 +362,18 @@ def _job_commands(sub) -> None:
     _job_address(sp)
     sp.add_argument("--wait", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
     sp.add_argument("--name", help="a name for the job (its id becomes NAME-xxxxxxxx)")
-    sp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable for the job")
+    sp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable for the job; repeatable")
     sp.add_argument("--pip", action="append", default=[], metavar="REQ",
                     help="install a requirement (or a requirements .txt) into a per-job virtualenv on every node; "
-                         "default: nothing is installed, the nodes' environment is used as is")
+                         "repeatable (default: none, the nodes' environment is used as is)")
     sp.add_argument("--pip-project", action="store_true",
                     help="also install the project's dependencies from pyproject.toml (all but ray)")
     sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                    help="leave more out of the uploaded working dir (gitignore syntax)")
+                    help="leave more out of the uploaded working dir (gitignore syntax); repeatable")
     sp.add_argument("--entrypoint-num-cpus", type=float, default=0,
                     help="CPUs reserved for the job's driver (default 0: the driver only orchestrates, and runs "
                          "on the head node)")
-    sp.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the job's driver")
+    sp.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the job's driver (default 0)")
     sp.add_argument("--strict", action="store_true", help="refuse relative paths instead of warning")
     sp.add_argument("--dry-run", action="store_true", help="print the entrypoint and runtime_env; submit nothing")
     sp.add_argument("job_args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS",
@@ -377,7 +393,7 @@ def _job_commands(sub) -> None:
             sp.add_argument("--follow", action="store_true",
                             help="stream until the job ends; exit 0 only if it succeeded")
         else:
-            sp.add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
+            sp.add_argument("--timeout", type=float, default=60, help="seconds to wait for it to stop (default 60)")
 
     sp = sub.add_parser("list", help="the cluster's jobs")
     _job_address(sp)

@@ -112,7 +112,7 @@ def _search_command(sub, h: CommandHelpers) -> None:
     query.add_argument("--audio", metavar="FILE", help="an audio query (WAV, FLAC, OGG, MP3)")
     sp.add_argument("--target", choices=("image", "text", "audio"),
                     help="the modality to find (default: image for a text query, text otherwise)")
-    sp.add_argument("-k", type=int, default=5, help="results (default 5)")
+    sp.add_argument("-k", type=int, default=5, help="how many results (default 5)")
     sp.add_argument("--json", action="store_true", help="a JSON list of {key, source, caption, score, id}")
     sp.add_argument("--model", help="embed the query with this model (default: the one OUT/embed.json names)")
     sp.add_argument("--storage-options", metavar="JSON", help="fsspec options for OUT and the model's storage")
@@ -214,9 +214,9 @@ def _serve_command(sub, h: CommandHelpers) -> None:
     sp.add_argument("--model", required=True, help="a run directory or an exported .safetensors")
     sp.add_argument("--index", metavar="OUT", help="an `embed` output for /search")
     sp.add_argument("--host", default="127.0.0.1", help="listen here (default 127.0.0.1; there is no authentication)")
-    sp.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    sp.add_argument("--port", type=int, default=8000, help="the port to listen on (default 8000)")
     sp.add_argument("--replicas", type=int, default=1, help="copies of the model answering requests (default 1)")
-    sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="(default 0: CPU)")
+    sp.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="GPUs per model replica (default 0: CPU)")
     h.common(sp)
     sp.set_defaults(fn=functools.partial(cmd_serve, h=h))
 
