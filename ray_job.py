@@ -16,6 +16,8 @@ import typing
 
 from mmtrain import credentials
 from mmtrain.inference.commands import CommandHelpers, add_use_commands
+from mmtrain.look_commands import add_look_commands
+from mmtrain.version import project_version
 from pipelines.errors import UserError
 
 
@@ -221,26 +223,15 @@ def cmd_list(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_job.py", description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {project_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in (_data_commands, _train_command, _run_commands):
         add_commands(sub)
-    add_use_commands(sub, CommandHelpers(_common, _storage_options, _set_address))
+    helpers = CommandHelpers(_common, _storage_options, _set_address)
+    for add_commands in (add_use_commands, add_look_commands):
+        add_commands(sub, helpers)
     _job_commands(sub)
     return p
-
-
-def version() -> str:
-    """The [project] version of the pyproject.toml beside this file (the checkout being run; an installed
-    raymm may be another checkout's), else the installed raymm's (Python 3.10 has no tomllib)."""
-    from importlib import metadata
-
-    try:
-        import tomllib
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
-            return tomllib.load(f)["project"]["version"]
-    except (ImportError, OSError):
-        return metadata.version("raymm")
 
 
 def _common(sp, storage: bool = True) -> None:
