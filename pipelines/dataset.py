@@ -23,7 +23,7 @@ import json
 import pyarrow as pa
 
 from .config import DataConfig
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .retry import open_retrying, read_parquet_retrying
 from .storage import OutputStore, canonical_url, filesystem, join
 
@@ -99,6 +99,15 @@ class PreprocessedDataset:
         """The complete output at `url`, or None where there is none (raw shards, say)."""
         dataset = cls(url, storage_options)
         return dataset if dataset.fs.exists(join(dataset.path, STATS_FILE)) else None
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None) -> "PreprocessedDataset":
+        """The complete output at `url`; anything else is the user's mistake, said in one line."""
+        dataset = cls.find(url, storage_options)
+        if dataset is None:
+            raise UserError(f"{url} is not a preprocessed output: it has no {STATS_FILE} (the file a "
+                            "`preprocess` run writes last); give the OUTPUT folder of a finished run")
+        return dataset
 
     @property
     def stats(self) -> dict:
