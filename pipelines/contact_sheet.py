@@ -1,6 +1,6 @@
 """The contact sheet of `inspect OUT --sheet FILE.png`: one PNG, a grid of tiles, for people who
-would rather look than read. First N kept samples, spread evenly over the manifest (each its
-stored image and caption), then the quarantined samples that still have a viewable image,
+would rather look than read. First N kept samples, spread evenly over those of the manifest
+that have an image (each its stored image and caption), then the quarantined samples that still have a viewable image,
 each framed in red and labelled with its reason.
 
 Where the pictures come from: a kept sample's from its output shard (its key, from the
@@ -26,6 +26,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from . import images
@@ -39,6 +40,7 @@ from .storage import OutputStore, filesystem, is_local, join
 from .tarheaders import ReadLimits
 
 TILE_PX = 160            # a tile's picture is TILE_PX x TILE_PX (the stored crop, scaled)
+MAX_KEPT = 1024          # kept samples on one sheet: 128 rows of 8, a ~30,000 px tall PNG
 MAX_QUARANTINED = 64     # quarantined samples tried per sheet, taken in turn from each reason
 MAX_COLUMNS = 8
 PAD = 6
@@ -60,16 +62,17 @@ def contact_sheet(out: str, path: str, n: int = 16, storage_options: dict | None
                   tile_px: int = TILE_PX, max_quarantined: int = MAX_QUARANTINED) -> dict:
     """Draw the sheet of the output at `out` into `path` (local, or a URL with the options);
     returns what is on it and its geometry: tile i sits at origin + (i % columns, i // columns) x cell."""
-    if n < 0:
-        raise UserError(f"--n must be at least 0, got {n}")
+    if not 0 <= n <= MAX_KEPT:
+        raise UserError(f"--n must be between 0 and {MAX_KEPT} (a sheet is one image in memory), got {n}")
     dataset = PreprocessedDataset.open(out, storage_options)
+    store, name, where = sheet_target(path, storage_options)
     try:
         cfg = DataConfig.from_dict(dataset.settings)
     except ConfigError:  # settings of another version: the default limits, which bound the reads as well
         cfg = DataConfig()
     limits = ReadLimits.from_config(cfg)
     display = ImageConfig(size=tile_px, min_size=0, max_pixels=cfg.image.max_pixels)
-    kept_jobs, kept_total = _kept_reads(dataset, n)
+    kept_jobs, with_image = _kept_reads(dataset, n)
     chosen, counts = _quarantined_candidates(dataset, max_quarantined)
     quarantined_jobs = _quarantined_reads(chosen)
     progress = _progress(len(kept_jobs) + len(quarantined_jobs))
@@ -81,10 +84,11 @@ def contact_sheet(out: str, path: str, n: int = 16, storage_options: dict | None
     tiles = kept + quarantined
     sheet, geometry = draw_sheet(tiles, tile_px, [
         f"{dataset.url}",
-        f"{len(kept)} of {kept_total} kept sample(s), evenly spaced; {len(quarantined)} quarantined with a "
-        "viewable image (red: the reason)"])
-    where = save_png(sheet, path, storage_options)
-    return {"path": where, "tiles": len(tiles), "kept": len(kept), "quarantined": len(quarantined),
+        f"{len(kept)} of {with_image} kept sample(s) with an image, evenly spaced; "
+        f"{len(quarantined)} quarantined with a viewable image (red: the reason)"])
+    save_png(sheet, store, name)
+    return {"path": where, "tiles": len(tiles), "kept": len(kept), "kept_with_image": with_image,
+            "kept_not_viewable": sum(len(r.wanted) for r in kept_jobs) - len(kept), "quarantined": len(quarantined),
             "quarantined_not_viewable": len(chosen) - len(quarantined),
             "quarantined_without_image": counts["without_image"],
             "quarantined_over_limit": counts["over_limit"], "quarantined_limit": max_quarantined,
@@ -104,7 +108,10 @@ class ShardRead:
 
 
 def _kept_reads(dataset: PreprocessedDataset, n: int) -> tuple[list[ShardRead], int]:
-    manifest = dataset.manifest(["key", "output_shard"])
+    """Reads of `n` kept samples with an image, evenly spaced over the manifest's order; and
+    how many kept samples have an image."""
+    manifest = dataset.manifest(["key", "output_shard", "image_width"])
+    manifest = manifest.filter(pc.is_valid(manifest["image_width"]))  # the manifest records an image's size
     rows, k = manifest.num_rows, min(n, manifest.num_rows)
     reads: dict[str, ShardRead] = {}
     keys, shards = manifest["key"].to_pylist(), manifest["output_shard"].to_pylist()
@@ -310,22 +317,25 @@ def wrap(font, text: str, width: float, lines: int) -> list[str]:
     return out
 
 
-def save_png(sheet: Image.Image, path: str, storage_options: dict | None) -> str:
-    """Write the PNG at `path` whole or not at all; returns the path written."""
+def sheet_target(path: str, storage_options: dict | None) -> tuple[OutputStore, str, str]:
+    """Where the PNG goes: (its folder as a store, its name there, the path as reported).
+    Checked before any shard is read: a wrong path is said at once."""
     local = is_local(path)
     _, where = filesystem(path, None if local else storage_options)
-    if local:
-        where = os.path.abspath(os.path.expanduser(where))
-        if os.path.isdir(where):
-            raise UserError(f"--sheet {path} is a folder; name the PNG file to write")
-        if not os.path.isdir(os.path.dirname(where)):
-            raise UserError(f"--sheet {path}: the folder {os.path.dirname(where)} does not exist")
-        folder, name = os.path.split(where)
-        store = OutputStore(folder)
-    else:
+    if not local:
         folder, name = path.rstrip("/").rsplit("/", 1)
-        store = OutputStore(folder, storage_options)
+        return OutputStore(folder, storage_options), name, path
+    where = os.path.abspath(os.path.expanduser(where))
+    if os.path.isdir(where):
+        raise UserError(f"--sheet {path} is a folder; name the PNG file to write")
+    folder, name = os.path.split(where)
+    if not os.path.isdir(folder):
+        raise UserError(f"--sheet {path}: the folder {folder} does not exist")
+    return OutputStore(folder), name, where
+
+
+def save_png(sheet: Image.Image, store: OutputStore, name: str) -> None:
+    """Write the PNG whole or not at all (a temporary and a rename, or one upload)."""
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     store.write_bytes(name, buf.getvalue())
-    return where if local else path

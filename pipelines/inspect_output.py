@@ -166,11 +166,12 @@ def format_inspection(report: dict) -> str:
                                                      ("count", "min", "p5", "p50", "p95", "max")))
     sheet = report.get("sheet")
     if sheet:
-        lines.append(f"  sheet       {sheet['path']}: {sheet['kept']} kept and {sheet['quarantined']} quarantined "
-                     f"sample(s), {sheet['columns']} x {sheet['rows']} tiles")
+        lines.append(f"  sheet       {sheet['path']}: {sheet['kept']} kept (of {sheet['kept_with_image']} with "
+                     f"an image) and {sheet['quarantined']} quarantined sample(s), "
+                     f"{sheet['columns']} x {sheet['rows']} tiles")
         if sheet["quarantined_not_viewable"]:
-            lines.append(f"              {sheet['quarantined_not_viewable']} quarantined sample(s) whose image could not "
-                         "be read or decoded are not on it")
+            lines.append(f"              {sheet['quarantined_not_viewable']} quarantined sample(s) whose image "
+                         "could not be read or decoded are not on it")
         if sheet["quarantined_over_limit"]:
             lines.append(f"              {sheet['quarantined_over_limit']} more quarantined sample(s) with an "
                          f"image were not tried (at most {sheet['quarantined_limit']} per sheet)")
