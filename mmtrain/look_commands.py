@@ -48,7 +48,7 @@ def _inspect_command(sub, h) -> None:
     sp.add_argument("--sheet", metavar="FILE.png",
                     help="write a contact sheet: kept samples (image and caption) and quarantined ones that "
                          "still have a viewable image, labelled with their reason")
-    sp.add_argument("--n", type=int, default=16, metavar="N", help="kept samples on the sheet (default 16)")
+    sp.add_argument("--n", type=int, default=16, metavar="N", help="kept samples on the sheet, at most 1024 (default 16)")
     sp.add_argument("--examples", type=int, default=3, metavar="K",
                     help="example keys listed per quarantine reason (default 3)")
     sp.add_argument("--json", action="store_true", help="the report as one JSON object")
