@@ -116,8 +116,8 @@ def _attempts(a: dict) -> str:
 def _audit(a: dict) -> str:
     if "rows" not in a:
         return a["note"]
-    verdict = "no sample served twice" if a["exactly_once"] else f"{a['served_twice']} samples served twice"
-    return (f"{verdict} ({a['rows']} rows, {a['epochs']} epochs, {a['attempts']} attempts, "
+    verdict = "no sample served twice" if a["exactly_once"] else f"{_n(a['served_twice'], 'sample')} served twice"
+    return (f"{verdict} ({_n(a['rows'], 'row')}, {_n(a['epochs'], 'epoch')}, {_n(a['attempts'], 'attempt')}, "
             f"{a['superseded_rows']} superseded); {a['note']}")
 
 

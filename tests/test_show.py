@@ -144,6 +144,29 @@ def test_show_a_run_without_checkpoints_or_config(tmp_path, capsys):
     assert rc == 0 and "run_config.json missing or unreadable" in text and "10 of ? planned" in text
 
 
+def test_show_says_what_audit_says(tmp_path, capsys):
+    """A run's sample audit, written by the workers' own AuditFile: show's verdict is the
+    `audit` command's (here: one sample served twice in epoch 0)."""
+    from mmtrain.attempts import AuditFile
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "attempts.json").write_text('{"started": 1}')
+    for rank, steps in ((0, [[("s", "a", 0), ("s", "b", 0)], [("s", "a", 0)]]), (1, [[("s", "c", 0)], [("s", "d", 0)]])):
+        audit = AuditFile(str(run), rank, attempt=0)
+        for step, ids in enumerate(steps, start=1):
+            audit.write(step, ids)
+        audit.close()
+    o = show_json(capsys, run)
+    assert ray_job.main(["audit", "--run-dir", str(run), "--json"]) == 1  # not exactly once
+    report = json.loads(capsys.readouterr().out)
+    assert o["audit"]["recorded"] is True and o["audit"]["exactly_once"] is report["exactly_once"] is False
+    assert o["audit"]["served_twice"] == report["epochs"]["0"]["served_twice"] == 1
+    assert o["audit"]["rows"] == report["rows"] == 4 and o["attempts"] == {"started": 1, "restarts": 0}
+    rc, text = show(capsys, run)
+    assert rc == 0 and "1 sample served twice (4 rows, 1 epoch, 1 attempt" in text
+
+
 def test_show_checkpoints_in_s3(demo_workdir, tmp_path, s3_bucket, s3_server, capsys):
     """A run whose --checkpoint-storage is a bucket: the newest complete checkpoint is found there."""
     bucket, fs = s3_bucket
