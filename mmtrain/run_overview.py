@@ -86,6 +86,7 @@ def run_overview(run: str, storage_options: dict | None = None) -> dict:
         "audit": audit_status(files),
         "evaluation": evaluations(files, store_info),
         "tensorboard": tensorboard(files),
+        "other_files": other_files(files),
     }
     overview["progress"] = progress(files, config, store_info, metrics)
     overview["problems"] = files.problems
@@ -318,6 +319,13 @@ def tensorboard(files: RunFiles) -> dict | None:
     events = [n for n in files_below(files.fs, folder) if "tfevents" in os.path.basename(n)]
     url = folder if files.local else files.fs.unstrip_protocol(folder)
     return {"folder": url, "event_files": len(events), "command": f"tensorboard --logdir {url}"}
+
+
+def other_files(files: RunFiles) -> dict[str, str]:
+    """What else the run made that a person may want to open, by its path."""
+    about = {"training.png": "the loss and throughput plot (`plot`)", "logs": "the run's logs",
+             "profile": "torch.profiler traces (`--profile-steps`), for TensorBoard"}
+    return {join(files.url, name): what for name, what in about.items() if name in files.names}
 
 
 def _utc(t) -> str:

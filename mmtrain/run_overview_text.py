@@ -17,6 +17,7 @@ def overview_lines(o: dict, *, utc: Callable, ago: Callable) -> list[str]:
     tb = o.get("tensorboard")
     lines.append(("tensorboard", f"{tb['folder']} ({_n(tb['event_files'], 'event file')}): {tb['command']}"
                   if tb else "none"))
+    lines += [("also", f"{path}: {what}") for path, what in o["other_files"].items()]
     lines += [("problem", p) for p in o["problems"]]
     return [f"{label:<{WIDTH}}{text}" for label, text in lines]
 
@@ -26,13 +27,15 @@ def _n(count: int, what: str) -> str:
 
 
 def _state(o: dict) -> str:
-    p = o["progress"]
-    if p["finished"]:
+    lock = o["state"]["lock"]
+    if o["progress"]["finished"]:
         head = "finished"
+    elif lock and lock["alive"]:
+        head = "running"
     elif o["checkpoint"].get("latest_complete") is None and not o["metrics"]["lines"]:
-        head = "not started, or no step logged yet"
+        head = "nothing trained yet"
     else:
-        head = "unfinished"
+        head = "stopped before the end"
     return f"{head}; {o['state']['note']}"
 
 
@@ -76,7 +79,8 @@ def _progress(p: dict, m: dict, utc: Callable, ago: Callable) -> list[tuple[str,
             said.append(f"{_num(last['samples_per_s'], 1)} samples/s")
         if last.get("data_wait_frac") is not None:
             said.append(f"data wait {100 * last['data_wait_frac']:.1f}%")
-        said.append(f"at {utc(last.get('time'))} ({ago(last.get('time'))})")
+        if last.get("time") is not None:
+            said.append(f"at {utc(last['time'])} ({ago(last['time'])})")
         lines.append(("last log", ", ".join(said)))
     extra = [f"{m['replayed']} replayed after a restart"] if m["replayed"] else []
     extra += [f"{m['unreadable']} unreadable"] if m["unreadable"] else []

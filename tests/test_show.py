@@ -75,6 +75,7 @@ def test_show_the_demo_run(demo_workdir, capsys):
     evaluation = json.loads((work / "eval.json").read_text())
     assert [e["results"] for e in o["evaluation"]] == [evaluation]
     assert str(work / "eval.json") in o["evaluation"][0]["files"]
+    assert str(run / "training.png") in o["other_files"]  # the demo plots its run
     assert o["problems"] == []
 
     rc, text = show(capsys, run)
@@ -126,6 +127,7 @@ def test_show_a_killed_run(demo_workdir, tmp_path, capsys):
 
     rc, text = show(capsys, run)
     assert rc == 0
+    assert text.splitlines()[1].startswith("state        stopped before the end")
     assert "no complete checkpoint yet" in text and "1 unreadable" in text and "killed or lost" in text
     assert f"step {cut['last']['step']}: loss {cut['last']['loss']:.4f}" in text
     assert f"incomplete   {newest}: " in text
