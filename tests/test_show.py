@@ -186,6 +186,17 @@ def test_show_checkpoints_in_s3(demo_workdir, tmp_path, s3_bucket, s3_server, ca
     rc, text = show(capsys, run, "--storage-options", json.dumps(s3_server["storage_options"]))
     assert rc == 0 and f"s3://{bucket}/ckpt/train (remote, --checkpoint-storage; 1 checkpoint)" in text
 
+    # the whole run in the bucket, RUN given as its URL: its checkpoints are in RUN/train
+    remote = f"s3://{bucket}/run"
+    for name in ("run_config.json", "metrics.jsonl", "attempts.json", "deepspeed_config.json"):
+        fs.put(str(src / name), f"{bucket}/run/{name}")
+    fs.put(str(src / "train" / newest), f"{bucket}/run/train/{newest}", recursive=True)
+    o = show_json(capsys, remote, "--storage-options", json.dumps(s3_server["storage_options"]))
+    assert o["run"] == remote and o["checkpoint"]["storage"] == f"{remote}/train"
+    assert o["checkpoint"]["latest_complete"] == newest
+    assert o["metrics"]["last"]["loss"] == metric_lines(src)[-1]["loss"]
+    assert o["state"]["lock"] is None and "not local" in o["state"]["note"]
+
 
 @pytest.mark.parametrize("what", ["missing", "not a run"])
 def test_show_refuses_what_is_not_a_run(tmp_path, what):
