@@ -193,6 +193,20 @@ class RunLock:
                          f"gone to it): stop one of them")
 
 
+def holder(run_dir: str) -> dict | None:
+    """Who holds RUN/train.lock, for `show`: None without a lock file; else the owner's host,
+    pid, start (`since`) and command line (redacted when written), and `alive`: False with
+    `why_dead` when the owner is certainly gone (a killed driver leaves its lock), True when it
+    may be running, judged as the next `train` would judge it."""
+    seen = RunLock._read_raw(os.path.join(run_dir, LOCK_NAME))
+    if seen is None:
+        return None
+    owner = _parse(seen[0])
+    why = RunLock(run_dir)._why_dead(owner, time.time() - seen[1])
+    info = {k: owner.get(k) for k in ("host", "pid", "since", "command")} if owner else {}
+    return {**info, "alive": why is None, "why_dead": why}
+
+
 def _parse(data: bytes) -> dict | None:
     try:
         owner = json.loads(data)
