@@ -182,7 +182,34 @@ def ray_init_options(embedded: bool) -> dict:
     options: dict = {"log_to_driver": forwarded}
     if forwarded and not verbose():
         options["runtime_env"] = {"worker_process_setup_hook": "pipelines.console.quiet_worker"}
+    if not verbose():
+        _log_raylet_messages()
     return options
+
+
+def _log_raylet_messages() -> None:
+    """The raylet's messages to a driver (its start-up concurrency note among them) do not go
+    through worker output or logging: Ray's error-message thread prints them with
+    `ray._private.worker.print_to_stdstream`, whatever `log_to_driver` says, and offers no hook.
+    That function is wrapped so the known-harmless ones become records of the "ray.raylet"
+    logger (the log file has them, the console's filter drops them); any other message, or a
+    Ray without that function, prints as before."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_mmtrain_wrapped", False):
+        return
+
+    def print_or_log(data, *args, **kwargs):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and lines and all(harmless(line) for line in lines):
+            for line in lines:
+                logging.getLogger("ray.raylet").warning("(raylet) %s", line)
+            return None
+        return original(data, *args, **kwargs)
+
+    print_or_log._mmtrain_wrapped = True
+    ray_worker.print_to_stdstream = print_or_log
 
 
 def worker_output_forwarded() -> bool:

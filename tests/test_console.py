@@ -165,3 +165,18 @@ def test_the_run_config_of_a_worker_plan_carries_the_board(tmp_path):
     config = plan.to_loop_config(None)
     json.dumps({k: v for k, v in config.items() if k != "storage_options"})
     assert WorkerPlan.from_loop_config(config).progress == "training-progress-1"
+
+
+def test_the_raylets_known_harmless_messages_go_to_the_log_only(tmp_path):
+    """Ray prints the raylet's messages to a driver itself (not through logging): the start-up
+    concurrency note is logged instead, any other message still printed."""
+    script = ("import sys\nsys.path.insert(0, %r)\nfrom pipelines import console\nconsole.setup(%r)\n"
+              "import ray._private.worker as w\nconsole.refresh()\nconsole._log_raylet_messages()\n"
+              "w.print_to_stdstream({'lines': ['WARNING: 8 PYTHON worker processes have been started on node: x'], "
+              "'pid': 'raylet', 'is_err': False}, ignore_prefix=False)\n"
+              "w.print_to_stdstream({'lines': ['the node is out of disk'], 'pid': 'raylet', 'is_err': False}, "
+              "ignore_prefix=False)\n" % (str(ROOT), str(tmp_path / "logs")))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "the node is out of disk" in r.stdout + r.stderr and "PYTHON worker processes" not in r.stdout + r.stderr
+    assert "PYTHON worker processes have been started" in (tmp_path / "logs" / "driver.log").read_text()
