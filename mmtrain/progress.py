@@ -181,7 +181,8 @@ class ProgressDisplay:
 
     def line(self, record: dict) -> str:
         epoch = record.get("epoch", 0) + 1
-        return (f"step {record['step']}/{self.total} epoch {epoch}" + (f"/{self.epochs}" if self.epochs else "")
+        # the plan's step count, or more where the epochs' uneven splits took more steps than planned
+        return (f"step {record['step']}/{max(self.total, record['step'])} epoch {epoch}" + (f"/{self.epochs}" if self.epochs else "")
                 + f" loss {record['loss']:.4f} samples/s {record['samples_per_s']:.1f}"
                 f" data wait {100 * record['data_wait_frac']:.0f}% ETA {format_eta(self.eta())}")
 
