@@ -18,6 +18,7 @@ from mmtrain import credentials
 from mmtrain.inference.commands import CommandHelpers, add_use_commands
 from mmtrain.look_commands import add_look_commands
 from mmtrain.version import project_version
+from pipelines import console
 from pipelines.errors import UserError
 
 
@@ -93,6 +94,7 @@ def cmd_train(args) -> int:
     if train_over.get("max_steps") is not None and train_over.get("epochs") is not None:
         raise UserError("pass either --max-steps or --epochs, not both")
     cfg = load_run_config(args.config, **overrides)
+    console.setup(os.path.join(cfg.run_dir, "logs"), args.verbose)
     summary = train(cfg)
     print(f"trained {summary['steps']} steps on {summary['samples'] or '?'} samples in {summary['seconds']} s; "
           f"checkpoint: {summary['checkpoint']}")
@@ -171,6 +173,7 @@ def cmd_demo(args) -> int:
     from mmtrain.demo import run_demo
 
     _set_address(args)
+    console.setup(os.path.join(args.workdir, "run", "logs"), args.verbose)
     run_demo(args.workdir, samples=args.samples, quick=args.quick)
     return 0
 
@@ -285,6 +288,7 @@ def _train_command(sub) -> None:
     sp.add_argument("--checkpoint-storage", metavar="URL",
                     help="keep checkpoints here (a shared path or an fsspec URL such as s3://bucket/run, reached "
                          "with --storage-options) instead of RUN; later commands on the run find it in RUN")
+    console.add_verbose_flag(sp)
     _common(sp)
     sp.set_defaults(fn=cmd_train)
 
@@ -336,6 +340,7 @@ def _run_commands(sub) -> None:
     sp.add_argument("--samples", type=int, default=640, help="corpus size (default 640)")
     sp.add_argument("--quick", action="store_true", help="a tiny run that only shows the flow works")
     sp.add_argument("--address", help="Ray cluster address (default: a local embedded Ray)")
+    console.add_verbose_flag(sp)
     sp.set_defaults(fn=cmd_demo)
 
 

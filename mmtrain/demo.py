@@ -15,6 +15,7 @@ HELD_OUT_SEED = 12345
 
 
 def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False, log=print) -> dict:
+    from pipelines.console import keep_worker_logs
     from pipelines.corpus import make_corpus
     from pipelines.preprocess import format_summary, preprocess
     from pipelines.runtime import init_ray
@@ -69,6 +70,7 @@ def run_demo(workdir: str = "demo_out", samples: int = 640, quick: bool = False,
     report["use"] = used
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(report, f, indent=1)
+    keep_worker_logs(os.path.join(paths["run"], "logs"))  # the evaluate, embed and caption actors' too
     log(format_report(report))
     return report
 

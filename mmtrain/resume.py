@@ -7,6 +7,7 @@ import ray.train
 import torch.distributed as dist
 
 from .checkpoint import CheckpointStore, ensure_universal, fetch, say_incomplete, step_of
+from .progress import say
 
 
 def resume_point(storage: str, rank: int, world: int, storage_options: dict
@@ -38,13 +39,13 @@ def resume_point(storage: str, rank: int, world: int, storage_options: dict
         if found is None:
             break
         if rank == 0:
-            print(f"rank 0: {say_incomplete(path, found)}")
+            say(f"rank 0: {say_incomplete(path, found)}")
             path = store.latest_complete(before=path)
     taken = [frozenset()]
     if rank == 0:
         store.discard_newer(step_of(path) if path is not None else None)
         if path is not None:
-            print(f"rank 0: resuming from {path}" + (" (universal, new worker count)" if universal else ""))
+            say(f"rank 0: resuming from {path}" + (" (universal, new worker count)" if universal else ""))
         taken = [frozenset(store.folders())]
     dist.broadcast_object_list(taken, src=0)
     return path, universal, taken[0]

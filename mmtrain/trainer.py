@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ray.train import DataConfig
 
+from pipelines.console import keep_worker_logs
 from pipelines.dataset import check_preprocessed, shard_counts
 from pipelines.shards import expand_shards
 from pipelines.storage import join
@@ -20,6 +21,7 @@ from .checkpoint import CheckpointStore, location
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .fault_injection import FaultPause
+from .progress import ProgressDisplay, board_name, progress_board
 from .run_lock import RunLock
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from .worker_plan import WorkerPlan
@@ -84,15 +86,20 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     latest = _say_resume(cfg, checkpoints, log)
 
     clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
-    clock = epoch_clock(clock_name)
+    clock, board = epoch_clock(clock_name), progress_board(board_name(clock_name))
     plan = WorkerPlan(run=cfg, deepspeed=ds_config, clock=clock_name, storage=checkpoints,
                       per_rank_data=cfg.train.deterministic, epochs_per_pass=schedule.per_pass,
-                      samples_per_epoch=n_samples, fault=FaultPause.from_environment())
+                      samples_per_epoch=n_samples, fault=FaultPause.from_environment(),
+                      progress=board_name(clock_name))
     started = time.time()
     try:
-        result = _fit(_torch_trainer(cfg, plan, shards, dataset_kwargs))
+        epochs = None if cfg.train.max_steps else cfg.train.epochs
+        with ProgressDisplay(board, schedule.steps, epochs=epochs, log=log):
+            result = _fit(_torch_trainer(cfg, plan, shards, dataset_kwargs))
     finally:
         ray.kill(clock)
+        ray.kill(board)
+        keep_worker_logs(os.path.join(cfg.run_dir, "logs"))
     done = (result.metrics or {}).get("step", schedule.steps)
     return {"steps": done, "scheduled_steps": schedule.steps, "steps_per_epoch": schedule.steps_per_epoch,
             "samples": n_samples, "resumed_from": latest,
@@ -197,11 +204,13 @@ def _datasets(cfg: RunConfig, clock_name: str, shards: list[str], dataset_kwargs
         # a reproducible split: rank r reads the shards at r, r+W, ... of the epoch's order, in
         # order, so a resumed rank is served exactly the rest of what it would have read
         datasets = {f"train_{r}": build_dataset(shards, cfg.data, clock_name=clock_name, rank=r, world=world,
+                                                notices=board_name(clock_name),
                                                 **dataset_kwargs) for r in range(world)}
         options = DataConfig.default_ingest_options()
         options.preserve_order = True
         return datasets, DataConfig(datasets_to_split=[], execution_options=options)
-    datasets = {"train": build_dataset(shards, cfg.data, clock_name=clock_name, **dataset_kwargs)}
+    datasets = {"train": build_dataset(shards, cfg.data, clock_name=clock_name, notices=board_name(clock_name),
+                                       **dataset_kwargs)}
     return datasets, ExactSplit(datasets_to_split=["train"])
 
 

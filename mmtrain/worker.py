@@ -31,6 +31,7 @@ from .model import build_model
 from .op_builds import skip_unused_ops, stale_build_locks
 from .seeding import seed_everything
 from .probe import write_probe
+from . import progress
 from .resume import resume_point
 from .tokenizer import load_tokenizer
 from .worker_plan import WorkerPlan
@@ -49,6 +50,7 @@ class Worker:
             torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
         self.device = training_device(cfg.scale.use_gpu)
         tokenizer = load_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
+        progress.connect(plan.progress if rank == 0 else None)  # rank 0 tells the driver (progress.py)
 
         resume_from, universal, self.taken = resume_point(plan.storage, rank, world, cfg.storage_options)
         self.engine = _engine(cfg, plan.deepspeed, universal, self.device)
@@ -66,6 +68,8 @@ class Worker:
         self.writer = MetricsWriter(cfg.run_dir, enabled=rank == 0)
         self.attempt = attempt_number(cfg.run_dir, rank, self.device)
         self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
+        progress.push("start", step=self.state.step, attempt=self.attempt,
+                      resumed=os.path.basename(resume_from) if resume_from else None)
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
         meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank, head_everywhere=t.compile)
         self.window = MetricsWindow(meter)  # its clock starts here: the first line's throughput counts from now
@@ -137,6 +141,8 @@ class Worker:
         metrics = self.window.report(self.engine, self.world, self.device)
         self.state.samples += metrics["samples"]
         self.writer.log(self.state.step, {**metrics, "epoch": self.seen})
+        progress.push("step", step=self.state.step, epoch=self.seen,
+                      **{k: metrics[k] for k in ("loss", "samples_per_s", "data_wait_frac")})
 
     def save(self) -> None:
         engine, state, position, rank, taken = self.engine, self.state, self.position, self.rank, self.taken
@@ -164,7 +170,7 @@ class Worker:
         if self.guard is not None:
             self.guard.close()
             if self.rank == 0:
-                print(self.guard.summary())
+                progress.say(self.guard.summary())
 
 
 def _engine(cfg, ds_config: dict, universal: bool, device: torch.device):

@@ -24,6 +24,7 @@ class WorkerPlan:
     epochs_per_pass: int             # epochs served as one stream
     samples_per_epoch: int | None    # None: unknown (raw shards and --max-steps)
     fault: FaultPause | None = None  # tests and benchmarks only (fault_injection.py)
+    progress: str | None = None      # the name of the driver's progress board (progress.py)
 
     def __post_init__(self):
         public = dataclasses.replace(self.run, storage_options=without_secrets(self.run.storage_options))
@@ -35,7 +36,7 @@ class WorkerPlan:
         config = {"run": self.run.to_public_dict(), "storage_options": storage_options,
                   "deepspeed": self.deepspeed, "clock": self.clock, "storage": self.storage,
                   "per_rank_data": self.per_rank_data, "epochs_per_pass": self.epochs_per_pass,
-                  "samples_per_epoch": self.samples_per_epoch}
+                  "samples_per_epoch": self.samples_per_epoch, "progress": self.progress}
         if self.fault is not None:
             config["fault_pause"] = str(self.fault)
         return config
@@ -46,7 +47,7 @@ class WorkerPlan:
         return cls(run=RunConfig.from_dict(config["run"]), deepspeed=config["deepspeed"], clock=config["clock"],
                    storage=config["storage"], per_rank_data=config["per_rank_data"],
                    epochs_per_pass=config["epochs_per_pass"], samples_per_epoch=config["samples_per_epoch"],
-                   fault=FaultPause.parse(fault) if fault else None)
+                   fault=FaultPause.parse(fault) if fault else None, progress=config.get("progress"))
 
     def run_config(self, storage_options: dict) -> RunConfig:
         """The run config with the full storage options (resolved from the object reference)."""

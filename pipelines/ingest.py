@@ -155,11 +155,13 @@ class EpochShuffledDatasource(WebDatasetDatasource):
 internal_errors: Counter = Counter()
 
 
-def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
+def decode_batch(batch: pa.Table, cfg: DataConfig, notices: str | None = None) -> dict[str, np.ndarray]:
     """Raw or preprocessed rows -> fixed-shape arrays; a row that fails to decode is dropped
     with a warning naming its id (on preprocessed shards this does not happen). An unexpected
     exception on a row (a bug, or a preprocessed member that is not what we wrote) drops that
-    row the same way, is counted in `internal_errors` and logged; it never ends the run."""
+    row the same way, is counted in `internal_errors` and logged; it never ends the run.
+    `notices`: the training driver's progress board, told of every dropped row (the driver
+    says the first in one line and counts the rest: mmtrain/progress.py)."""
     size, n_mels, frames = cfg.image.size, cfg.audio.n_mels, cfg.audio.num_frames
     rows = batch.to_pylist()
     out = {
@@ -175,9 +177,12 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
             image, text, mel, mel_frames = _decode_row(row, cfg)
         except SampleError as e:
             log.warning("skipping sample %s#%s: %s", row["source"], row["key"], e)
+            _tell_driver(notices, f"skipping sample {row['source']}#{row['key']}: {e}")
             continue
         except Exception as e:  # MemoryError too; KeyboardInterrupt and SystemExit go through
             _log_internal_error(e, row)
+            _tell_driver(notices, f"skipping sample {row.get('source')}#{row.get('key')}: internal error "
+                                  f"{type(e).__name__}")
             continue
         out["key"].append(row["key"])
         out["source"].append(row["source"])
@@ -197,6 +202,19 @@ def decode_batch(batch: pa.Table, cfg: DataConfig) -> dict[str, np.ndarray]:
         out[k] = np.array(out[k], dtype=object)
     out["epoch"] = np.array(out["epoch"], dtype=np.int32)
     return out
+
+
+def _tell_driver(board: str | None, text: str) -> None:
+    if board is None:
+        return
+    import time
+
+    import ray
+
+    try:
+        ray.get_actor(board).push.remote({"kind": "skipped", "time": time.time(), "text": text})
+    except ValueError:  # the run has ended: its board is gone
+        pass
 
 
 def _log_internal_error(e: Exception, row: dict) -> None:
@@ -274,8 +292,9 @@ def captions(shards: list[str], cfg: DataConfig, *, preprocessed: bool,
 def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed: bool,
                   clock_name: str | None = None, rank: int = 0, world: int = 1,
                   storage_options: dict | None = None, shard_counts: dict[str, int] | None = None,
-                  read_cpus: float = 0.25, decode_cpus: float = 0.5):
-    """Lazy Ray Dataset of decoded training rows (nothing is materialized)."""
+                  read_cpus: float = 0.25, decode_cpus: float = 0.5, notices: str | None = None):
+    """Lazy Ray Dataset of decoded training rows (nothing is materialized); `notices`: see
+    decode_batch."""
     import ray
 
     from .shards import shard_sizes
@@ -288,5 +307,5 @@ def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed
     ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=read_cpus)
     # small blocks (16 rows, ~5 MB decoded): the split hands blocks to whichever worker asks
     # first, so block size is the granularity of load balance between training workers
-    return ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
+    return ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg, "notices": notices}, batch_format="pyarrow",
                           batch_size=16, num_cpus=decode_cpus)

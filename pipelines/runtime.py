@@ -44,10 +44,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         _set_data_context(ray_data)
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    from . import console
+
+    console.refresh()  # Ray's own handler exists since `import ray`: ray.init's warnings pass it
     kwargs: dict = {
         "logging_level": logging.WARNING if quiet else logging.INFO,
-        "log_to_driver": True,
         "configure_logging": True,
+        **console.ray_init_options(embedded=not address),
     }
     if address:
         ray.init(address=address, **kwargs)
@@ -58,6 +61,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded = True
     _set_data_context(ray_data)
+    console.refresh()  # the handlers Ray and Ray Data set up
 
 
 def _set_data_context(ray_data: bool) -> None:
