@@ -25,7 +25,9 @@ TRAIN = ("--batch-size", 8, "--checkpoint-every", 2, "--set", "train.log_every=1
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """`mlflow server` on a free loopback port: SQLite backend, artifacts proxied to a folder."""
+    """`mlflow server` on a free loopback port: SQLite backend, artifacts proxied to a folder.
+    Yields (url, wait): it starts at once, and `wait()` returns when it answers, so its start
+    (minutes on a busy machine: it imports a lot) overlaps with the session's Ray and data."""
     folder = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     log = open(folder / "server.log", "w")
@@ -34,19 +36,22 @@ def mlflow_server(tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own group: uvicorn and job workers
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
+
+    def wait():
+        deadline = time.monotonic() + 600
         while True:
             assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5) as r:
                     if r.status == 200:
-                        break
+                        return url
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not answer: " + (folder / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no answer: " + (folder / "server.log").read_text()[-3000:]
             time.sleep(0.5)
-        yield url
+
+    try:
+        yield url, wait
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -58,13 +63,14 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server_run(small_data, mlflow_server, tmp_path_factory):
-    """One epoch tracked on the server, then evaluated: (run dir, evaluate's results)."""
+def server_run(mlflow_server, small_data, tmp_path_factory):
+    """One epoch tracked on the server, then evaluated: (run dir, evaluate's results, server URL)."""
+    url = mlflow_server[1]()
     run = tmp_path_factory.mktemp("mlflow_run") / "run"
-    cli("train", "--data", small_data, "--run-dir", run, "--epochs", 1, *TRAIN, "--mlflow", mlflow_server)
+    cli("train", "--data", small_data, "--run-dir", run, "--epochs", 1, *TRAIN, "--mlflow", url)
     out = cli("evaluate", "--model", run, "--data", small_data)  # --mlflow: the one the run records
     assert "MLflow: evaluation logged to run" in out.stderr
-    return run, json.loads(out.stdout)
+    return run, json.loads(out.stdout), url
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -81,10 +87,10 @@ def same_history(logged, written) -> bool:
             and [v for _, v in logged] == pytest.approx([v for _, v in written], abs=1e-9))
 
 
-def test_a_server_run_has_the_params_every_log_step_and_the_artifacts(server_run, mlflow_server, tmp_path):
+def test_a_server_run_has_the_params_every_log_step_and_the_artifacts(server_run, tmp_path):
     from mmtrain.export import load_exported
 
-    run, _ = server_run
+    run, _, mlflow_server = server_run
     record = read_record(str(run))
     assert record["tracking_uri"] == mlflow_server
     client = client_for(mlflow_server)
@@ -110,8 +116,8 @@ def test_a_server_run_has_the_params_every_log_step_and_the_artifacts(server_run
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_logs_into_the_same_run(server_run, mlflow_server, tmp_path):
-    run, result = server_run
+def test_evaluate_logs_into_the_same_run(server_run, tmp_path):
+    run, result, mlflow_server = server_run
     run_id = read_record(str(run))["run_id"]
     client = client_for(mlflow_server)
     step = int(result["checkpoint"].split("_")[1])
