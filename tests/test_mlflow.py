@@ -66,11 +66,13 @@ def mlflow_server(tmp_path_factory):
 def server_run(mlflow_server, small_data, tmp_path_factory):
     """One epoch tracked on the server, then evaluated: (run dir, evaluate's results, server URL)."""
     url = mlflow_server[1]()
-    run = tmp_path_factory.mktemp("mlflow_run") / "run"
+    folder = tmp_path_factory.mktemp("mlflow_run")
+    run = folder / "run"
     cli("train", "--data", small_data, "--run-dir", run, "--epochs", 1, *TRAIN, "--mlflow", url)
-    out = cli("evaluate", "--model", run, "--data", small_data)  # --mlflow: the one the run records
+    # --mlflow: the one the run records
+    out = cli("evaluate", "--model", run, "--data", small_data, "--output", folder / "eval.json")
     assert "MLflow: evaluation logged to run" in out.stderr
-    return run, json.loads(out.stdout), url
+    return run, json.load(open(folder / "eval.json")), url
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
