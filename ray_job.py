@@ -293,7 +293,7 @@ def _train_command(sub) -> None:
     sp.set_defaults(fn=cmd_train)
 
 
-METAVARS = {"profile_steps": "A:B", "gpus_per_worker": "G"}  # where the field's name does not say the form
+METAVARS = {"profile_steps": "A:B", "gpus_per_worker": "G", "mlflow": "URI"}  # where the field's name does not say the form
 
 
 def _section_flags(sp, section: str, cls) -> None:

@@ -8,6 +8,7 @@ import time
 import ray
 
 from .device import any_rank
+from .mlflow_tracking import MlflowMetrics
 from .profiling import StepProfiler
 from .worker import Worker
 from .worker_plan import WorkerPlan
@@ -20,6 +21,7 @@ def train_loop_per_worker(config: dict) -> None:
     if plan.fault is not None:
         worker.hooks.append(plan.fault)
     profiler = StepProfiler.attach(worker)  # --profile-steps: a hook on the worker, else None
+    MlflowMetrics.attach(worker)  # --mlflow: rank 0's metrics writer also logs to the MLflow run
     while worker.has_work_left():
         for batch, _, waited in lockstep(worker.start_pass(), worker.collate.empty, worker.device):
             if worker.train_on(batch, waited) and worker.state.step >= worker.max_steps:

@@ -56,6 +56,10 @@ class TrainConfig(Settings):
     deterministic: bool = setting(False, flag=True, help="reproducible data order, RNG and kernels")
     audit_samples: bool = setting(False, flag=True, help="write RUN/audit/*.jsonl: sample ids per step")
     max_failures: int = setting(3, flag=True, help="automatic restarts after a worker or node dies; -1: unlimited")
+    mlflow: str | None = setting(None, flag=True,
+                                 help="also track the run in MLflow: a local folder, a file: URI or an http(s):// "
+                                      "tracking server (mlflow_tracking.py); a re-run continues the same MLflow run "
+                                      "(default: the one RUN/mlflow.json records, else none)")
 
     def checks(self):
         yield from at_least(self, 1, "batch_size", "grad_accum", "max_steps", "epochs", "log_every",

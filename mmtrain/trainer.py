@@ -21,6 +21,7 @@ from .checkpoint import CheckpointStore, location
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .fault_injection import FaultPause
+from .mlflow_tracking import tracked
 from .progress import ProgressDisplay, board_name, progress_board
 from .run_lock import RunLock
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -61,7 +62,7 @@ class ExactSplit(DataConfig):
 def train(cfg: RunConfig, *, log=print) -> dict:
     """Runs (or resumes) the run, holding its directory's lock throughout (run_lock.py)."""
     os.makedirs(cfg.run_dir, exist_ok=True)
-    with RunLock(cfg.run_dir, log=log):
+    with RunLock(cfg.run_dir, log=log), tracked(cfg, log=log) as cfg:  # tracked: --mlflow (mlflow_tracking.py)
         return _train(cfg, log=log)
 
 

@@ -55,12 +55,15 @@ def _evaluate_command(sub, h: CommandHelpers) -> None:
     sp.add_argument("--template", default="a photo of {}", help="the zero-shot prompt (default 'a photo of {}')")
     sp.add_argument("--caption-max-len", type=int, default=None,
                     help="tokens per generated caption (default: the model's max_text_len)")
+    sp.add_argument("--mlflow", metavar="URI", help="log the results into the run's MLflow run, tracked at URI "
+                                                    "(default: the one RUN/mlflow.json records, else none)")
     h.common(sp)
     sp.set_defaults(fn=functools.partial(cmd_evaluate, h=h))
 
 
 def cmd_evaluate(args, h: CommandHelpers) -> int:
     from mmtrain.evaluate import evaluate, parse_labels
+    from mmtrain.mlflow_tracking import log_evaluation
 
     h.set_address(args)
     result = evaluate(args.run_dir, args.data, output=args.output, batch_size=args.batch_size,
@@ -68,6 +71,7 @@ def cmd_evaluate(args, h: CommandHelpers) -> int:
                       template=args.template, caption_max_len=args.caption_max_len,
                       storage_options=h.storage_options(args))
     print(json.dumps(result, indent=1, sort_keys=True))
+    log_evaluation(args.run_dir, result, args.mlflow)  # into the run's MLflow run, if it has one
     return 0
 
 

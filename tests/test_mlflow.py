@@ -1,0 +1,183 @@
+"""MLflow tracking (train --mlflow, evaluate into the same run): real MLflow, on a real tracking
+server on loopback (SQLite store, proxied artifacts) and on a folder store, with real training
+on the session's Ray."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import cli, free_port
+from mmtrain.config import RunConfig
+from mmtrain.metrics import MetricsWriter, read_metric_lines
+from mmtrain.mlflow_tracking import MlflowMetrics, client_for, read_record, tracked, tracking_uri
+from pipelines.errors import UserError
+
+# tests never phone home (MLflow's usage telemetry); set before the session's Ray starts, so its workers inherit it
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+TRAIN = ("--batch-size", 8, "--checkpoint-every", 2, "--set", "train.log_every=1")  # a metrics line every step
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port: SQLite backend, artifacts proxied to a folder.
+    Yields (url, wait): it starts at once, and `wait()` returns when it answers, so its start
+    (minutes on a busy machine: it imports a lot) overlaps with the session's Ray and data."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own group: uvicorn and job workers
+    url = f"http://127.0.0.1:{port}"
+
+    def wait():
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no answer: " + (folder / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+
+    try:
+        yield url, wait
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server_run(mlflow_server, small_data, tmp_path_factory):
+    """One epoch tracked on the server, then evaluated: (run dir, evaluate's results, server URL)."""
+    url = mlflow_server[1]()
+    folder = tmp_path_factory.mktemp("mlflow_run")
+    run = folder / "run"
+    cli("train", "--data", small_data, "--run-dir", run, "--epochs", 1, *TRAIN, "--mlflow", url)
+    # --mlflow: the one the run records
+    out = cli("evaluate", "--model", run, "--data", small_data, "--output", folder / "eval.json")
+    assert "MLflow: evaluation logged to run" in out.stderr
+    return run, json.load(open(folder / "eval.json")), url
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def jsonl_history(run, key: str) -> list[tuple[int, float]]:
+    return sorted((line["step"], line[key]) for line in read_metric_lines(str(run)))
+
+
+def same_history(logged, written) -> bool:
+    """The same steps, and the same numbers (MLflow stores doubles, the JSON lines decimals)."""
+    return ([s for s, _ in logged] == [s for s, _ in written]
+            and [v for _, v in logged] == pytest.approx([v for _, v in written], abs=1e-9))
+
+
+def test_a_server_run_has_the_params_every_log_step_and_the_artifacts(server_run, tmp_path):
+    from mmtrain.export import load_exported
+
+    run, _, mlflow_server = server_run
+    record = read_record(str(run))
+    assert record["tracking_uri"] == mlflow_server
+    client = client_for(mlflow_server)
+    tracked_run = client.get_run(record["run_id"])
+    assert tracked_run.info.status == "FINISHED" and tracked_run.info.run_name == "run"
+    params = tracked_run.data.params
+    assert params["train.batch_size"] == "8" and params["train.log_every"] == "1" and params["scale.workers"] == "2"
+    assert params["train.mlflow"] == mlflow_server and int(params["model.vocab_size"]) > 0
+    assert json.loads(params["data_paths"]) == json.load(open(run / "run_config.json"))["data_paths"]
+
+    lines = read_metric_lines(str(run))
+    assert len(lines) >= 3  # one epoch of 48 samples, 2 workers x 8: at least 3 steps, each logged
+    for key in ("loss", "samples_per_s", "lr", "epoch"):
+        # rank 0 alone logs: one value per metrics.jsonl line, the same steps and numbers
+        assert same_history(history(client, record["run_id"], key), jsonl_history(run, key)), key
+
+    top = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {"model", "training.png", "run_config.json"} <= top
+    model = client.download_artifacts(record["run_id"], "model/model.safetensors", str(tmp_path))
+    loaded, model_cfg, _ = load_exported(model)
+    assert model_cfg.vocab_size == int(params["model.vocab_size"])
+    png = client.download_artifacts(record["run_id"], "training.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_logs_into_the_same_run(server_run, tmp_path):
+    run, result, mlflow_server = server_run
+    run_id = read_record(str(run))["run_id"]
+    client = client_for(mlflow_server)
+    step = int(result["checkpoint"].split("_")[1])
+    assert step == max(line["step"] for line in read_metric_lines(str(run)))
+    for key in ("image_to_text/recall@1", "caption_loss", "samples"):
+        assert history(client, run_id, "eval/" + key.replace("@", "_at_")) == [(step, pytest.approx(result[key]))]
+    assert client.get_run(run_id).data.tags["eval.checkpoint"] == result["checkpoint"]
+    logged = client.download_artifacts(run_id, "evaluation/eval.json", str(tmp_path))
+    assert json.load(open(logged)) == result
+
+
+def test_a_folder_store_and_a_resumed_run_continue_one_mlflow_run(small_data, tmp_path):
+    # relative paths: the workers run elsewhere and must still find the store
+    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, *TRAIN, "--mlflow", "mlruns",
+        cwd=tmp_path)
+    first = read_record(str(tmp_path / "run"))
+    assert first["tracking_uri"] == f"file://{tmp_path}/mlruns"
+    # the same command again, further and without --mlflow: the recorded store and run, resumed
+    out = cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 4, *TRAIN, cwd=tmp_path)
+    assert f"MLflow: continuing run {first['run_id']}" in out.stdout
+    assert read_record(str(tmp_path / "run")) == first
+
+    client = client_for(first["tracking_uri"])
+    assert [r.info.run_id for r in client.search_runs([first["experiment_id"]])] == [first["run_id"]]
+    tracked_run = client.get_run(first["run_id"])
+    assert tracked_run.info.status == "FINISHED"
+    assert tracked_run.data.params["train.max_steps"] == "2"  # MLflow keeps a parameter's first value
+    steps = [line["step"] for line in read_metric_lines(str(tmp_path / "run"))]
+    assert steps == [1, 2, 3, 4]
+    assert same_history(history(client, first["run_id"], "loss"), jsonl_history(tmp_path / "run", "loss"))
+    assert {a.path for a in client.list_artifacts(first["run_id"], "model")} == {"model/model.safetensors"}
+
+
+def test_a_tracking_server_that_is_down_costs_the_driver_one_warning(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = RunConfig.from_dict({"data_paths": ["shards"], "run_dir": str(tmp_path), "train": {"mlflow": down}})
+    said = []
+    with tracked(cfg, log=said.append) as used:
+        assert used.train.mlflow is None  # the workers do not try
+    assert len(said) == 1 and said[0].startswith(f"warning: MLflow at {down} failed") and "training goes on" in said[0]
+    assert read_record(str(tmp_path)) is None
+
+
+def test_a_tracking_server_lost_during_training_costs_rank_0_one_warning(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"
+    said = []
+    tee = MlflowMetrics(MetricsWriter(str(tmp_path), enabled=True), client_for(down), "0" * 32, say=said.append)
+    for step in (1, 2, 3):
+        tee.log(step, {"loss": 1.0 / step})
+    tee.close()
+    assert len(said) == 1 and said[0].startswith("warning: MLflow failed") and "training goes on" in said[0]
+    assert [line["step"] for line in read_metric_lines(str(tmp_path))] == [1, 2, 3]  # metrics.jsonl has them all
+
+
+def test_tracking_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri("mlruns") == f"file://{tmp_path}/mlruns"
+    assert tracking_uri("file:mlruns") == f"file://{tmp_path}/mlruns"
+    assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_PASSWORD"):
+        tracking_uri("https://me:secret@mlflow.example.com")
