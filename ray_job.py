@@ -104,6 +104,8 @@ def cmd_train(args) -> int:
 def _train_overrides(args) -> dict:
     """What `train`'s flags and --set say about the run config, as nested dicts (--set first,
     so that a flag wins over the generic form of the same setting)."""
+    from mmtrain.config import merged
+    from mmtrain.data_sources import data_overrides
     from pipelines.settings import parse_set, put
 
     sections = parse_set(args.set)
@@ -114,9 +116,10 @@ def _train_overrides(args) -> dict:
         if "." in dest and value is not None:  # the generated flags' dest: SECTION.FIELD
             put(sections, dest, value)
     _gpus_set_use_gpu(args, sections)
-    flags = {"data_paths": list(args.data), "run_dir": args.run_dir, "seed": args.seed, "preset": args.preset,
+    flags = {"run_dir": args.run_dir, "seed": args.seed, "preset": args.preset,
              "storage_options": _storage_options(args) or None, "checkpoint_storage": args.checkpoint_storage}
-    return {**sections, **{name: value for name, value in flags.items() if value is not None}}
+    return merged({**sections, **{name: value for name, value in flags.items() if value is not None}},
+                  data_overrides(args.data))
 
 
 def _gpus_set_use_gpu(args, sections: dict) -> None:
@@ -132,24 +135,13 @@ def _gpus_set_use_gpu(args, sections: dict) -> None:
 
 
 def cmd_audit(args) -> int:
-    from mmtrain.audit import check, manifest_ids
+    from mmtrain.audit import check_run, report_lines
 
-    expected = manifest_ids(args.data, _storage_options(args)) if args.data else None
-    report = check(args.run_dir, expected)
+    report = check_run(args.run_dir, args.data, _storage_options(args))
     if not report["rows"]:
         raise UserError(f"no audit in {args.run_dir}/audit: train with --audit-samples")
-    print(json.dumps(report, indent=1) if args.json else _audit_lines(report))
+    print(json.dumps(report, indent=1) if args.json else report_lines(report))
     return 0 if report["exactly_once"] else 1
-
-
-def _audit_lines(report: dict) -> str:
-    lines = [f"{report['rows']} audit rows from {report['attempts']} attempt(s); "
-             f"{report['superseded_rows']} superseded (steps run again after a restart)"]
-    for epoch, e in report["epochs"].items():
-        lines.append(f"epoch {epoch}: {e['samples']} samples, {e['served_twice']} served twice, "
-                     f"{e['never_served']} never served" + (f"  e.g. {e['examples'][0]}" if e["examples"] else ""))
-    lines.append("exactly once: " + ("yes" if report["exactly_once"] else "NO"))
-    return "\n".join(lines)
 
 
 def cmd_export(args) -> int:
@@ -275,7 +267,8 @@ def _train_command(sub) -> None:
     from mmtrain.train_config import ScaleConfig, TrainConfig  # torch-free: every command builds this parser
 
     sp = sub.add_parser("train", help="train the multimodal model with DeepSpeed on Ray Train")
-    sp.add_argument("--data", nargs="+", required=True, metavar="DATA", help="preprocessed output or raw shards")
+    sp.add_argument("--data", nargs="+", metavar="DATA", help="preprocessed output or raw shards; NAME=PATH[:WEIGHT] "
+                    "entries: a weighted mixture (default: the config's data.sources or data_paths)")
     sp.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here; re-run to resume")
     sp.add_argument("--config", help="run config JSON (see configs/)")
     sp.add_argument("--preset", help="model size preset: tiny, small, base, large, xl")

@@ -51,17 +51,23 @@ class Collate(NumpyBatchCollateFn):
             "audio_present": _pad_bool(b["audio_present"], B),
             # ids stay python objects: they are the data position, not model input
             "ids": list(zip((str(s) for s in b["source"]), (str(k) for k in b["key"]),
-                            (int(e) for e in b["epoch"]))),
+                            (_part(p) for p in b.get("part", b["epoch"])))),
+            "epoch": int(max(b["epoch"], default=-1)),  # the newest epoch in the batch, for the metrics
         }
 
     def empty(self) -> dict:
         """A batch with no sample in it: loss 0, but every collective still runs."""
         return self({"key": np.array([], object), "source": np.array([], object), "text": np.array([], object),
-                     "epoch": np.zeros(0, np.int32),
+                     "epoch": np.zeros(0, np.int32), "part": np.array([], object),
                      "image": np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
                      "image_present": np.zeros(0, bool), "text_present": np.zeros(0, bool),
                      "mel": np.zeros((0, self.n_mels, self.mel_frames), np.float16),
                      "mel_frames": np.zeros(0, np.int32), "audio_present": np.zeros(0, bool)})
+
+
+def _part(p):
+    """An epoch (int) or a mixture's part ("NAME/K"), as plain python for the data position."""
+    return p if isinstance(p, str) else int(p)
 
 
 def _pad_bool(x, size: int) -> torch.Tensor:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from pipelines.config import DataConfig
 from pipelines.errors import ConfigError
 from pipelines.settings import Settings, at_least, build, read_config_file, setting
 
 from .credentials import looks_like_secret, without_secrets
+from .data_sources import TrainDataConfig
 from .model import PRESETS, ModelConfig
 from .train_config import PRECISIONS, ScaleConfig, TrainConfig
 
@@ -44,7 +44,7 @@ class RunConfig(Settings):
     seed: int = setting(0, help="seed of the model init, data order and RNGs")
     storage_options: dict = setting(factory=dict, help="fsspec storage options")
     checkpoint_storage: str = setting("", help="a path or fsspec URL (s3://bucket/run); empty: the run directory")
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -53,6 +53,8 @@ class RunConfig(Settings):
         yield from at_least(self, 1, "bpe_vocab_size")
         yield bool(self.data_paths), "no training data: pass --data with shards or a preprocessed folder"
         yield bool(self.run_dir), "no run directory: pass --run-dir"
+        yield (self.train.samples_per_epoch is None or bool(self.data.sources),
+               "train.samples_per_epoch sizes the epochs of a mixture: name the sources (--data NAME=PATH[:WEIGHT])")
         # paths are saved with the run, shown by Ray's dashboard and in job entrypoints
         yield (not any(looks_like_secret(url) for url in (*self.data_paths, self.checkpoint_storage)),
                "a --data or --checkpoint-storage path carries a credential (a password, token or signature in "
@@ -96,7 +98,14 @@ class RunConfig(Settings):
             raise ConfigError(f"model must be a JSON object, got {model!r}")
         # the model first: the run's own checks compare it with the data settings
         d["model"] = ModelConfig.preset(d.get("preset", cls.preset), **model)
-        return build(cls, d, cls.LABEL)
+        sources = d["data"].get("sources") if isinstance(d.get("data"), dict) else None
+        if sources and not d.get("data_paths") and all(isinstance(s, dict) for s in sources):
+            # sources from a config file: data_paths are the paths they name
+            d["data_paths"] = [p for s in sources for p in (s.get("paths") or [])]
+        cfg = build(cls, d, cls.LABEL)
+        if cfg.data.sources and cfg.data_paths != tuple(p for s in cfg.data.sources for p in s.paths):
+            raise ConfigError("data_paths and data.sources name different paths: give one of them")
+        return cfg
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with top-level fields or whole sections replaced (`train={"lr": ...}` merges)."""

@@ -7,6 +7,12 @@ steps. A checkpoint holds every rank's record; on resume they are merged, whatev
 of workers was or is now, and the data plane serves only the rest of each epoch of the pass.
 Prefetched or shuffled-but-untrained rows are not recorded, so they are served again: the
 guarantee is exactly-once for committed steps, not for rows that were merely in flight.
+
+In a mixture of sources (pipelines/mixture.py) the record is kept per part, (source, source
+epoch), instead of per epoch: a repeated source serves a sample once in each of its own
+epochs, which may fall in one epoch of the run. A pass's pieces of a part never overlap the
+pieces of earlier passes (stream positions never repeat), so forgetting at a pass's end holds
+for parts as for epochs.
 """
 from __future__ import annotations
 
@@ -15,21 +21,27 @@ import os
 from dataclasses import dataclass, field
 
 Id = tuple[str, str]  # (source shard URL, key)
+Part = int | str  # an epoch of the pass; in a mixture of sources "NAME/K", the source's epoch K
+
+
+def part_key(text: str) -> Part:
+    """A part as saved (a JSON object key) -> as the data plane tags rows with it."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 @dataclass
 class DataPosition:
     epoch: int = 0  # the first epoch of the current pass
-    restored: dict[int, set[Id]] = field(default_factory=dict)  # per epoch, before this attempt (all ranks)
-    mine: dict[int, set[Id]] = field(default_factory=dict)      # per epoch, this rank, this attempt
-    pending: list[tuple[int, Id]] = field(default_factory=list)  # this rank, micro-steps not yet committed
+    restored: dict[Part, set[Id]] = field(default_factory=dict)  # per part, before this attempt (all ranks)
+    mine: dict[Part, set[Id]] = field(default_factory=dict)      # per part, this rank, this attempt
+    pending: list[tuple[Part, Id]] = field(default_factory=list)  # this rank, micro-steps not yet committed
 
-    def consumed(self) -> dict[int, set[Id]]:
+    def consumed(self) -> dict[Part, set[Id]]:
         return {e: self.restored.get(e, set()) | self.mine.get(e, set())
-                for e in sorted(set(self.restored) | set(self.mine))}
+                for e in sorted(set(self.restored) | set(self.mine), key=str)}
 
     def add(self, ids: list[tuple[str, str, int]]) -> None:
-        """`ids`: (source, key, epoch) of the rows of one micro-batch."""
+        """`ids`: (source, key, part) of the rows of one micro-batch."""
         self.pending.extend((epoch, (source, key)) for source, key, epoch in ids)
 
     def commit(self) -> None:
@@ -67,7 +79,7 @@ class DataPosition:
                 d = json.load(f)
             epochs.add(d["epoch"])
             for epoch, by_source in d["ids"].items():
-                consumed.setdefault(int(epoch), set()).update((s, k) for s, keys in by_source.items() for k in keys)
+                consumed.setdefault(part_key(epoch), set()).update((s, k) for s, keys in by_source.items() for k in keys)
         if len(epochs) != 1:
             raise ValueError(f"ranks disagree on the pass's first epoch in {directory}: {sorted(epochs)}")
         return cls(epoch=epochs.pop(), restored=consumed)

@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from pipelines.mixture import source_of_part
+
 from .device import sum_over_ranks
 from .efficiency import EfficiencyMeter
 
@@ -13,11 +15,13 @@ LOSS_KEYS = ("loss", "loss_image_text", "loss_image_audio", "loss_text_audio", "
 
 
 class MetricsWindow:
-    def __init__(self, meter: EfficiencyMeter | None = None):
+    def __init__(self, meter: EfficiencyMeter | None = None, sources: tuple[str, ...] = ()):
         self.meter = meter  # tflops_per_s, mfu and peak memory on every line (efficiency.py)
+        self.sources = sources  # a mixture's source names: samples_NAME on every line
         self.reset()
 
     def reset(self):
+        self.per_source = {name: 0 for name in self.sources}
         self.sums = {k: 0.0 for k in LOSS_KEYS}
         self.micro, self.samples, self.tokens, self.wait = 0, 0, 0, 0.0
         self.start = time.perf_counter()
@@ -29,6 +33,8 @@ class MetricsWindow:
             self.sums[k] = self.sums[k] + out[k].detach().double()
         self.micro += 1
         self.samples += len(ids)
+        for _, _, part in ids if self.sources else ():
+            self.per_source[source_of_part(part)] += 1
         self.tokens = self.tokens + ((inputs["text_ids"] > 0) & inputs["text_present"].bool()[:, None]).sum()
         if self.meter is not None:
             self.meter.count(inputs)
@@ -38,7 +44,9 @@ class MetricsWindow:
         elapsed = time.perf_counter() - self.start
         flops = self.meter.take_flops() if self.meter is not None else 0.0
         sums = [float(v) for v in self.sums.values()]
-        vec = sum_over_ranks([*sums, self.micro, self.samples, int(self.tokens), flops, self.wait, elapsed], device)
+        counts = list(self.per_source.values())
+        vec = sum_over_ranks([*sums, self.micro, self.samples, int(self.tokens), flops, *counts, self.wait, elapsed],
+                             device)
         n = max(vec[len(LOSS_KEYS)].item(), 1.0)
         values = {k: vec[i].item() / n for i, k in enumerate(LOSS_KEYS)}
         samples, tokens = vec[len(LOSS_KEYS) + 1].item(), vec[len(LOSS_KEYS) + 2].item()
@@ -52,6 +60,8 @@ class MetricsWindow:
             "lr": float(engine.get_lr()[0]),
             "grad_norm": float(norm) if norm is not None and np.isfinite(float(norm)) else None,
         })
+        first = len(LOSS_KEYS) + 4
+        values.update({f"samples_{name}": int(vec[first + i].item()) for i, name in enumerate(self.sources)})
         if self.meter is not None:
             values.update(self.meter.values(vec[len(LOSS_KEYS) + 3].item() / world, total))
         self.reset()

@@ -52,6 +52,8 @@ class TrainConfig(Settings):
     keep_checkpoints: int = setting(3, help="complete checkpoints kept")
     shuffle_buffer: int = setting(256, help="local shuffle buffer per worker (rows)")
     prefetch_batches: int = setting(4, help="batches each worker prefetches")
+    samples_per_epoch: int | None = setting(None, help="samples per epoch of a mixture of data.sources (default: the "
+                                                       "sum of the sources' sizes, or of repeat x size)")
     epochs_per_pass: int = setting(0, help="epochs per Ray Data execution; 0: as many as fit in 200k samples")
     deterministic: bool = setting(False, flag=True, help="reproducible data order, RNG and kernels")
     audit_samples: bool = setting(False, flag=True, help="write RUN/audit/*.jsonl: sample ids per step")
@@ -63,7 +65,7 @@ class TrainConfig(Settings):
 
     def checks(self):
         yield from at_least(self, 1, "batch_size", "grad_accum", "max_steps", "epochs", "log_every",
-                            "checkpoint_every", "keep_checkpoints")
+                            "checkpoint_every", "keep_checkpoints", "samples_per_epoch")
         yield from at_least(self, 0, "warmup_steps", "shuffle_buffer", "epochs_per_pass")
         yield from at_least(self, -1, "max_failures")
         yield self.lr > 0, f"lr must be positive, got {self.lr}"

@@ -19,6 +19,7 @@ from pipelines.storage import join
 
 from .checkpoint import CheckpointStore, location
 from .config import ConfigError, RunConfig
+from .data_sources import plan_mixture, record_counts, source_shards
 from .deepspeed_config import build_deepspeed_config, total_steps
 from .fault_injection import FaultPause
 from .mlflow_tracking import tracked
@@ -123,15 +124,18 @@ def _settle_storage(cfg: RunConfig) -> tuple[RunConfig, str]:
 def _resolve_data(cfg: RunConfig) -> tuple[RunConfig, list[str], dict]:
     """The shards, their kind and counts, and the tokenizer (its vocabulary sizes the model):
     the run config completed, the shards, and the keywords that build their dataset."""
-    shards = expand_shards(list(cfg.data_paths), cfg.storage_options)
+    by_source = source_shards(cfg)  # a mixture: each source's shards; else None
+    shards = [s for group in by_source.values() for s in group] if by_source else \
+        expand_shards(list(cfg.data_paths), cfg.storage_options)
     preprocessed = check_preprocessed(shards, cfg.data, cfg.storage_options)
     tokenizer = prepare_tokenizer(cfg, shards, preprocessed)
     cfg = cfg.replace(model={"vocab_size": tokenizer.vocab_size,
                              "gradient_checkpointing": cfg.train.activation_checkpointing,
                              "contrastive_loss": cfg.train.contrastive_loss, "attention": cfg.train.attention})
     counts = shard_counts(shards, cfg.storage_options)
+    # a mixture is planned once the samples are counted (_count_samples): until then, its shards
     dataset_kwargs = dict(seed=cfg.seed, preprocessed=preprocessed, storage_options=cfg.storage_options,
-                          shard_counts=counts)
+                          shard_counts=counts, mixture=by_source)
     return cfg, shards, dataset_kwargs
 
 
@@ -141,6 +145,14 @@ def _count_samples(cfg: RunConfig, shards: list[str], dataset_kwargs: dict, log)
     from pipelines.ingest import build_dataset
 
     counts = dataset_kwargs["shard_counts"]
+    if dataset_kwargs["mixture"] is not None:
+        if counts is None:
+            log("counting the sources' samples (raw shards carry no manifest; preprocess them to skip this)...")
+            counts = dataset_kwargs["shard_counts"] = record_counts(shards, cfg.data, cfg.storage_options)
+        mixture = dataset_kwargs["mixture"] = plan_mixture(cfg, dataset_kwargs["mixture"], counts)
+        for line in mixture.describe():
+            log(f"source {line}")
+        return mixture.samples_per_epoch
     n_samples = sum(counts.values()) if counts else None
     if n_samples is None and cfg.train.max_steps is None:
         log("counting samples (raw shards carry no manifest; preprocess them to skip this)...")

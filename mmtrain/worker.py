@@ -72,7 +72,7 @@ class Worker:
                       resumed=os.path.basename(resume_from) if resume_from else None)
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
         meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank, head_everywhere=t.compile)
-        self.window = MetricsWindow(meter)  # its clock starts here: the first line's throughput counts from now
+        self.window = MetricsWindow(meter, tuple(s.name for s in cfg.data.sources))  # its clock starts here: the first line's throughput counts from now
         self.run_config_json = cfg.to_json()
         self.hooks = []
         # one pass = several epochs served as one stream (see pipelines/ingest.py): state.epoch
@@ -106,7 +106,7 @@ class Worker:
         """One micro-step; at a gradient-accumulation boundary also the optimizer step's
         bookkeeping, metrics line and checkpoint. True when an optimizer step was taken."""
         self.window.wait += waited
-        ids = batch.pop("ids")
+        ids, epoch = batch.pop("ids"), batch.pop("epoch")
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         out = self.engine(inputs)
         self.engine.backward(out["loss"])
@@ -114,7 +114,7 @@ class Worker:
         self.engine.step()
         self.position.add(ids)
         self.window.add(out, ids, inputs)
-        self.seen = max([self.seen] + [e for _, _, e in ids])
+        self.seen = max(self.seen, epoch)
         if self.audit is not None and ids:
             self.audit.write(self.state.step + 1, ids)
         if boundary:

@@ -103,10 +103,16 @@ class WebDatasetDatasource(Datasource):
         """A predicate (source, key) -> bool for rows to leave out, or None (subclass hook)."""
         return None
 
+    def _window(self, group: list[str]) -> tuple[int, int] | None:
+        """Record positions [start, stop) to read of every shard in `group`, or None for all
+        (subclass hook: a mixture reads a range of a shard)."""
+        return None
+
     def _reader(self, group: list[str], schema: pa.Schema):
         modalities, opts, limits = self.modalities, self.storage_options, self.limits
         keep_errors, rows_per_block, mark = self.include_errors, self.rows_per_block, self.mark_shard_ends
-        skip = self._skip(group)
+        skip, window = self._skip(group), self._window(group)
+        start, stop = window or (0, 1 << 62)
         # marking holds the newest row back: it may be its shard's last, which gets the count
         held = 1 if mark else 0
 
@@ -115,6 +121,10 @@ class WebDatasetDatasource(Datasource):
             for url in group:
                 n = 0
                 for raw in iter_tar_samples(url, storage_options=opts, limits=limits):
+                    if raw.position < start:
+                        continue
+                    if raw.position >= stop:
+                        break
                     if raw.error is not None and not keep_errors:
                         continue
                     if skip is not None and skip(raw.source, raw.key):

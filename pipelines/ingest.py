@@ -56,7 +56,7 @@ def epochs_per_pass(samples_per_epoch: int | None) -> int:
     return max(1, SAMPLES_PER_PASS // samples_per_epoch) if samples_per_epoch else 1
 
 
-Exclude = dict[int, dict[str, set[str]]]  # epoch -> source -> keys already trained on
+Exclude = dict[int | str, dict[str, set[str]]]  # epoch or part -> source shard -> keys already trained on
 
 
 class EpochClock:
@@ -68,9 +68,9 @@ class EpochClock:
 
     def set(self, first: int, last: int, consumed: dict[int, list] | None = None) -> int:
         self.first, self.last, self.exclude = first, last, {}
-        for epoch, ids in (consumed or {}).items():
+        for part, ids in (consumed or {}).items():  # part: an epoch, or a mixture's "NAME/K"
             for source, key in ids:
-                self.exclude.setdefault(int(epoch), {}).setdefault(source, set()).add(key)
+                self.exclude.setdefault(part, {}).setdefault(source, set()).add(key)
         return first
 
     def get(self) -> tuple[int, int, Exclude]:
@@ -165,7 +165,7 @@ def decode_batch(batch: pa.Table, cfg: DataConfig, notices: str | None = None) -
     size, n_mels, frames = cfg.image.size, cfg.audio.n_mels, cfg.audio.num_frames
     rows = batch.to_pylist()
     out = {
-        "key": [], "source": [], "epoch": [],
+        "key": [], "source": [], "epoch": [], "part": [],
         "image": np.zeros((len(rows), size, size, 3), np.uint8), "image_present": np.zeros(len(rows), bool),
         "text": [], "text_present": np.zeros(len(rows), bool),
         "mel": np.zeros((len(rows), n_mels, frames), np.float16), "mel_frames": np.zeros(len(rows), np.int32),
@@ -187,6 +187,8 @@ def decode_batch(batch: pa.Table, cfg: DataConfig, notices: str | None = None) -
         out["key"].append(row["key"])
         out["source"].append(row["source"])
         out["epoch"].append(row.get("epoch") or 0)
+        # the data position's key: a mixture's (source, source epoch), else the epoch
+        out["part"].append(row.get("part") or out["epoch"][-1])
         if image is not None:
             out["image"][n], out["image_present"][n] = image, True
         out["text"].append(text or "")
@@ -198,7 +200,7 @@ def decode_batch(batch: pa.Table, cfg: DataConfig, notices: str | None = None) -
         n += 1
     for k in ("image", "image_present", "text_present", "mel", "mel_frames", "audio_present"):
         out[k] = out[k][:n]
-    for k in ("key", "source", "text"):
+    for k in ("key", "source", "text", "part"):
         out[k] = np.array(out[k], dtype=object)
     out["epoch"] = np.array(out["epoch"], dtype=np.int32)
     return out
@@ -292,18 +294,23 @@ def captions(shards: list[str], cfg: DataConfig, *, preprocessed: bool,
 def build_dataset(shards: list[str], cfg: DataConfig, *, seed: int, preprocessed: bool,
                   clock_name: str | None = None, rank: int = 0, world: int = 1,
                   storage_options: dict | None = None, shard_counts: dict[str, int] | None = None,
-                  read_cpus: float = 0.25, decode_cpus: float = 0.5, notices: str | None = None):
+                  read_cpus: float = 0.25, decode_cpus: float = 0.5, notices: str | None = None,
+                  mixture=None):
     """Lazy Ray Dataset of decoded training rows (nothing is materialized); `notices`: see
-    decode_batch."""
+    decode_batch; `mixture`: a pipelines.mixture.Mixture over `shards` (its sources' shards)."""
     import ray
 
     from .shards import shard_sizes
 
-    source = EpochShuffledDatasource(shards, seed=seed, preprocessed=preprocessed, clock_name=clock_name,
-                                     storage_options=storage_options,
-                                     shard_sizes=shard_sizes(shards, storage_options), rows_per_block=16,
-                                     shard_counts=shard_counts, rank=rank, world=world,
-                                     limits=ReadLimits.from_config(cfg))
+    kwargs = dict(seed=seed, preprocessed=preprocessed, clock_name=clock_name, storage_options=storage_options,
+                  shard_sizes=shard_sizes(shards, storage_options), rows_per_block=16,
+                  shard_counts=shard_counts, rank=rank, world=world, limits=ReadLimits.from_config(cfg))
+    if mixture is not None:
+        from .mixture_source import MixtureDatasource
+
+        source = MixtureDatasource(mixture, **kwargs)
+    else:
+        source = EpochShuffledDatasource(shards, **kwargs)
     ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=read_cpus)
     # small blocks (16 rows, ~5 MB decoded): the split hands blocks to whichever worker asks
     # first, so block size is the granularity of load balance between training workers
