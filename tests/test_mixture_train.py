@@ -40,7 +40,7 @@ def sources(ray_cluster, tmp_path_factory):
     assert {name: len(e) for name, e in expected.items()} == {"web": 200, "curated": 100, "speech": 20}
     config = root / "config.json"
     config.write_text(json.dumps({"train": {"log_every": 5}}))
-    return {"shards": by_source, "ids": expected, "config": config}
+    return {"shards": by_source, "ids": expected, "config": config, "raw": root / "raw"}
 
 
 def _command(sources, run):
@@ -96,6 +96,22 @@ def test_a_killed_mixture_run_resumes_with_each_source_exactly_once_per_source_e
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "source speech: 160 samples trained on (10.0%), 8 source epoch(s), 0 served twice" in audit.stdout
+
+
+def test_raw_sources_are_counted_by_reading_them(sources):
+    """Raw shards carry no manifest: a mixture of them counts each shard's records in one Ray
+    Data job, and the plan stands on those counts as on a manifest's."""
+    from mmtrain.config import RunConfig
+    from mmtrain.data_sources import plan_mixture, record_counts, source_shards
+
+    raw = sorted(str(p) for p in sources["raw"].glob("*.tar"))
+    cfg = RunConfig.from_dict({"run_dir": "/unused", "data": {"sources": [
+        {"name": "a", "paths": raw[:3], "weight": 2}, {"name": "b", "paths": raw[3:4], "weight": 1}]}})
+    by_source = source_shards(cfg)
+    counts = record_counts([s for group in by_source.values() for s in group], cfg.data, None)
+    assert counts == {shard: 20 for shard in raw[:4]}
+    mixture = plan_mixture(cfg, by_source, counts)
+    assert {s.name: s.quota for s in mixture.sources} == {"a": 53, "b": 27}  # 80 samples, 2:1 (largest remainder)
 
 
 def _effective_rows(run):
