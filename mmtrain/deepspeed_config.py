@@ -27,6 +27,18 @@ def total_steps(cfg: RunConfig, samples_per_epoch: int | None, world_size: int, 
     return steps
 
 
+def for_world_size(ds_config: dict, world_size: int) -> dict:
+    """The config a group of `world_size` workers trains with: its global batch (train_batch_size)
+    kept, the gradient accumulation adapted (elastic runs, mmtrain/elastic.py; the config
+    check has made sure it divides)."""
+    micro, total = ds_config["train_micro_batch_size_per_gpu"], ds_config["train_batch_size"]
+    accum, rest = divmod(total, micro * world_size)
+    if rest or accum < 1:
+        raise ConfigError(f"the global batch {total} does not divide into micro batches of {micro} on "
+                          f"{world_size} workers")
+    return {**ds_config, "gradient_accumulation_steps": accum}
+
+
 def build_deepspeed_config(cfg: RunConfig, world_size: int, steps: int, *, on_gpu: bool) -> dict:
     t = cfg.train
     zero: dict = {

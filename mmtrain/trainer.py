@@ -85,6 +85,7 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     ds_config = build_deepspeed_config(cfg, cfg.scale.workers, schedule.steps, on_gpu=cfg.scale.use_gpu)
     _write_run_files(cfg, ds_config)
     latest = _say_resume(cfg, checkpoints, log)
+    _say_elastic(cfg, log)
 
     clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
     clock, board = epoch_clock(clock_name), progress_board(board_name(clock_name))
@@ -191,9 +192,20 @@ def _say_resume(cfg: RunConfig, checkpoints: str, log) -> str | None:
         if saved.zero_stage != cfg.train.zero_stage:
             raise ConfigError(f"{latest} was written with ZeRO stage {saved.zero_stage}; resume with "
                               f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
-        log(f"resuming from {latest}" + (f" (written by {saved.world_size} workers, now {world}: elastic resume)"
-                                         if saved.world_size != world else ""))
+        log(f"resuming from {latest}" + (f" (written by {saved.world_size} workers, now {cfg.scale.described}: "
+                                          f"elastic resume)" if saved.world_size != world or cfg.scale.elastic else ""))
     return latest
+
+
+def _say_elastic(cfg: RunConfig, log) -> None:
+    """What an elastic run will do with its global batch on each group size."""
+    from .elastic import accumulation, global_batch
+
+    s, t = cfg.scale, cfg.train
+    if s.elastic:
+        each = ", ".join(f"{accumulation(t, s, w)} on {w}" for w in range(s.fewest, s.workers + 1))
+        log(f"elastic: {s.fewest} to {s.workers} workers, as the cluster gives them; global batch "
+            f"{global_batch(t, s)} on every count (gradient accumulation {each})")
 
 
 def _datasets(cfg: RunConfig, clock_name: str, shards: list[str], dataset_kwargs: dict) -> tuple[dict, DataConfig]:
@@ -232,7 +244,10 @@ def _torch_trainer(cfg: RunConfig, plan: WorkerPlan, shards: list[str], dataset_
         train_loop_config=plan.to_loop_config(ray.put(cfg.storage_options)),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scale.workers, use_gpu=cfg.scale.use_gpu,
+            # elastic: Ray Train starts with what the cluster holds (>= MIN), restarts the group
+            # smaller after a node is lost and larger once its resize check finds room (elastic.py)
+            num_workers=(cfg.scale.fewest, cfg.scale.workers) if cfg.scale.elastic else cfg.scale.workers,
+            elastic_resize_monitor_interval_s=cfg.scale.resize_check_s, use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
                                   **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                                   **cfg.scale.resources_per_worker}),
@@ -274,6 +289,7 @@ def _check_cpus_left_for_data(cfg: RunConfig) -> None:
 
     if not is_embedded():
         return
+    # an elastic run's group grows to the most workers that fit (scale.workers): count those
     total = ray.cluster_resources().get("CPU", 0)
     held = cfg.scale.workers * cfg.scale.cpus_per_worker
     if total - held < 0.5:
@@ -292,10 +308,11 @@ def _check_gpus_exist(cfg: RunConfig) -> None:
 
     if not cfg.scale.use_gpu or not is_embedded():
         return
+    # an elastic run starts with what there is, so only its fewest workers must fit
     total = ray.cluster_resources().get("GPU", 0)
-    need = cfg.scale.workers * cfg.scale.gpus_per_worker
+    need = cfg.scale.fewest * cfg.scale.gpus_per_worker
     if total < need:
-        raise ConfigError(f"the training workers need {need:g} GPUs ({cfg.scale.workers} x gpus_per_worker "
+        raise ConfigError(f"the training workers need {need:g} GPUs ({cfg.scale.fewest} x gpus_per_worker "
                           f"{cfg.scale.gpus_per_worker:g}) and Ray found {total:g} on this machine; train on CPUs "
                           f"(leave out --use-gpu, or --gpus-per-worker 0), or lower --workers")
 

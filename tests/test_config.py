@@ -182,3 +182,59 @@ def test_a_damaged_run_config_is_the_users_to_fix_in_one_line(tmp_path):
                         "--output", str(tmp_path / "m.safetensors")], capture_output=True, text=True)
     lines = [line for line in r.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
     assert r.returncode == 2 and len(lines) == 1 and "run_config.json is not valid JSON" in lines[0], r.stderr
+
+
+# --- elastic worker counts (mmtrain/elastic.py) -------------------------------------------
+
+def test_workers_min_max_is_an_elastic_range_and_n_a_fixed_count(tmp_path):
+    cfg = _train_config("--workers", "1-4", "--batch-size", "8", "--set", "train.grad_accum=3")  # 96: 1 to 4 divide it
+    assert (cfg.scale.min_workers, cfg.scale.workers, cfg.scale.elastic, cfg.scale.fewest) == (1, 4, True, 1)
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg  # saved with the run as two integers
+    # a plain count on the command line is fixed, whatever the config file's range says
+    config = tmp_path / "elastic.json"
+    config.write_text(json.dumps({"scale": {"workers": "1-2"}}))
+    assert _train_config("--config", str(config)).scale.described == "1-2"
+    fixed = _train_config("--config", str(config), "--workers", "3").scale
+    assert (fixed.workers, fixed.min_workers, fixed.elastic) == (3, None, False)
+    assert _train_config("--workers", "2-2").scale.elastic is False
+    assert _train_config("--set", "scale.workers=1-2", "--set", "scale.resize_check_s=5").scale.resize_check_s == 5
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--workers", "3-1"], "min_workers 3 is above workers 1"),
+    (["--workers", "0-2"], "min_workers must be at least 1, got 0"),
+    (["--workers", "1-2", "--deterministic"], "--deterministic gives each of the 2 ranks its own dataset"),
+    # global 8 x 1 x 3 = 24 samples: 24 / (8 x 2) is no whole number of micro steps
+    (["--workers", "2-3", "--batch-size", "8"], "global batch 24 (batch_size 8 x grad_accum 1 x 3 workers) does "
+                                                "not divide into micro batches of 8 on 2 workers"),
+    (["--set", "scale.workers=1-x"], "scale.workers must be an integer, got '1-x'"),
+])
+def test_a_bad_worker_range_is_one_line(argv, words):
+    with pytest.raises(ConfigError) as e:
+        _train_config(*argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_workers_flag_refuses_what_is_no_count_or_range(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path),
+                        "--run-dir", str(tmp_path / "run"), "--workers", "two"], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected N or MIN-MAX (e.g. 2 or 1-4), got 'two'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("batch, accum, workers, world, expected", [
+    (8, 1, "1-2", 1, 2), (8, 1, "1-2", 2, 1),    # 16 samples a step on 1 or 2 workers
+    (4, 3, "2-4", 2, 6), (4, 3, "2-4", 3, 4),    # 48: 6, 4 or 3 micro steps
+    (4, 3, "2-4", 4, 3),
+])
+def test_gradient_accumulation_keeps_the_global_batch_on_every_group_size(batch, accum, workers, world, expected):
+    from mmtrain.deepspeed_config import for_world_size
+    from mmtrain.elastic import accumulation, global_batch
+
+    cfg = _train_config("--workers", workers, "--batch-size", str(batch), "--set", f"train.grad_accum={accum}")
+    assert accumulation(cfg.train, cfg.scale, world) == expected
+    ds = for_world_size(build_deepspeed_config(cfg, cfg.scale.workers, 100, on_gpu=False), world)
+    # DeepSpeed's own rule: train_batch_size = micro batch x accumulation x world size
+    assert ds["train_batch_size"] == global_batch(cfg.train, cfg.scale) == batch * expected * world
+    assert ds["gradient_accumulation_steps"] == expected
+    with pytest.raises(ConfigError, match="does not divide"):
+        for_world_size(ds, 5)  # no world outside the range is ever asked for: refused if it were
