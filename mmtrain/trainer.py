@@ -237,6 +237,13 @@ def _torch_trainer(cfg: RunConfig, plan: WorkerPlan, shards: list[str], dataset_
     datasets, dataset_config = _datasets(cfg, plan.clock, shards, dataset_kwargs)
     # the controller polls workers every 2 s by default, which stalls each checkpoint report
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if cfg.scale.elastic:
+        # Ray 2.60's elastic policy sizes a restart from the AutoscalingCoordinator's view of the
+        # nodes, refreshed every 20 s (TICK_INTERVAL_S; ElasticScalingPolicy asks without
+        # recompute): right after a node is lost it still counts that node, asks for MAX workers,
+        # and waits out this timeout (default 60 s) before it decides again with a fresh view.
+        # Past 20 s the view is fresh, so waiting longer only delays the smaller group.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "25")
     # the credentials reach the workers as an object reference (see WorkerPlan), owned by this
     # driver, so it resolves for every worker group Ray Train starts while the run lives
     return TorchTrainer(
