@@ -235,6 +235,8 @@ def _rounds(n: int) -> str:
 
 def render(results: dict, part: str) -> str:
     """Markdown from a result file: `""` the medians over rounds, `"rounds"` every round."""
+    if part == "elastic":
+        return _render_elastic(results)
     cfg, m, scenarios = results["config"], results["machine"], results["config"]["scenarios"]
     if part == "rounds":
         rows = [[r["round"], " → ".join(r["order"]), f"{r['reference']['first_step_after_start_s']:.1f}",
@@ -244,8 +246,6 @@ def render(results: dict, part: str) -> str:
         return harness.md_table(["round", "order", "uninterrupted: start → first step, s",
                                  *(f"{s}: restart → first new step, s" for s in scenarios),
                                  "other cores (median)", "load average at end"], rows)
-    if part == "elastic":
-        return _render_elastic(results)
     if part:
         raise ValueError(f"resume has no table {part!r}")
     rows = [[s + (" (2 → 1 worker)" if s == "elastic" else ""),
