@@ -286,7 +286,8 @@ def _train_command(sub) -> None:
     sp.set_defaults(fn=cmd_train)
 
 
-METAVARS = {"profile_steps": "A:B", "gpus_per_worker": "G", "mlflow": "URI"}  # where the field's name does not say the form
+# where the field's name does not say the form
+METAVARS = {"profile_steps": "A:B", "gpus_per_worker": "G", "mlflow": "URI", "workers": "N|MIN-MAX"}
 
 
 def _section_flags(sp, section: str, cls) -> None:
@@ -303,7 +304,8 @@ def _section_flags(sp, section: str, cls) -> None:
             kw["action"] = "store_true"
         else:
             choices = f.metadata.get("choices")
-            kw.update(type=kind[0], choices=choices, metavar=None if choices else METAVARS.get(f.name, f.name.upper()))
+            kw.update(type=f.metadata.get("flag_type") or kind[0], choices=choices,
+                      metavar=None if choices else METAVARS.get(f.name, f.name.upper()))
         sp.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

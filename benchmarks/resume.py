@@ -9,6 +9,16 @@ MMTRAIN_FAULT_PAUSE, then breaks it:
     save     the same, but the kill lands inside the save of step K (its files written, not
              uploaded): the run must resume from the checkpoint before
     elastic  SIGKILL the whole command, then run it again with 1 worker instead of 2
+The elastic case (`--elastic-cluster`, its own result file) is Ray Train's own resizing, with no
+re-run: `--workers 1-2` on a local 3-node cluster (tests/elastic_run.py) loses a worker node
+after step 3 and goes on with 1 worker; once that group is at step 5 a new node joins and the
+group grows back to 2. It measures the time from the loss to the first step on 1 worker and
+from the join to the first step on 2 (detection, Ray Train's resize check, the universal
+conversion and the restart included), and the steps each change ran again.
+
+    python benchmarks/resume.py --elastic-cluster --samples 64 --shards 8 --rounds 1 \
+        --out benchmarks/results/resume_elastic.json
+
 "Restart" is the kill for `worker` (detection included) and the new command's start for the
 others (a fresh Ray included). The first new step is the first metrics line written after it.
 An uninterrupted run of the same command gives the reference loss at the last step and the
@@ -122,6 +132,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--workdir", default="bench_out/resume")
     p.add_argument("--out", default="bench_out/resume.json")
+    p.add_argument("--elastic-cluster", action="store_true",
+                   help="only the elastic case: --workers 1-2 on a local 3-node cluster that loses a node and gets one")
     return p.parse_args()
 
 
@@ -164,6 +176,48 @@ def one_round(args, clean: str, ids: set, config: str, rnd: int) -> dict:
     return out
 
 
+def elastic_round(clean: str, ids: set, workdir: str) -> dict:
+    """The elastic case once, on a fresh local cluster (tests/elastic_run.py)."""
+    import tempfile
+
+    from elastic_run import run_through_loss_and_rejoin, start_cluster, stop_cluster, write_config
+    from mmtrain.audit import check
+
+    run = os.path.join(workdir, "elastic-cluster")
+    shutil.rmtree(run, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix="rjb-", dir="/tmp")
+    try:
+        out = run_through_loss_and_rejoin(start_cluster(folder), clean, run,
+                                          write_config(os.path.join(workdir, "elastic.json")))
+    finally:
+        stop_cluster(folder)
+    if out["returncode"] != 0:
+        raise RuntimeError(f"the elastic run failed; see {run}.log")
+    report = check(run, ids)
+    return {"loss_to_first_smaller_step_s": out["loss_to_first_smaller_step_s"],
+            "join_to_first_larger_step_s": out["join_to_first_larger_step_s"],
+            # the holds come after steps 3 and 5, with checkpoints every 2 steps
+            "smaller_resumed_at_step": out["first_smaller_step"], "smaller_steps_run_again": 4 - out["first_smaller_step"],
+            "larger_resumed_at_step": out["first_larger_step"], "larger_steps_run_again": 6 - out["first_larger_step"],
+            "world_sizes": [m["world_size"] for m in out["lines"]],
+            "global_batches": sorted({m["global_batch"] for m in out["lines"]}),
+            "served_twice": sum(e["served_twice"] for e in report["epochs"].values()),
+            "never_served": sum(e["never_served"] for e in report["epochs"].values()),
+            "attempts": report["attempts"], "loadavg_at_end": list(os.getloadavg())}
+
+
+def elastic_main(args, clean: str, ids: set) -> None:
+    load_at_start = os.getloadavg()
+    rounds = []
+    for rnd in range(args.rounds):
+        rounds.append({"round": rnd + 1, **elastic_round(clean, ids, args.workdir)})
+        print(f"round {rnd + 1}: {rounds[-1]}", flush=True)
+        results = {"date": datetime.date.today().isoformat(), "samples": len(ids), "elastic_rounds": rounds,
+                   "machine": harness.machine(load_at_start)}
+        harness.write_json(args.out, results)
+    print("\n" + render(results, "elastic"))
+
+
 # ------------------------------------------------------------------------------ the README's tables
 
 def _values(results: dict, name: str, key: str) -> list:
@@ -181,6 +235,8 @@ def _rounds(n: int) -> str:
 
 def render(results: dict, part: str) -> str:
     """Markdown from a result file: `""` the medians over rounds, `"rounds"` every round."""
+    if part == "elastic":
+        return _render_elastic(results)
     cfg, m, scenarios = results["config"], results["machine"], results["config"]["scenarios"]
     if part == "rounds":
         rows = [[r["round"], " → ".join(r["order"]), f"{r['reference']['first_step_after_start_s']:.1f}",
@@ -211,10 +267,31 @@ def render(results: dict, part: str) -> str:
         rows)
 
 
+def _render_elastic(results: dict) -> str:
+    rounds, m = results["elastic_rounds"], results["machine"]
+    head = (f"Run on {results['date']}: {results['samples']} samples, 2 epochs, global batch 16, a checkpoint every "
+            f"2 steps; {_rounds(len(rounds))}; {m['cpus']} CPUs shared by the cluster's 3 nodes, load average "
+            f"(1/5/15 min) {harness.loads(m['loadavg_at_start'])} at start, {harness.loads(m['loadavg_at_end'])} "
+            f"at end.\n\n")
+    rows = []
+    for change, key, at, again in (("node lost: 2 → 1 worker", "loss_to_first_smaller_step_s", "smaller_resumed_at_step",
+                                    "smaller_steps_run_again"),
+                                   ("node joined: 1 → 2 workers", "join_to_first_larger_step_s",
+                                    "larger_resumed_at_step", "larger_steps_run_again")):
+        rows.append([change, f"{statistics.median(r[key] for r in rounds):.1f}", _same([r[at] for r in rounds]),
+                     _same([r[again] for r in rounds]), _same([r["global_batches"][0] for r in rounds])])
+    rows.append(["through both changes", "", "", "", f"served twice {sum(r['served_twice'] for r in rounds)}, "
+                 f"never served {sum(r['never_served'] for r in rounds)}"])
+    return head + harness.md_table(["change", "to the first step on the new group, s (median)", "resumed at step",
+                                    "steps run again", "global batch (every step)"], rows)
+
+
 def main() -> None:
     args = parse_args()
     load_at_start = os.getloadavg()
     clean, ids, config = prepare(args)
+    if args.elastic_cluster:
+        return elastic_main(args, clean, ids)
     rounds = []
     for rnd in range(args.rounds):
         rounds.append(one_round(args, clean, ids, config, rnd))

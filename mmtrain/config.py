@@ -26,6 +26,7 @@ from pipelines.settings import Settings, at_least, build, read_config_file, sett
 
 from .credentials import looks_like_secret, without_secrets
 from .data_sources import TrainDataConfig
+from .elastic import elastic_checks, split_worker_range
 from .model import PRESETS, ModelConfig
 from .train_config import PRECISIONS, ScaleConfig, TrainConfig
 
@@ -64,6 +65,7 @@ class RunConfig(Settings):
                 fsspec.get_filesystem_class(fsspec.utils.get_protocol(self.checkpoint_storage))
             except (ValueError, ImportError) as e:
                 yield False, f"checkpoint storage {self.checkpoint_storage}: {e}"
+        yield from elastic_checks(self.train, self.scale)
         yield (self.model.image_size >= self.data.image.size,
                f"model.image_size {self.model.image_size} is smaller than data.image.size {self.data.image.size}")
         yield (self.model.n_mels == self.data.audio.n_mels,
@@ -96,6 +98,8 @@ class RunConfig(Settings):
         model = d.get("model") or {}
         if not isinstance(model, dict):
             raise ConfigError(f"model must be a JSON object, got {model!r}")
+        if isinstance(d.get("scale"), dict):  # "workers": "MIN-MAX" (elastic.py)
+            d["scale"] = split_worker_range(d["scale"])
         # the model first: the run's own checks compare it with the data settings
         d["model"] = ModelConfig.preset(d.get("preset", cls.preset), **model)
         sources = d["data"].get("sources") if isinstance(d.get("data"), dict) else None

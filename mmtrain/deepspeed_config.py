@@ -27,6 +27,15 @@ def total_steps(cfg: RunConfig, samples_per_epoch: int | None, world_size: int, 
     return steps
 
 
+def for_world_size(ds_config: dict, world_size: int) -> dict:
+    """The config a group of `world_size` workers trains with: its global batch (train_batch_size)
+    kept, the gradient accumulation adapted (elastic runs, mmtrain/elastic.py); where the global
+    batch does not divide into whole micro batches of every worker, the nearest below it."""
+    micro, total = ds_config["train_micro_batch_size_per_gpu"], ds_config["train_batch_size"]
+    accum = max(1, total // (micro * world_size))
+    return {**ds_config, "gradient_accumulation_steps": accum, "train_batch_size": micro * accum * world_size}
+
+
 def build_deepspeed_config(cfg: RunConfig, world_size: int, steps: int, *, on_gpu: bool) -> dict:
     t = cfg.train
     zero: dict = {

@@ -140,10 +140,15 @@ class ProgressDisplay:
     def _on_start(self, record: dict) -> None:
         self.starts += 1
         self.since_start = [(record["time"], record["step"])]
-        if self.starts > 1:  # a worker group after a failure: the steps may go back to its checkpoint
+        shape = (f"{record['world_size']} workers x gradient accumulation {record['grad_accum']}, global batch "
+                 f"{record['global_batch']}" if "world_size" in record else "")
+        if self.starts > 1:  # a worker group after a failure or a resize: the steps may go back to its checkpoint
             where = (f"resuming from {record['resumed']} at step {record['step']}" if record.get("resumed")
                      else "starting over at step 0 (no complete checkpoint)")
-            self._say(f"training workers restarted (attempt {record['attempt'] + 1}): {where}")
+            self._say(f"training workers restarted (attempt {record['attempt'] + 1}): {where}" +
+                      (f" on {shape}" if shape else ""))
+        elif shape:
+            self._say(f"training on {shape}")
         self._move_to(record["step"])
 
     def _on_notice(self, record: dict) -> None:

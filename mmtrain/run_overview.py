@@ -107,7 +107,10 @@ def config_summary(config: dict) -> dict:
         "size": {k: model.get(k) for k in ("width", "embed_dim", "heads", "image_depth", "text_depth",
                                            "audio_depth", "fusion_depth", "decoder_depth")},
         "data_paths": config.get("data_paths"), "tokenizer": config.get("tokenizer"),
-        "workers": scale.get("workers"), "use_gpu": scale.get("use_gpu"), "gpus_per_worker": scale.get("gpus_per_worker"),
+        # an elastic run's range (mmtrain/elastic.py): "1-2"
+        "workers": (f"{scale['min_workers']}-{scale.get('workers')}"
+                    if scale.get("min_workers") not in (None, scale.get("workers")) else scale.get("workers")),
+        "use_gpu": scale.get("use_gpu"), "gpus_per_worker": scale.get("gpus_per_worker"),
         "zero_stage": train.get("zero_stage"), "precision": train.get("precision"),
         "offload": {"optimizer": train.get("offload_optimizer"), "params": train.get("offload_params")},
         "batch_size": train.get("batch_size"), "grad_accum": train.get("grad_accum"), "samples_per_step": per_step,

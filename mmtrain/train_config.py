@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from pipelines.settings import Settings, at_least, setting
 
+from .elastic import parse_workers
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("global", "local")
 ATTENTIONS = ("sdpa", "math")
@@ -97,7 +99,14 @@ def profile_range(text: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class ScaleConfig(Settings):
-    workers: int = setting(2, flag=True, help="Ray Train workers")
+    workers: int = setting(2, flag=True, flag_type=parse_workers,
+                           help="Ray Train workers: N, or MIN-MAX to go on with fewer (down to MIN) when nodes are "
+                                "lost and grow back (up to MAX) when they return; the global batch stays "
+                                "batch_size x grad_accum x MAX (mmtrain/elastic.py)")
+    min_workers: int | None = setting(None, help="elastic runs: the fewest workers (scale.workers is then the most); "
+                                                 "None: a fixed count")
+    resize_check_s: float = setting(60.0, help="elastic runs: seconds between Ray Train's looks for capacity to "
+                                               "grow into")
     use_gpu: bool = setting(False, flag=True, help="train on GPUs: gpus_per_worker each, NCCL between workers")
     cpus_per_worker: float = setting(1.0, help="CPUs each worker holds")
     gpus_per_worker: float = setting(1.0, flag=True, help="GPUs each worker holds, only with use_gpu "
@@ -105,11 +114,28 @@ class ScaleConfig(Settings):
     resources_per_worker: dict = setting(factory=dict, help="extra custom resources per worker")
 
     def checks(self):
-        yield from at_least(self, 1, "workers")
-        yield from at_least(self, 0, "cpus_per_worker", "gpus_per_worker")
+        yield from at_least(self, 1, "workers", "min_workers")
+        yield from at_least(self, 0, "cpus_per_worker", "gpus_per_worker", "resize_check_s")
+        yield (self.min_workers is None or self.min_workers <= self.workers,
+               f"min_workers {self.min_workers} is above workers {self.workers} (the most): give MIN-MAX with MIN <= MAX")
         yield not self.use_gpu or self.gpus_per_worker > 0, "use_gpu needs gpus_per_worker above 0"
         # Ray may pack two workers holding a fraction each onto one GPU, and NCCL refuses two ranks
         # on one device ("Duplicate GPU detected")
         yield (not self.use_gpu or self.workers == 1 or self.gpus_per_worker >= 1,
                f"{self.workers} workers on GPUs need at least one GPU each (gpus_per_worker "
                f"{self.gpus_per_worker:g}): NCCL cannot join two ranks on one GPU")
+
+    @property
+    def elastic(self) -> bool:
+        """The worker count may change during the run (between min_workers and workers)."""
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def fewest(self) -> int:
+        """The fewest workers the run trains on."""
+        return self.min_workers if self.elastic else self.workers
+
+    @property
+    def described(self) -> str:
+        """"2" or "1-2": the worker count as --workers takes it."""
+        return f"{self.min_workers}-{self.workers}" if self.elastic else str(self.workers)

@@ -86,6 +86,7 @@ def _train(cfg: RunConfig, *, log=print) -> dict:
     ds_config = build_deepspeed_config(cfg, cfg.scale.workers, schedule.steps, on_gpu=cfg.scale.use_gpu)
     _write_run_files(cfg, ds_config)
     latest = _say_resume(cfg, checkpoints, log)
+    _say_elastic(cfg, log)
 
     clock_name = f"epoch-clock-{abs(hash(os.path.abspath(cfg.run_dir)))}-{time.time_ns()}"
     clock, board = epoch_clock(clock_name), progress_board(board_name(clock_name))
@@ -203,9 +204,28 @@ def _say_resume(cfg: RunConfig, checkpoints: str, log) -> str | None:
         if saved.zero_stage != cfg.train.zero_stage:
             raise ConfigError(f"{latest} was written with ZeRO stage {saved.zero_stage}; resume with "
                               f"--zero-stage {saved.zero_stage} (changing the stage of a run is not supported)")
-        log(f"resuming from {latest}" + (f" (written by {saved.world_size} workers, now {world}: elastic resume)"
-                                         if saved.world_size != world else ""))
+        log(f"resuming from {latest}" + (f" (written by {saved.world_size} workers, now {cfg.scale.described}: "
+                                          f"elastic resume)" if saved.world_size != world or cfg.scale.elastic else ""))
     return latest
+
+
+def _say_elastic(cfg: RunConfig, log) -> None:
+    """What an elastic run will do with its global batch on each group size."""
+    from .elastic import accumulation, global_batch, inexact_counts
+
+    s, t = cfg.scale, cfg.train
+    if s.elastic:
+        counts = list(range(s.fewest, s.workers + 1))
+        each = ", ".join(f"{accumulation(t, s, w)} on {w}" for w in counts[:8]) + (", ..." if len(counts) > 8 else "")
+        log(f"elastic: {s.fewest} to {s.workers} workers, as the cluster gives them; global batch "
+            f"{global_batch(t, s)} (gradient accumulation {each})")
+        inexact = inexact_counts(t, s)
+        if inexact:
+            w = inexact[0]
+            log(f"elastic: on {len(inexact)} of the {len(counts)} worker counts the global batch does not divide into "
+                f"micro batches of {t.batch_size} and is the nearest below (e.g. {w} workers: "
+                f"{accumulation(t, s, w) * t.batch_size * w}); choose batch_size, grad_accum and MIN-MAX to keep it "
+                f"exact on the counts your nodes give")
 
 
 def _datasets(cfg: RunConfig, clock_name: str, shards: list[str], dataset_kwargs: dict) -> tuple[dict, DataConfig]:
@@ -237,6 +257,13 @@ def _torch_trainer(cfg: RunConfig, plan: WorkerPlan, shards: list[str], dataset_
     datasets, dataset_config = _datasets(cfg, plan.clock, shards, dataset_kwargs)
     # the controller polls workers every 2 s by default, which stalls each checkpoint report
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if cfg.scale.elastic:
+        # Ray 2.60's elastic policy sizes a restart from the AutoscalingCoordinator's view of the
+        # nodes, refreshed every 20 s (TICK_INTERVAL_S; ElasticScalingPolicy asks without
+        # recompute): right after a node is lost it still counts that node, asks for MAX workers,
+        # and waits out this timeout (default 60 s) before it decides again with a fresh view.
+        # Past 20 s the view is fresh, so waiting longer only delays the smaller group.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "25")
     # the credentials reach the workers as an object reference (see WorkerPlan), owned by this
     # driver, so it resolves for every worker group Ray Train starts while the run lives
     return TorchTrainer(
@@ -244,7 +271,10 @@ def _torch_trainer(cfg: RunConfig, plan: WorkerPlan, shards: list[str], dataset_
         train_loop_config=plan.to_loop_config(ray.put(cfg.storage_options)),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scale.workers, use_gpu=cfg.scale.use_gpu,
+            # elastic: Ray Train starts with what the cluster holds (>= MIN), restarts the group
+            # smaller after a node is lost and larger once its resize check finds room (elastic.py)
+            num_workers=(cfg.scale.fewest, cfg.scale.workers) if cfg.scale.elastic else cfg.scale.workers,
+            elastic_resize_monitor_interval_s=cfg.scale.resize_check_s, use_gpu=cfg.scale.use_gpu,
             resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
                                   **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                                   **cfg.scale.resources_per_worker}),
@@ -286,6 +316,7 @@ def _check_cpus_left_for_data(cfg: RunConfig) -> None:
 
     if not is_embedded():
         return
+    # an elastic run's group grows to the most workers that fit (scale.workers): count those
     total = ray.cluster_resources().get("CPU", 0)
     held = cfg.scale.workers * cfg.scale.cpus_per_worker
     if total - held < 0.5:
@@ -304,10 +335,11 @@ def _check_gpus_exist(cfg: RunConfig) -> None:
 
     if not cfg.scale.use_gpu or not is_embedded():
         return
+    # an elastic run starts with what there is, so only its fewest workers must fit
     total = ray.cluster_resources().get("GPU", 0)
-    need = cfg.scale.workers * cfg.scale.gpus_per_worker
+    need = cfg.scale.fewest * cfg.scale.gpus_per_worker
     if total < need:
-        raise ConfigError(f"the training workers need {need:g} GPUs ({cfg.scale.workers} x gpus_per_worker "
+        raise ConfigError(f"the training workers need {need:g} GPUs ({cfg.scale.fewest} x gpus_per_worker "
                           f"{cfg.scale.gpus_per_worker:g}) and Ray found {total:g} on this machine; train on CPUs "
                           f"(leave out --use-gpu, or --gpus-per-worker 0), or lower --workers")
 

@@ -22,6 +22,7 @@ from .batch import Collate
 from .checkpoint import TrainState, checkpoint_name, restore, staged_checkpoint
 from .collective_guard import CollectiveGuard
 from .data_position import DataPosition
+from .deepspeed_config import for_world_size
 from .device import training_device
 from .device_batches import PinnedCollate, on_device
 from .efficiency import EfficiencyMeter
@@ -53,7 +54,10 @@ class Worker:
         progress.connect(plan.progress if rank == 0 else None)  # rank 0 tells the driver (progress.py)
 
         resume_from, universal, self.taken = resume_point(plan.storage, rank, world, cfg.storage_options)
-        self.engine = _engine(cfg, plan.deepspeed, universal, self.device)
+        # the group's size is Ray Train's (elastic runs: anywhere in MIN..MAX); the global batch
+        # stays the plan's and the gradient accumulation adapts to it (elastic.py)
+        self.ds_config = for_world_size(plan.deepspeed, world)
+        self.engine = _engine(cfg, self.ds_config, universal, self.device)
         # from here on every collective of the loop (and DeepSpeed's) is checked, if asked
         self.guard = CollectiveGuard(self.device).install() if t.check_collectives else None
         self.state, self.position = TrainState(world_size=world, zero_stage=t.zero_stage), DataPosition()
@@ -69,7 +73,7 @@ class Worker:
         self.attempt = attempt_number(cfg.run_dir, rank, self.device)
         self.audit = AuditFile(cfg.run_dir, rank, self.attempt) if t.audit_samples else None
         progress.push("start", step=self.state.step, attempt=self.attempt,
-                      resumed=os.path.basename(resume_from) if resume_from else None)
+                      resumed=os.path.basename(resume_from) if resume_from else None, **self.batch_shape())
         self.max_steps = t.max_steps or float("inf")  # with --epochs, the epochs alone end the run
         meter = EfficiencyMeter(cfg.model, self.device, t.peak_tflops, rank, head_everywhere=t.compile)
         self.window = MetricsWindow(meter, tuple(s.name for s in cfg.data.sources))  # its clock starts here: the first line's throughput counts from now
@@ -80,13 +84,21 @@ class Worker:
         self.seen = self.state.epoch
         self.pass_end = self.state.epoch
 
+    def batch_shape(self) -> dict:
+        """This group's size and accumulation, and the global batch they make (in every
+        metrics line, and said at each start)."""
+        ds = self.ds_config
+        return {"world_size": self.world, "grad_accum": ds["gradient_accumulation_steps"],
+                "global_batch": ds["train_batch_size"]}
+
     def has_work_left(self) -> bool:
         return self.state.step < self.max_steps and self.state.epoch < self.cfg.train.epochs
 
     def start_pass(self):
         """Sets the epoch clock to this pass's epochs and returns this rank's batches of them."""
         t, state = self.cfg.train, self.state
-        self.pass_end = _pass_end(state, t, self.world, self.plan.epochs_per_pass, self.plan.samples_per_epoch)
+        self.pass_end = _pass_end(state, t, self.ds_config["train_batch_size"], self.plan.epochs_per_pass,
+                                  self.plan.samples_per_epoch)
         if self.rank == 0:
             consumed = {e: sorted(ids) for e, ids in self.position.consumed().items()}
             ray.get(self.clock.set.remote(state.epoch, self.pass_end, consumed))
@@ -140,7 +152,7 @@ class Worker:
     def log(self) -> None:
         metrics = self.window.report(self.engine, self.world, self.device)
         self.state.samples += metrics["samples"]
-        self.writer.log(self.state.step, {**metrics, "epoch": self.seen})
+        self.writer.log(self.state.step, {**metrics, "epoch": self.seen, **self.batch_shape()})
         progress.push("step", step=self.state.step, epoch=self.seen,
                       **{k: metrics[k] for k in ("loss", "samples_per_s", "data_wait_frac")})
 
@@ -198,12 +210,12 @@ def _engine(cfg, ds_config: dict, universal: bool, device: torch.device):
     return engine
 
 
-def _pass_end(state, t, world: int, epochs_per_pass: int, samples_per_epoch: int | None) -> int:
+def _pass_end(state, t, global_batch: int, epochs_per_pass: int, samples_per_epoch: int | None) -> int:
     """The last epoch of the pass starting at state.epoch: no further than --epochs, and with
     --max-steps no further than the steps left can reach, so a run stopped by its step count
     leaves at most the epoch it stopped in (and the next, begun by prefetch) partly served."""
     last = min(t.epochs, state.epoch + epochs_per_pass) - 1
     if t.max_steps and samples_per_epoch:
-        samples_left = (t.max_steps - state.step) * t.batch_size * t.grad_accum * world
+        samples_left = (t.max_steps - state.step) * global_batch
         last = min(last, state.epoch + math.ceil(samples_left / samples_per_epoch))
     return last

@@ -20,10 +20,11 @@ from .errors import ConfigError
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Iterable | None = None,
-            flag: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+            flag: bool = False, factory: Any = dataclasses.MISSING, flag_type: Any = None) -> Any:
     """A config field with its help text; `choices` are checked at construction; `flag` also
-    makes it a flag of the `train` command (its name with dashes)."""
-    metadata = {"help": help, "flag": flag}
+    makes it a flag of the `train` command (its name with dashes), whose text `flag_type` reads
+    when the field's type does not say how (default: the field's type)."""
+    metadata = {"help": help, "flag": flag, "flag_type": flag_type}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)

@@ -182,3 +182,69 @@ def test_a_damaged_run_config_is_the_users_to_fix_in_one_line(tmp_path):
                         "--output", str(tmp_path / "m.safetensors")], capture_output=True, text=True)
     lines = [line for line in r.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
     assert r.returncode == 2 and len(lines) == 1 and "run_config.json is not valid JSON" in lines[0], r.stderr
+
+
+# --- elastic worker counts (mmtrain/elastic.py) -------------------------------------------
+
+def test_workers_min_max_is_an_elastic_range_and_n_a_fixed_count(tmp_path):
+    cfg = _train_config("--workers", "1-4", "--batch-size", "8", "--set", "train.grad_accum=3")  # 96: 1 to 4 divide it
+    assert (cfg.scale.min_workers, cfg.scale.workers, cfg.scale.elastic, cfg.scale.fewest) == (1, 4, True, 1)
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg  # saved with the run as two integers
+    # a plain count on the command line is fixed, whatever the config file's range says
+    config = tmp_path / "elastic.json"
+    config.write_text(json.dumps({"scale": {"workers": "1-2"}}))
+    assert _train_config("--config", str(config)).scale.described == "1-2"
+    fixed = _train_config("--config", str(config), "--workers", "3").scale
+    assert (fixed.workers, fixed.min_workers, fixed.elastic) == (3, None, False)
+    assert _train_config("--workers", "2-2").scale.elastic is False
+    assert _train_config("--set", "scale.workers=1-2", "--set", "scale.resize_check_s=5").scale.resize_check_s == 5
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--workers", "3-1"], "min_workers 3 is above workers 1"),
+    (["--workers", "0-2"], "min_workers must be at least 1, got 0"),
+    (["--workers", "1-2", "--deterministic"], "--deterministic gives each of the 2 ranks its own dataset"),
+    (["--set", "scale.workers=1-x"], "scale.workers must be an integer, got '1-x'"),
+])
+def test_a_bad_worker_range_is_one_line(argv, words):
+    with pytest.raises(ConfigError) as e:
+        _train_config(*argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_workers_flag_refuses_what_is_no_count_or_range(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "train", "--data", str(tmp_path),
+                        "--run-dir", str(tmp_path / "run"), "--workers", "two"], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected N or MIN-MAX (e.g. 2 or 1-4), got 'two'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("batch, accum, workers, world, expected", [
+    (8, 1, "1-2", 1, 2), (8, 1, "1-2", 2, 1),    # 16 samples a step on 1 or 2 workers
+    (4, 3, "2-4", 2, 6), (4, 3, "2-4", 3, 4),    # 48: 6, 4 or 3 micro steps
+    (4, 3, "2-4", 4, 3),
+])
+def test_gradient_accumulation_keeps_the_global_batch_on_every_group_size(batch, accum, workers, world, expected):
+    from mmtrain.deepspeed_config import for_world_size
+    from mmtrain.elastic import accumulation, global_batch
+
+    cfg = _train_config("--workers", workers, "--batch-size", str(batch), "--set", f"train.grad_accum={accum}")
+    assert accumulation(cfg.train, cfg.scale, world) == expected
+    ds = for_world_size(build_deepspeed_config(cfg, cfg.scale.workers, 100, on_gpu=False), world)
+    # DeepSpeed's own rule: train_batch_size = micro batch x accumulation x world size
+    assert ds["train_batch_size"] == global_batch(cfg.train, cfg.scale) == batch * expected * world
+    assert ds["gradient_accumulation_steps"] == expected
+
+
+def test_a_count_the_global_batch_does_not_divide_trains_with_the_nearest_below():
+    """Ray Train may start any count of the range; no global batch divides by every count of a
+    wide one (8-64): 24 samples a step on 3 workers of 8 is 16 on 2 (one micro step each)."""
+    from mmtrain.deepspeed_config import for_world_size
+    from mmtrain.elastic import accumulation, inexact_counts
+
+    cfg = _train_config("--workers", "2-3", "--batch-size", "8")
+    assert inexact_counts(cfg.train, cfg.scale) == [2] and accumulation(cfg.train, cfg.scale, 2) == 1
+    ds = for_world_size(build_deepspeed_config(cfg, cfg.scale.workers, 100, on_gpu=False), 2)
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, 1)
+    wide = _train_config("--workers", "8-64", "--batch-size", "64", "--set", "train.grad_accum=2")
+    assert 8 not in inexact_counts(wide.train, wide.scale) and 24 in inexact_counts(wide.train, wide.scale)
+    assert accumulation(wide.train, wide.scale, 24) == 5  # 8192 // (64 x 24)

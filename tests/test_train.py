@@ -154,7 +154,9 @@ def test_an_embedded_ray_refuses_workers_it_cannot_place(small_data, tmp_path):
             "local_mode_env(); init_ray(num_cpus=2)\n"
             "from mmtrain.config import ConfigError, load_run_config\n"
             "from mmtrain.trainer import train\n"
-            "for scale in ({'use_gpu': True, 'workers': 1, 'gpus_per_worker': 64}, {}):\n"
+            "for scale in ({'use_gpu': True, 'workers': 1, 'gpus_per_worker': 64}, {},\n"
+            "              {'use_gpu': True, 'workers': 2, 'min_workers': 1, 'gpus_per_worker': 64},\n"
+            "              {'workers': 2, 'min_workers': 1}):\n"
             "    try:\n"
             f"        train(load_run_config(None, data_paths=[{str(small_data)!r}], run_dir={str(tmp_path / 'run')!r},"
             " scale=scale))\n"
@@ -165,6 +167,10 @@ def test_an_embedded_ray_refuses_workers_it_cannot_place(small_data, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     refused = [line for line in r.stdout.splitlines() if line.startswith("refused:")]
-    assert len(refused) == 2, r.stdout
+    assert len(refused) == 4, r.stdout
     assert "the training workers need 64 GPUs (1 x gpus_per_worker 64) and Ray found" in refused[0]
     assert "Ray has 2 CPUs and the 2 training workers hold 2: none is left for the data pipeline" in refused[1]
+    # elastic (--workers 1-2): it starts with what there is, so its fewest workers' GPUs must exist;
+    # its group grows to the most that fit, so the CPUs left to the data are counted with those
+    assert "the training workers need 64 GPUs (1 x gpus_per_worker 64) and Ray found" in refused[2]
+    assert "Ray has 2 CPUs and the 2 training workers hold 2: none is left for the data pipeline" in refused[3]
