@@ -180,3 +180,15 @@ def test_the_raylets_known_harmless_messages_go_to_the_log_only(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "the node is out of disk" in r.stdout + r.stderr and "PYTHON worker processes" not in r.stdout + r.stderr
     assert "PYTHON worker processes have been started" in (tmp_path / "logs" / "driver.log").read_text()
+
+
+def test_a_ray_without_the_private_print_hook_prints_unfiltered(tmp_path):
+    """console wraps Ray's private `print_to_stdstream`: a Ray without it costs the filtering of
+    the raylet's messages and one line in the log file, never the command."""
+    script = ("import sys\nsys.path.insert(0, %r)\nfrom pipelines import console\nconsole.setup(%r)\n"
+              "import ray._private.worker as w\ndel w.print_to_stdstream\n"
+              "assert console.ray_init_options(embedded=True) == {'log_to_driver': False}\n"
+              "assert not hasattr(w, 'print_to_stdstream')\nprint('went on')\n" % (str(ROOT), str(tmp_path / "logs")))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "went on\n" and r.stderr == "", r.stderr
+    assert "no ray._private.worker.print_to_stdstream" in (tmp_path / "logs" / "driver.log").read_text()
