@@ -95,7 +95,9 @@ def test_the_display_shows_a_restart_going_back_to_its_checkpoint(ray_cluster):
         return {"kind": "step", "time": now + s, "step": s, "epoch": 0, "loss": 5.0 - s / 10,
                 "samples_per_s": 10.0, "data_wait_frac": 0.05}
 
-    records = [{"kind": "start", "time": now, "step": 0, "attempt": 0, "resumed": None}, step(2), step(4), step(6),
+    broken = {**step(5), "loss": None}  # a record the display cannot show: skipped, and the display goes on
+    records = [{"kind": "start", "time": now, "step": 0, "attempt": 0, "resumed": None}, step(2), step(4), broken,
+               step(6),
                {"kind": "start", "time": now + 7, "step": 4, "attempt": 1, "resumed": "checkpoint_000000004"},
                step(6), step(8)]
     try:

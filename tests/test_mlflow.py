@@ -156,6 +156,16 @@ def test_a_folder_store_has_the_params_every_log_step_and_the_artifacts(folder_r
     assert {a.path for a in client.list_artifacts(record["run_id"], "model")} == {"model/model.safetensors"}
 
 
+def test_show_says_where_the_run_is_tracked(folder_run, capsys):
+    import ray_job
+
+    folder, record = folder_run
+    assert ray_job.main(["show", str(folder / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mlflow"] == record
+    assert ray_job.main(["show", str(folder / "run")]) == 0
+    assert f"mlflow       run {record['run_id']} at {record['tracking_uri']}" in capsys.readouterr().out
+
+
 def test_export_and_plot_on_their_own_log_into_the_run(folder_run, tmp_path, capsys):
     import ray_job
 
