@@ -17,6 +17,7 @@ import typing
 from mmtrain import credentials
 from mmtrain.inference.commands import CommandHelpers, add_use_commands
 from mmtrain.look_commands import add_look_commands
+from mmtrain.mlflow_tracking import log_output
 from mmtrain.version import project_version
 from pipelines import console
 from pipelines.errors import UserError
@@ -151,13 +152,16 @@ def cmd_export(args) -> int:
     check = info["probe_max_abs_diff"]
     verified = f"; matches the training engine (max |diff| {check:.2e})" if check is not None else ""
     print(f"exported {info['parameters']:,} parameters from {info['checkpoint']} to {info['output']}{verified}")
+    log_output(args.run_dir, info["output"], "model")  # into the run's MLflow run, if it has one
     return 0
 
 
 def cmd_plot(args) -> int:
     from mmtrain.metrics import plot_run
 
-    print(plot_run(args.run_dir, args.output))
+    path = plot_run(args.run_dir, args.output)
+    print(path)
+    log_output(args.run_dir, path)  # into the run's MLflow run, if it has one
     return 0
 
 
@@ -318,14 +322,14 @@ def _run_commands(sub) -> None:
     _common(sp)
     sp.set_defaults(fn=cmd_audit)
 
-    sp = sub.add_parser("export", help="consolidate the latest checkpoint into one safetensors file")
+    sp = sub.add_parser("export", help="the latest checkpoint as one safetensors file (into the run's MLflow run too, if any)")
     sp.add_argument("--run-dir", required=True, help="the run to export")
     sp.add_argument("--output", required=True, help="the safetensors file to write")
     sp.add_argument("--storage-options", metavar="JSON",
                     help="fsspec options for the run's checkpoint storage (default: those it was trained with)")
     sp.set_defaults(fn=cmd_export)
 
-    sp = sub.add_parser("plot", help="loss and throughput of a run as a PNG")
+    sp = sub.add_parser("plot", help="loss and throughput of a run as a PNG (into the run's MLflow run too, if any)")
     sp.add_argument("--run-dir", required=True, help="the run to plot")
     sp.add_argument("--output", help="PNG path (default RUN/training.png)")
     sp.set_defaults(fn=cmd_plot)

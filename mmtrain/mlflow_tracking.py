@@ -5,7 +5,7 @@ The driver starts the MLflow run, or continues the one RUN/mlflow.json records (
 and the run config as artifacts (`tracked`). Rank 0 logs the run config as parameters and the
 metrics of every log step, the same keys and values it writes to RUN/metrics.jsonl
 (`MlflowMetrics`). `evaluate` logs its results into the run the model came from
-(`log_evaluation`).
+(`log_evaluation`), and `export` and `plot` run on their own log the file they write (`log_output`).
 
 Tracking never stops training: a tracking server that is down or fails costs one warning line,
 and the run goes on without MLflow (the driver: for the whole run; rank 0: for the rest of its
@@ -259,6 +259,28 @@ def flattened(config: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_CHARS]
     return out
+
+
+# --- export, plot -----------------------------------------------------------------------------
+
+def log_output(run_dir: str, path: str, folder: str | None = None, say=None) -> str | None:
+    """A file a command made from the run (`export`'s model into folder "model", `plot`'s PNG)
+    as an artifact of the MLflow run RUN/mlflow.json records, under its own name. The MLflow
+    run id, or None: the run is not tracked, or tracking failed (one warning line on stderr;
+    the file is written already)."""
+    say = say or to_stderr
+    record = read_record(run_dir) if os.path.isdir(run_dir) else None
+    if record is None:
+        return None
+    uri, run_id = record["tracking_uri"], record["run_id"]
+    try:
+        client_for(uri).log_artifact(run_id, path, folder)
+    except Exception as e:  # the file is there: tracking it is a warning
+        say(f"warning: MLflow at {uri} failed ({one_line(e)}): {path} is not logged")
+        return None
+    name = "/".join(filter(None, (folder, os.path.basename(path))))
+    say(f"MLflow: {name} logged to run {run_id} at {uri}")
+    return run_id
 
 
 # --- evaluate ---------------------------------------------------------------------------------

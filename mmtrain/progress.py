@@ -135,7 +135,10 @@ class ProgressDisplay:
             return
         self.read += len(records)
         for record in records:
-            getattr(self, f"_on_{record['kind']}", lambda r: None)(record)
+            try:
+                getattr(self, f"_on_{record['kind']}", lambda r: None)(record)
+            except Exception as e:  # a record this display cannot show: training goes on, the log says which
+                logger.info("progress record not shown (%s: %s): %r", type(e).__name__, e, record)
 
     def _on_start(self, record: dict) -> None:
         self.starts += 1

@@ -32,9 +32,9 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from pipelines.errors import ConfigError
 from pipelines.processes import process_runs, process_start
 
-from .config import ConfigError
 from .credentials import redacted_argv
 
 LOCK_NAME = "train.lock"

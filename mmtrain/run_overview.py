@@ -8,6 +8,7 @@ dict (`run_overview`, what `--json` prints) and as text (`format_overview`).
     RUN/train.lock             whether a `train` holds the run now (run_lock.py)
     RUN/audit/                 the sample audit, checked as the `audit` command checks it
     RUN/tensorboard/           TensorBoard's event files
+    RUN/mlflow.json            the MLflow run tracking it (`train --mlflow`)
     the checkpoint store       the newest complete checkpoint (checkpoint/: CheckpointStore)
     evaluation results         `evaluate --output FILE` writes FILE only, nothing into RUN; so
                                evaluate results are looked for in RUN and in the folder that
@@ -86,6 +87,7 @@ def run_overview(run: str, storage_options: dict | None = None) -> dict:
         "audit": audit_status(files),
         "evaluation": evaluations(files, store_info),
         "tensorboard": tensorboard(files),
+        "mlflow": files.json("mlflow.json") if "mlflow.json" in files.names else None,
         "other_files": other_files(files),
     }
     overview["progress"] = progress(files, config, store_info, metrics)

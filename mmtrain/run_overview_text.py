@@ -17,6 +17,9 @@ def overview_lines(o: dict, *, utc: Callable, ago: Callable) -> list[str]:
     tb = o.get("tensorboard")
     lines.append(("tensorboard", f"{tb['folder']} ({_n(tb['event_files'], 'event file')}): {tb['command']}"
                   if tb else "none"))
+    tracked = o.get("mlflow") or {}
+    if tracked:
+        lines.append(("mlflow", f"run {tracked.get('run_id')} at {tracked.get('tracking_uri')}"))
     lines += [("also", f"{path}: {what}") for path, what in o["other_files"].items()]
     lines += [("problem", p) for p in o["problems"]]
     return [f"{label:<{WIDTH}}{text}" for label, text in lines]

@@ -192,21 +192,32 @@ def _log_raylet_messages() -> None:
     through worker output or logging: Ray's error-message thread prints them with
     `ray._private.worker.print_to_stdstream`, whatever `log_to_driver` says, and offers no hook.
     That function is wrapped so the known-harmless ones become records of the "ray.raylet"
-    logger (the log file has them, the console's filter drops them); any other message, or a
-    Ray without that function, prints as before."""
-    import ray._private.worker as ray_worker
-
+    logger (the log file has them, the console's filter drops them); any other message prints
+    as before. A private function: in a Ray without it, or one whose messages have another form,
+    they all print unfiltered (the log file says so, once), and nothing else changes."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        ray_worker = None
     original = getattr(ray_worker, "print_to_stdstream", None)
-    if original is None or getattr(original, "_mmtrain_wrapped", False):
+    if not callable(original):
+        logging.getLogger(__name__).info("this Ray has no ray._private.worker.print_to_stdstream: the raylet's "
+                                         "messages reach the console unfiltered")
+        return
+    if getattr(original, "_mmtrain_wrapped", False):
         return
 
     def print_or_log(data, *args, **kwargs):
-        lines = data.get("lines") or []
-        if data.get("pid") == "raylet" and lines and all(harmless(line) for line in lines):
-            for line in lines:
-                logging.getLogger("ray.raylet").warning("(raylet) %s", line)
-            return None
-        return original(data, *args, **kwargs)
+        try:
+            lines = list(data.get("lines") or []) if data.get("pid") == "raylet" else []
+            drop = bool(lines) and all(harmless(str(line)) for line in lines)
+        except Exception:  # a message of another form than Ray 2.60's: printed as Ray prints it
+            drop = False
+        if not drop:
+            return original(data, *args, **kwargs)
+        for line in lines:
+            logging.getLogger("ray.raylet").warning("(raylet) %s", line)
+        return None
 
     print_or_log._mmtrain_wrapped = True
     ray_worker.print_to_stdstream = print_or_log

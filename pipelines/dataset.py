@@ -104,10 +104,13 @@ class PreprocessedDataset:
     def open(cls, url: str, storage_options: dict | None = None) -> "PreprocessedDataset":
         """The complete output at `url`; anything else is the user's mistake, said in one line."""
         dataset = cls.find(url, storage_options)
-        if dataset is None:
-            raise UserError(f"{url} is not a preprocessed output: it has no {STATS_FILE} (the file a "
-                            "`preprocess` run writes last); give the OUTPUT folder of a finished run")
-        return dataset
+        if dataset is not None:
+            return dataset
+        where = cls(url, storage_options)
+        if not where.fs.exists(where.path):
+            raise UserError(f"{url} does not exist: give the OUTPUT folder of a finished `preprocess` run")
+        raise UserError(f"{url} is not a preprocessed output: it has no {STATS_FILE} (the file a "
+                        "`preprocess` run writes last); give the OUTPUT folder of a finished run")
 
     @property
     def stats(self) -> dict:

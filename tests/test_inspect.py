@@ -158,5 +158,5 @@ def test_what_is_not_an_output_is_one_line_and_exit_2(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "ray_job.py"), "inspect", str(folder), "--sheet",
                             str(tmp_path / "x.png")], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert "not a preprocessed output" in r.stderr
+        assert ("does not exist" if folder.name == "missing" else "not a preprocessed output") in r.stderr
     assert not (tmp_path / "x.png").exists()

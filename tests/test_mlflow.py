@@ -3,6 +3,7 @@ server on loopback (SQLite store, proxied artifacts) and on a folder store, with
 on the session's Ray."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,26 +132,87 @@ def test_evaluate_logs_into_the_same_run(server_run, tmp_path):
     assert json.load(open(logged)) == result
 
 
-def test_a_folder_store_and_a_resumed_run_continue_one_mlflow_run(small_data, tmp_path):
-    # relative paths: the workers run elsewhere and must still find the store
-    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, *TRAIN, "--mlflow", "mlruns",
-        cwd=tmp_path)
-    first = read_record(str(tmp_path / "run"))
-    assert first["tracking_uri"] == f"file://{tmp_path}/mlruns"
-    # the same command again, further and without --mlflow: the recorded store and run, resumed
-    out = cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 4, *TRAIN, cwd=tmp_path)
-    assert f"MLflow: continuing run {first['run_id']}" in out.stdout
-    assert read_record(str(tmp_path / "run")) == first
+@pytest.fixture(scope="module")
+def folder_run(small_data, tmp_path_factory):
+    """Two steps of one worker tracked in a folder store named by a relative path (the workers
+    run elsewhere and must still find it): (the folder holding run/ and mlruns/, RUN/mlflow.json)."""
+    folder = tmp_path_factory.mktemp("mlflow_folder")
+    cli("train", "--data", small_data, "--run-dir", "run", "--max-steps", 2, "--workers", 1, *TRAIN,
+        "--mlflow", "mlruns", cwd=folder)
+    return folder, read_record(str(folder / "run"))
 
-    client = client_for(first["tracking_uri"])
+
+def test_a_folder_store_has_the_params_every_log_step_and_the_artifacts(folder_run):
+    folder, record = folder_run
+    run = folder / "run"
+    assert record["tracking_uri"] == f"file://{folder}/mlruns"
+    client = client_for(record["tracking_uri"])
+    tracked_run = client.get_run(record["run_id"])
+    assert tracked_run.info.status == "FINISHED"
+    assert tracked_run.data.params["train.max_steps"] == "2" and tracked_run.data.params["scale.workers"] == "1"
+    assert [line["step"] for line in read_metric_lines(str(run))] == [1, 2]
+    assert same_history(history(client, record["run_id"], "loss"), jsonl_history(run, "loss"))
+    assert {a.path for a in client.list_artifacts(record["run_id"])} >= {"model", "training.png", "run_config.json"}
+    assert {a.path for a in client.list_artifacts(record["run_id"], "model")} == {"model/model.safetensors"}
+
+
+def test_show_says_where_the_run_is_tracked(folder_run, capsys):
+    import ray_job
+
+    folder, record = folder_run
+    assert ray_job.main(["show", str(folder / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mlflow"] == record
+    assert ray_job.main(["show", str(folder / "run")]) == 0
+    assert f"mlflow       run {record['run_id']} at {record['tracking_uri']}" in capsys.readouterr().out
+
+
+def test_export_and_plot_on_their_own_log_into_the_run(folder_run, tmp_path, capsys):
+    import ray_job
+
+    folder, record = folder_run
+    client = client_for(record["tracking_uri"])
+    assert ray_job.main(["export", "--run-dir", str(folder / "run"), "--output", str(tmp_path / "again.safetensors")]) == 0
+    assert ray_job.main(["plot", "--run-dir", str(folder / "run"), "--output", str(tmp_path / "again.png")]) == 0
+    said = capsys.readouterr().err
+    assert f"MLflow: model/again.safetensors logged to run {record['run_id']}" in said
+    assert f"MLflow: again.png logged to run {record['run_id']}" in said
+    assert "model/again.safetensors" in {a.path for a in client.list_artifacts(record["run_id"], "model")}
+    for name, written in (("model/again.safetensors", "again.safetensors"), ("again.png", "again.png")):
+        logged = client.download_artifacts(record["run_id"], name, str(tmp_path / "logged"))
+        assert open(logged, "rb").read() == (tmp_path / written).read_bytes(), name
+    # a run that records no MLflow run: the file is written, nothing is logged, nothing said
+    untracked = tmp_path / "untracked"
+    untracked.mkdir()
+    shutil.copy(folder / "run" / "metrics.jsonl", untracked)
+    assert ray_job.main(["plot", "--run-dir", str(untracked)]) == 0
+    assert "MLflow" not in capsys.readouterr().err and (untracked / "training.png").exists()
+
+
+def test_a_resumed_run_continues_its_mlflow_run(folder_run, tmp_path):
+    """What `train` again on RUN does with MLflow, without training again: the driver continues
+    the recorded run (no --mlflow needed), rank 0's writer keeps the parameters' first values and
+    adds the new steps, and the run ends FINISHED, one run in the experiment."""
+    folder, first = folder_run
+    run = tmp_path / "run"
+    shutil.copytree(folder / "run", run)
+    cfg = RunConfig.from_dict({**json.load(open(run / "run_config.json")), "run_dir": str(run)})
+    cfg = cfg.replace(train={"mlflow": None, "max_steps": 4})
+    said = []
+    with tracked(cfg, log=said.append) as used:
+        assert used.train.mlflow == first["tracking_uri"]
+        client = client_for(first["tracking_uri"])
+        assert client.get_run(first["run_id"]).info.status == "RUNNING"
+        tee = MlflowMetrics(MetricsWriter(str(run), enabled=True), client, first["run_id"], say=said.append)
+        tee.log_params(used.to_public_dict())
+        tee.log(3, {"loss": 2.5, "epoch": 0})
+        tee.close()
+    assert f"MLflow: continuing run {first['run_id']} at {first['tracking_uri']}" in said
+    assert any(line.startswith("MLflow keeps the first value of") and "train.max_steps" in line for line in said)
+    assert read_record(str(run)) == first
     assert [r.info.run_id for r in client.search_runs([first["experiment_id"]])] == [first["run_id"]]
     tracked_run = client.get_run(first["run_id"])
-    assert tracked_run.info.status == "FINISHED"
-    assert tracked_run.data.params["train.max_steps"] == "2"  # MLflow keeps a parameter's first value
-    steps = [line["step"] for line in read_metric_lines(str(tmp_path / "run"))]
-    assert steps == [1, 2, 3, 4]
-    assert same_history(history(client, first["run_id"], "loss"), jsonl_history(tmp_path / "run", "loss"))
-    assert {a.path for a in client.list_artifacts(first["run_id"], "model")} == {"model/model.safetensors"}
+    assert tracked_run.info.status == "FINISHED" and tracked_run.data.params["train.max_steps"] == "2"
+    assert history(client, first["run_id"], "loss")[-1] == (3, 2.5)
 
 
 def test_a_tracking_server_that_is_down_costs_the_driver_one_warning(tmp_path):

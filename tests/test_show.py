@@ -209,3 +209,16 @@ def test_show_refuses_what_is_not_a_run(tmp_path, what):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert str(target) in r.stderr and ("does not exist" if what == "missing" else "not a training run") in r.stderr
+
+
+def test_show_imports_neither_torch_nor_ray(demo_workdir):
+    """`show` reads files: a run with checkpoints is shown without importing torch, Ray or
+    DeepSpeed (seconds each), checkpoint listing included."""
+    code = ("import json, sys, ray_job; rc = ray_job.main(['show', sys.argv[1], '--json']); "
+            "print(json.dumps([m for m in ('torch', 'ray', 'deepspeed', 'mlflow') if m in sys.modules]), file=sys.stderr); "
+            "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(demo_workdir[0] / "run")], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["checkpoint"]["latest_complete"] is not None  # the checkpoint store was listed
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == []

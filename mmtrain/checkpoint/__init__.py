@@ -25,6 +25,9 @@ recorded (records.py): files this run wrote, not whatever else landed in the sto
     records.py   the done/ records and checks of files against them
     staging.py   the save side;  restore.py: the load side;  universal.py: elastic conversion
     errors.py, keys.py   what a read can fail with; keys that are safe to join into local paths
+
+Importing the package does not import torch (`show` lists checkpoints in a fraction of a
+second): restore.py and staging.py import what needs torch inside the functions that use it.
 """
 from .errors import CheckpointDamaged, CheckpointUnreadable, UnsafeKey
 from .layout import (ABANDONED, DS_TAG, UNIVERSAL_TAG, TrainState, checkpoint_name, read_by, restore_dir,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 
+from pipelines.errors import ConfigError
 from pipelines.storage import filesystem, is_local, join
 
-from ..config import ConfigError
 from .store import CheckpointStore
 
 STORAGE_NAME = "train"  # Ray Train's run folder inside the checkpoint storage

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING
 from pipelines.storage import filesystem, is_local
 
 from ..data_position import DataPosition
-from ..seeding import set_rng_state
-from ..weights_only import use_weights_only_loads
 from .errors import guarded
 from .layout import DS_TAG, TRAIN_STATE, UNIVERSAL_TAG, TrainState, read_by, restore_dir, rng_file
 from .records import local_problem
@@ -59,6 +57,8 @@ def restore(engine, checkpoint: str, rank: int, world_size: int, universal: bool
     """Loads model/optimizer/scheduler states, the data position and (same world size) RNG
     from what `fetch` checked. `universal`: from the universal copy (the engine was built
     with load_universal)."""
+    from ..weights_only import use_weights_only_loads  # torch: here, so that listing checkpoints (show) stays light
+
     local = read_from(checkpoint, rank)
     try:
         use_weights_only_loads(engine)
@@ -79,6 +79,8 @@ def restore(engine, checkpoint: str, rank: int, world_size: int, universal: bool
 
 def _restore_rng(local: str, checkpoint: str, rank: int, log, device) -> None:
     """This rank's RNG states, the CUDA one onto its training `device` (seeding.set_rng_state's rule)."""
+    from ..seeding import set_rng_state  # torch: here, as above
+
     path = os.path.join(local, rng_file(rank))
     if os.path.exists(path):
         with open(path) as f:

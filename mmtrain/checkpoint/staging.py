@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from ..data_position import DataPosition
-from ..seeding import rng_state
 from .layout import DS_TAG, TRAIN_STATE, TrainState, done_record, rng_file
 from .records import record_of
 
@@ -30,6 +29,8 @@ def staging_dir(run_dir: str, rank: int) -> str:
 def staged_checkpoint(engine, state: TrainState, position: DataPosition, run_config_json: str, rank: int,
                       run_dir: str):
     """Writes this rank's part into its staging dir and yields it (for ray.train.report)."""
+    from ..seeding import rng_state  # torch: here, so that importing the checkpoint package (show) stays light
+
     d = staging_dir(run_dir, rank)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)

@@ -16,9 +16,9 @@ import tempfile
 from contextlib import contextmanager
 from typing import Callable
 
+from pipelines.errors import ConfigError
 from pipelines.storage import filesystem, files_below, is_local, join
 
-from ..config import ConfigError
 from .errors import guarded
 from .keys import check_key, inside
 from .layout import (ABANDONED, CKPT_RE, TRAIN_STATE, TrainState, done_record, order, say_incomplete,
