@@ -60,11 +60,15 @@ def test_a_killed_mixture_run_resumes_with_each_source_exactly_once_per_source_e
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     out = r.stdout + r.stderr
-    assert "resuming from" in out and "checkpoint_000000020" in out
+    # from checkpoint 20, or 10 when the kill lands before Ray Train registered 20 (its report
+    # reaches the controller asynchronously); the steps after it run again and supersede
+    assert "resuming from" in out
     assert "source speech: 20 samples in 1 shards, 32 per epoch" in out
 
     report = check_run(str(run), None)
-    assert report["attempts"] == 2 and report["superseded_rows"] == 0, report
+    assert report["attempts"] == 2, report
+    resumed = min(r["step"] for r in _effective_rows(run) if r["attempt"] == 1)
+    assert resumed in (11, 21) and report["superseded_rows"] == 2 * (21 - resumed), report
     # the shares of the trained samples follow the weights (exactly, by the quotas 192/96/32)
     shares = {name: s["share"] for name, s in report["sources"].items()}
     for name, weight in WEIGHTS.items():
@@ -87,10 +91,12 @@ def test_a_killed_mixture_run_resumes_with_each_source_exactly_once_per_source_e
             assert served[f"{name}/{k}"] == ids, f"{name}/{k}"
     assert report["exactly_once"]
     # metrics log samples per source, and their sum is the samples trained on
+    # (the dynamic split may leave one rank a row more at the end: a last step beyond the 50 planned)
     lines = read_metric_lines(str(run))
-    assert lines[-1]["step"] == 50
-    per_source = {name: sum(line[f"samples_{name}"] for line in lines if line["step"] > 20) for name in WEIGHTS}
-    assert sum(per_source.values()) == sum(line["samples"] for line in lines if line["step"] > 20)
+    assert lines[-1]["step"] >= 50
+    for line in lines:
+        assert sum(line[f"samples_{name}"] for name in WEIGHTS) == line["samples"], line
+    assert sum(line["samples_speech"] for line in lines if line["step"] > resumed) > 0
     # the audit command says it per source
     audit = subprocess.run([sys.executable, os.path.join(ROOT, "ray_job.py"), "audit", "--run-dir", str(run)],
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
