@@ -63,7 +63,8 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     bpe_file = os.path.join(run_dir, "tokenizer", "bpe.json")
     metadata = {
         "model_config": json.dumps(run["model"]),
-        "data_config": json.dumps(run["data"]),
+        # the data plane's settings (what decodes an input): the run's data sources are not the model's
+        "data_config": json.dumps({k: v for k, v in run["data"].items() if k != "sources"}),
         "tokenizer": open(tok_file).read() if os.path.exists(tok_file) else "{}",
         "checkpoint": os.path.basename(checkpoint),
     }

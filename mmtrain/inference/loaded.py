@@ -71,7 +71,9 @@ def _from_run(run_dir: str, device: torch.device, storage_options: dict | None) 
     cfg = RunConfig.from_dict({**run, "storage_options": storage_options or {}})
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)
-    return LoadedModel(model.eval().to(device), cfg.model, cfg.data, _run_tokenizer(run_dir, storage_options),
+    # the data plane's settings, as an export holds them (the run's data sources are not the model's)
+    return LoadedModel(model.eval().to(device), cfg.model, cfg.data.without_sources(),
+                       _run_tokenizer(run_dir, storage_options),
                        f"{run_dir} (checkpoint {os.path.basename(checkpoint)})", device)
 
 
