@@ -52,7 +52,8 @@ class Collate(NumpyBatchCollateFn):
             # ids stay python objects: they are the data position, not model input
             "ids": list(zip((str(s) for s in b["source"]), (str(k) for k in b["key"]),
                             (_part(p) for p in b.get("part", b["epoch"])))),
-            "epoch": int(max(b["epoch"], default=-1)),  # the newest epoch in the batch, for the metrics
+            # each row's epoch (-1 on padding): the worker's metrics say the newest epoch trained on
+            "epoch": torch.from_numpy(np.pad(np.asarray(b["epoch"], np.int64), (0, B - n), constant_values=-1)),
         }
 
     def empty(self) -> dict:

@@ -81,7 +81,7 @@ class Worker:
         self.hooks = []
         # one pass = several epochs served as one stream (see pipelines/ingest.py): state.epoch
         # is the pass's first epoch, `seen` the newest epoch trained on, for the metrics
-        self.seen = self.state.epoch
+        self.seen, self.epochs = self.state.epoch, None
         self.pass_end = self.state.epoch
 
     def batch_shape(self) -> dict:
@@ -118,7 +118,9 @@ class Worker:
         """One micro-step; at a gradient-accumulation boundary also the optimizer step's
         bookkeeping, metrics line and checkpoint. True when an optimizer step was taken."""
         self.window.wait += waited
-        ids, epoch = batch.pop("ids"), batch.pop("epoch")
+        # the rows' epochs stay a tensor (on the device, on GPU) until a log line reads them: no
+        # host-device sync per micro-step
+        ids, self.epochs = batch.pop("ids"), batch.pop("epoch")
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         out = self.engine(inputs)
         self.engine.backward(out["loss"])
@@ -126,7 +128,6 @@ class Worker:
         self.engine.step()
         self.position.add(ids)
         self.window.add(out, ids, inputs)
-        self.seen = max(self.seen, epoch)
         if self.audit is not None and ids:
             self.audit.write(self.state.step + 1, ids)
         if boundary:
@@ -152,6 +153,8 @@ class Worker:
     def log(self) -> None:
         metrics = self.window.report(self.engine, self.world, self.device)
         self.state.samples += metrics["samples"]
+        if self.epochs is not None:
+            self.seen = max(self.seen, int(self.epochs.max()))
         self.writer.log(self.state.step, {**metrics, "epoch": self.seen, **self.batch_shape()})
         progress.push("step", step=self.state.step, epoch=self.seen,
                       **{k: metrics[k] for k in ("loss", "samples_per_s", "data_wait_frac")})

@@ -102,6 +102,15 @@ def test_a_killed_mixture_run_resumes_with_each_source_exactly_once_per_source_e
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "source speech: 160 samples trained on (10.0%), 8 source epoch(s), 0 served twice" in audit.stdout
+    # the model of a mixture run is used like any other: its export holds the data plane's
+    # settings, not the run's sources, and loads (from the export and from the run) as the same model
+    from mmtrain.export import export
+    from mmtrain.inference.loaded import load_model, model_fingerprint
+
+    exported = export(str(run), str(tmp_path / "model.safetensors"))
+    from_file, from_run = load_model(exported["output"]), load_model(str(run))
+    assert type(from_file.data_cfg).__name__ == "DataConfig" and from_file.data_cfg == from_run.data_cfg
+    assert model_fingerprint(from_file) == model_fingerprint(from_run)
 
 
 def test_raw_sources_are_counted_by_reading_them(sources):
