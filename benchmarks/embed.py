@@ -97,6 +97,7 @@ def export_untrained(config: str | None, path: str) -> str:
     from safetensors.torch import save_file
 
     from mmtrain.config import load_run_config
+    from mmtrain.export import data_plane_settings
     from mmtrain.model import build_model
     from mmtrain.tokenizer import ByteTokenizer
 
@@ -104,7 +105,7 @@ def export_untrained(config: str | None, path: str) -> str:
     state = {k: v.contiguous() for k, v in build_model(cfg.model).state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(state, path, metadata={"model_config": json.dumps(cfg.model.to_dict()),
-                                     "data_config": json.dumps(cfg.data.to_dict()),
+                                     "data_config": json.dumps(data_plane_settings(cfg.data.to_dict())),
                                      "tokenizer": json.dumps(ByteTokenizer().to_dict())})
     return path
 

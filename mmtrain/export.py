@@ -51,6 +51,12 @@ def load_checkpoint(store: CheckpointStore, checkpoint: str) -> tuple[dict, dict
         return run, consolidated_state_dict(local)
 
 
+def data_plane_settings(data: dict) -> dict:
+    """A run's `data` settings as an export keeps them: what decodes an input. The run's data
+    sources are not the model's (and a loaded model's DataConfig has no such key)."""
+    return {k: v for k, v in data.items() if k != "sources"}
+
+
 def export(run_dir: str, output: str, checkpoint: str | None = None, storage_options: dict | None = None) -> dict:
     """`storage_options`: for the run's checkpoint storage (default: those it was trained with)."""
     from safetensors.torch import save_file
@@ -63,8 +69,7 @@ def export(run_dir: str, output: str, checkpoint: str | None = None, storage_opt
     bpe_file = os.path.join(run_dir, "tokenizer", "bpe.json")
     metadata = {
         "model_config": json.dumps(run["model"]),
-        # the data plane's settings (what decodes an input): the run's data sources are not the model's
-        "data_config": json.dumps({k: v for k, v in run["data"].items() if k != "sources"}),
+        "data_config": json.dumps(data_plane_settings(run["data"])),
         "tokenizer": open(tok_file).read() if os.path.exists(tok_file) else "{}",
         "checkpoint": os.path.basename(checkpoint),
     }
