@@ -58,7 +58,6 @@ def cmd_preprocess(args) -> int:
     from pipelines.config import DataConfig
     from pipelines.preprocess import format_summary, preprocess
     from pipelines.retry import NOT_FOUND, store_error_kind, store_failure
-    from pipelines.runtime import shutdown_ray
     from pipelines.settings import read_config_file
 
     _set_address(args)
@@ -83,7 +82,6 @@ def cmd_preprocess(args) -> int:
             raise
         raise UserError(str(store_failure(e, args.output))) from None
     print(format_summary(stats, args.output))
-    shutdown_ray()
     return 0
 
 

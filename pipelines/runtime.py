@@ -76,19 +76,6 @@ def _set_data_context(ray_data: bool) -> None:
     ctx.print_on_execution_start = False
 
 
-def shutdown_ray() -> None:
-    """Leave Ray now, at the end of a command whose output is all the driver's own.
-
-    Ray's exit hook sleeps 0.5 s before it disconnects, so that the workers' last log lines reach
-    the console; a command that prints only from the driver (preprocess) has nothing to wait for,
-    and a user waits that half second on every run.
-    """
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def cluster_cpus() -> int:
     import ray
 
