@@ -136,8 +136,12 @@ def _use_lines(u: dict | None) -> list[str]:
         return []
     s, c = u["search"], u["caption"]
     return [f"  embed       {u['embedded']} samples -> {u['table']}",
-            f"  search      \"{s['query']}\" -> {s['key']} (score {s['score']}): \"{s['caption']}\"",
+            f"  search      \"{s['query']}\" -> {s['key']} (score {s['score']}): {_quoted(s['caption'])}",
             f"  caption     held-out {c['key']}: \"{c['generated']}\" (its own caption: \"{c['held_out']}\")"]
+
+
+def _quoted(caption: str | None) -> str:
+    return "(no caption: an image-only sample)" if caption is None else f'"{caption}"'
 
 
 def format_report(r: dict) -> str:

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from pipelines.corpus_samples import subject
+
 
 def test_demo_learns(demo_workdir):
     work, r = demo_workdir
@@ -22,7 +24,12 @@ def test_demo_learns(demo_workdir):
     # the summary ends with the model in use: the corpus embedded, one search, one caption
     use = summary["use"]
     assert use["embedded"] == 650
-    assert "red circle" in use["search"]["caption"]  # the query names the first subject
+    # the query names subject 0 ("red circle"); a sample's subject is its key's index mod 16 (the
+    # top hit may be an image-only sample, with no caption, or one captioned in Chinese)
+    hit = use["search"]
+    assert int(re.fullmatch(r"(?:sub/)?[st](\d{7})", hit["key"]).group(1)) % 16 == 0, hit
+    first = subject(0)
+    assert hit["caption"] is None or first.name in hit["caption"].lower() or first.name_zh in hit["caption"], hit
     assert use["caption"]["generated"].strip() and use["caption"]["samples"] == 16
     if r is not None:  # the summary block (printed at once; Ray's worker log lines may follow it)
         block = r.stdout.split("== summary", 1)[1].splitlines()[1:]
