@@ -252,3 +252,50 @@ def test_model_actors_leave_reading_and_decoding_a_cpu_on_a_small_embedded_ray()
         assert 0 < share <= 1
         assert workers * share + 0.75 <= cpus or share == 0.1, (workers, cpus, share)
     assert cpus_per_actor(2, 2) == 0.5 and cpus_per_actor(2, 8) == 1.0
+
+
+def test_embedded_rows_leaves_out_exactly_the_quarantined_samples(model, defects, defects_embedded):
+    """`embedded_rows` (what evaluate embeds through): the same vectors as `embed` wrote, and the
+    samples `embed` quarantined left out, nothing else."""
+    from mmtrain.inference.batch_embed import embedded_rows
+    from mmtrain.inference.loaded import load_model
+    from pipelines.shards import expand_shards
+
+    data_cfg = load_model(model).data_cfg
+    ds = embedded_rows(model, expand_shards([str(defects[0])]), data_cfg, preprocessed=False, workers=2, batch_size=8)
+    got = pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    ids = [f"{s}#{k}" for s, k in zip(got["source"].to_pylist(), got["key"].to_pylist())]
+    want = table(defects_embedded).to_pylist()
+    assert sorted(ids) == sorted(row["id"] for row in want) and len(ids) == len(set(ids))
+    by_id = dict(zip(ids, got.to_pylist()))
+    for row in want:
+        for m in ("image", "text", "audio"):
+            a, b = row[f"{m}_vector"], by_id[row["id"]][f"{m}_vector"]
+            assert (a is None) == (b is None), (row["id"], m)
+            if a is not None:
+                np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), atol=1e-5)
+
+
+def operators(ds) -> list[str]:
+    """The names of a lazy dataset's logical operators, source first."""
+    names, op = [], ds._logical_plan.dag
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return names[::-1]
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_cpu_actors_decode_their_own_rows_and_gpu_actors_are_fed_by_decode_tasks(ray_cluster, corpus, gpus):
+    """On CPUs no decode task stands between the reader and the model actors (a decoded sample
+    would cross the object store to reach an actor on the same cores); with GPUs CPU tasks
+    decode, so that the node's CPUs feed the GPU actors. Only the plan is built: no GPU needed."""
+    from mmtrain.inference.batch_embed import embedded_or_quarantined, embedded_rows
+    from pipelines.config import DataConfig
+    from pipelines.shards import expand_shards
+
+    shards = expand_shards([str(corpus)])
+    for build in (embedded_rows, embedded_or_quarantined):
+        ops = operators(build("unused.safetensors", shards, DataConfig(), preprocessed=False, gpus_per_worker=gpus))
+        assert len(ops) == 3 - (not gpus) and ops[-1] == "MapBatches(EmbedActor)", ops
+        assert any("decode_keeping_errors" in op for op in ops) == bool(gpus), ops

@@ -1,8 +1,8 @@
-"""Embedding at scale on Ray Data: decoded rows stream through `map_batches` into a pool of
+"""Embedding at scale on Ray Data: sample rows stream through `map_batches` into a pool of
 actors, each holding one copy of the model (Ray's batch-inference pattern), on GPUs when
-asked. `embed`, `classify` and `evaluate` all embed through `embedded_rows`; the `embed` job
-embeds through `embedded_or_quarantined`, which keeps the rows that fail to decode (with
-their reason) instead of dropping them."""
+asked. `evaluate` embeds through `embedded_rows` (rows that do not decode are left out, each
+with a warning); the `embed` and `classify` jobs through `embedded_or_quarantined`, which keeps
+them with their reason. On CPUs an actor decodes its rows itself (see `_embedded`)."""
 from __future__ import annotations
 
 import logging
@@ -18,15 +18,21 @@ log = logging.getLogger(__name__)
 # these columns ("" on a good row) from the decode step through the actors
 ERROR_COLUMNS = ("reason", "detail")
 
+# Rows per read block. The embedding jobs balance nothing between consumers by blocks (the
+# training ingest's 16-row blocks are for that): bigger blocks mean fewer Ray objects and
+# scheduling steps per sample. A block of compressed members stays small (~3 MB at 64 rows).
+ROWS_PER_BLOCK = 64
+
 
 class EmbedActor:
-    """`map_batches` callable class: loads the model once per actor, then embeds decoded rows
-    (`pipelines.ingest.decode_batch`'s arrays) into one row each: source, key, caption (null
-    without one) and a vector per modality (null where the row lacks it). Rows with a
-    non-empty `reason` (from `decode_keeping_errors`) are not embedded: they come out with
-    null vectors and their `reason` and `detail`."""
+    """`map_batches` callable class: loads the model once per actor, then embeds rows into one
+    row each: source, key, caption (null without one) and a vector per modality (null where the
+    row lacks it). Rows are `decode_keeping_errors`'s arrays, or with `decode` (a DataConfig)
+    the reader's rows, which the actor decodes with `decode_keeping_errors` itself. A row with
+    a non-empty `reason` is not embedded: with `keep_errors` it comes out with null vectors and
+    its `reason` and `detail`, else it is left out with a warning naming it."""
 
-    def __init__(self, model_path: str, storage_options: dict | None = None):
+    def __init__(self, model_path: str, storage_options: dict | None = None, decode=None, keep_errors: bool = True):
         import ray
         import torch
 
@@ -35,14 +41,22 @@ class EmbedActor:
         # the device comes from Ray: an actor given a GPU sees only its own (CUDA_VISIBLE_DEVICES)
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.loaded = load_model(model_path, device=device, storage_options=storage_options)
+        self.decode, self.keep_errors = decode, keep_errors
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch) -> pa.Table:
         from .inputs import embed_rows
 
+        rows = decode_keeping_errors(batch, self.decode) if self.decode is not None else batch
         dim = self.loaded.embed_dim
         if "reason" not in rows:
             return vectors_table(rows, embed_rows(rows, self.loaded), dim)
         good = np.array([not r for r in rows["reason"]], bool)
+        if not self.keep_errors:
+            for i in np.flatnonzero(~good):
+                log.warning("skipping sample %s#%s: %s: %s", rows["source"][i], rows["key"][i], rows["reason"][i],
+                            rows["detail"][i])
+            rows = {k: v[good] for k, v in rows.items() if k not in (*ERROR_COLUMNS, "shard_rows")}
+            return vectors_table(rows, embed_rows(rows, self.loaded), dim)
         emb = {m: np.zeros((len(good), dim), np.float32) for m in MODALITIES}
         if good.any():
             for m, e in embed_rows({k: v[good] for k, v in rows.items()}, self.loaded).items():
@@ -73,11 +87,11 @@ def vectors_table(rows: dict[str, np.ndarray], emb: dict[str, np.ndarray], dim: 
 def embedded_rows(model_path: str, shards: list[str], data_cfg, *, preprocessed: bool, workers: int = 2,
                   batch_size: int = 64, gpus_per_worker: float = 0, storage_options: dict | None = None):
     """A lazy Ray Dataset of `vectors_table` rows for every sample of `shards` that decodes
-    (the training ingest's reading and decoding, then `workers` EmbedActors)."""
-    from pipelines.ingest import build_dataset
-
-    ds = build_dataset(shards, data_cfg, seed=0, preprocessed=preprocessed, storage_options=storage_options)
-    return _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options)
+    (a sample that does not is left out with a warning naming it and its reason)."""
+    ds = read_rows(shards, data_cfg, preprocessed=preprocessed, storage_options=storage_options,
+                   readers=_readers(workers, gpus_per_worker))
+    return _embedded(ds, model_path, data_cfg, workers, batch_size, gpus_per_worker, storage_options,
+                     keep_errors=False)
 
 
 def embedded_or_quarantined(model_path: str, shards: list[str], data_cfg, *, preprocessed: bool, workers: int = 2,
@@ -87,16 +101,25 @@ def embedded_or_quarantined(model_path: str, shards: list[str], data_cfg, *, pre
     one's `vectors_table` row with reason "", a bad one (the reader's error, a failed decode,
     a filter rule) with null vectors and its reason code and detail. Nothing is dropped.
     `mark_shard_ends`: a `shard_rows` column (`WebDatasetDatasource`) rides along."""
-    ds = decoded_keeping_errors(shards, data_cfg, preprocessed=preprocessed, storage_options=storage_options,
-                                mark_shard_ends=mark_shard_ends)
-    return _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options)
+    ds = read_rows(shards, data_cfg, preprocessed=preprocessed, storage_options=storage_options,
+                   mark_shard_ends=mark_shard_ends, readers=_readers(workers, gpus_per_worker))
+    return _embedded(ds, model_path, data_cfg, workers, batch_size, gpus_per_worker, storage_options,
+                     keep_errors=True)
 
 
-def decoded_keeping_errors(shards: list[str], data_cfg, *, preprocessed: bool, storage_options: dict | None = None,
-                           mark_shard_ends: bool = False):
-    """A lazy Ray Dataset of `decode_keeping_errors` rows: one per sample the reader yields,
-    a bad one with its reason (the model jobs report it instead of dropping it)."""
+def _readers(workers: int, gpus_per_worker: float) -> int | None:
+    """Read tasks at once: on CPUs one per model actor. Reading a sample costs a tenth of
+    embedding it, and every read task in flight holds a Ray worker process of its own (~2
+    CPU-s to start, measured in benchmarks/README.md). GPU actors take as many as Ray runs."""
+    return None if gpus_per_worker else workers
+
+
+def read_rows(shards: list[str], data_cfg, *, preprocessed: bool, storage_options: dict | None = None,
+              mark_shard_ends: bool = False, readers: int | None = None):
+    """A lazy Ray Dataset of the reader's rows (compressed members; an error row with its
+    reason), one read task per shard, at most `readers` at once (None: as many as Ray runs)."""
     import ray
+    from ray.data import TaskPoolStrategy
 
     from pipelines.datasource import WebDatasetDatasource
     from pipelines.ingest import PREPROCESSED_COLUMNS, RAW_COLUMNS
@@ -105,17 +128,41 @@ def decoded_keeping_errors(shards: list[str], data_cfg, *, preprocessed: bool, s
 
     source = WebDatasetDatasource(shards, modalities=PREPROCESSED_COLUMNS if preprocessed else RAW_COLUMNS,
                                   storage_options=storage_options, limits=ReadLimits.from_config(data_cfg),
-                                  include_errors=True, rows_per_block=16,
+                                  include_errors=True, rows_per_block=ROWS_PER_BLOCK,
                                   shard_sizes=shard_sizes(shards, storage_options), mark_shard_ends=mark_shard_ends)
-    ds = ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=0.25)
+    return ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=0.25,
+                                    compute=TaskPoolStrategy(size=readers) if readers else None)
+
+
+def decoded_keeping_errors(shards: list[str], data_cfg, *, preprocessed: bool, storage_options: dict | None = None,
+                           mark_shard_ends: bool = False):
+    """A lazy Ray Dataset of `decode_keeping_errors` rows: one per sample the reader yields,
+    a bad one with its reason (the model jobs report it instead of dropping it)."""
+    ds = read_rows(shards, data_cfg, preprocessed=preprocessed, storage_options=storage_options,
+                   mark_shard_ends=mark_shard_ends)
+    return _decoded(ds, data_cfg)
+
+
+def _decoded(ds, data_cfg):
     return ds.map_batches(decode_keeping_errors, fn_kwargs={"cfg": data_cfg}, batch_format="pyarrow",
                           batch_size=16, num_cpus=0.5)
 
 
-def _embedded(ds, model_path, workers, batch_size, gpus_per_worker, storage_options):
-    return ds.map_batches(EmbedActor, fn_constructor_kwargs={"model_path": model_path,
-                                                            "storage_options": storage_options},
-                          batch_size=batch_size, batch_format="numpy", concurrency=workers,
+def _embedded(ds, model_path, data_cfg, workers, batch_size, gpus_per_worker, storage_options, *, keep_errors):
+    """`ds` (the reader's rows) through `workers` EmbedActors. On CPUs each actor decodes its
+    own rows: a decoded sample (224x224x3 pixels and a log-mel, ~40x its compressed size) then
+    never goes through Ray's object store, and no decode task competes with the actors for the
+    same cores (measured in benchmarks/README.md). With GPUs, CPU tasks decode, so that the
+    CPUs of the node, not the one per GPU actor, keep the GPUs fed."""
+    from ray.data import ActorPoolStrategy
+
+    actor_args = {"model_path": model_path, "storage_options": storage_options, "keep_errors": keep_errors}
+    if gpus_per_worker:
+        ds, batch_format = _decoded(ds, data_cfg), "numpy"
+    else:
+        actor_args["decode"], batch_format = data_cfg, "pyarrow"
+    return ds.map_batches(EmbedActor, fn_constructor_kwargs=actor_args, batch_size=batch_size,
+                          batch_format=batch_format, compute=ActorPoolStrategy(size=workers),
                           num_cpus=actor_cpus(workers, gpus_per_worker), num_gpus=gpus_per_worker or None)
 
 

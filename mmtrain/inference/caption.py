@@ -101,6 +101,8 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
     """Caption every sample of `data` (raw or preprocessed shards) with `model` (a run directory
     or an exported .safetensors) into `output`, one JSON line per sample: key, source, caption.
     Returns the counts, settings and two example lines. `progress`: a bar in samples on stderr."""
+    from ray.data import ActorPoolStrategy
+
     from pipelines.dataset import check_preprocessed, shard_counts
     from pipelines.runtime import init_ray
     from pipelines.shards import expand_shards
@@ -129,7 +131,7 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
     ds = ds.map_batches(CaptionActor, fn_constructor_kwargs={
         "model_path": model, "storage_options": storage_options, "max_len": settings.max_len,
         "beams": settings.beams}, batch_size=settings.batch_size, batch_format="numpy",
-        concurrency=settings.workers, num_cpus=actor_cpus(settings.workers, settings.gpus_per_worker),
+        compute=ActorPoolStrategy(size=settings.workers), num_cpus=actor_cpus(settings.workers, settings.gpus_per_worker),
         num_gpus=settings.gpus_per_worker or None)
     with OutputStore(folder, storage_options).open_atomic(name) as f:
         samples, empty, rejected, examples = _write_lines(ds, f, expected, progress)
