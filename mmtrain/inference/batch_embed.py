@@ -150,9 +150,9 @@ def _decoded(ds, data_cfg):
 
 def _embedded(ds, model_path, data_cfg, workers, batch_size, gpus_per_worker, storage_options, *, keep_errors):
     """`ds` (the reader's rows) through `workers` EmbedActors. On CPUs each actor decodes its
-    own rows: a decoded sample (224x224x3 pixels and a log-mel, ~40x its compressed size) then
-    never goes through Ray's object store, and no decode task competes with the actors for the
-    same cores (measured in benchmarks/README.md). With GPUs, CPU tasks decode, so that the
+    own rows: a decoded sample (224x224x3 pixels and a log-mel, ~310 KB) then never goes
+    through Ray's object store, and no decode task competes with the actors for the same cores
+    (measured in benchmarks/README.md). With GPUs, CPU tasks decode, so that the
     CPUs of the node, not the one per GPU actor, keep the GPUs fed."""
     from ray.data import ActorPoolStrategy
 
