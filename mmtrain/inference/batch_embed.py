@@ -48,8 +48,6 @@ class EmbedActor:
 
         rows = decode_keeping_errors(batch, self.decode) if self.decode is not None else batch
         dim = self.loaded.embed_dim
-        if "reason" not in rows:
-            return vectors_table(rows, embed_rows(rows, self.loaded), dim)
         good = np.array([not r for r in rows["reason"]], bool)
         if not self.keep_errors:
             for i in np.flatnonzero(~good):
