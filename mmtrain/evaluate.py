@@ -50,7 +50,7 @@ def evaluate(run_dir: str, data: list[str], *, output: str | None = None, batch_
     preprocessed = check_preprocessed(shards, loaded.data_cfg, storage_options)
     labels = labels if labels is not None else corpus_labels(data, storage_options)
     # an embedded Ray gets a CPU beyond the actors' for the read and decode tasks that feed them
-    init_ray(num_cpus=max(os.cpu_count() or 1, workers + 2))
+    init_ray(num_cpus=max(os.cpu_count() or 1, workers + 2), dashboard=False)
     run = dict(preprocessed=preprocessed, workers=workers, batch_size=batch_size, gpus_per_worker=gpus_per_worker,
                storage_options=storage_options)
     counts = shard_counts(shards, storage_options) if preprocessed else None

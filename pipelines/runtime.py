@@ -28,9 +28,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     """Join `address` (or RAY_ADDRESS) if given, else start Ray inside this process.
 
     `dashboard`: an embedded Ray runs its dashboard (on loopback): Ray Train's state queries
-    need it. A step that only runs plain tasks (preprocess) passes False: no dashboard process
-    and its modules' start-up, a lighter start. `ray_data`: set Ray Data's context (importing
-    Ray Data, pandas with it); a step that never builds a Ray Data pipeline passes False.
+    need it. A step without Ray Train (preprocess, embed, classify, caption, evaluate) passes
+    False: no dashboard process and its modules' start-up, a lighter start. `ray_data`: set
+    Ray Data's context (importing Ray Data, pandas with it); a step that never builds a Ray
+    Data pipeline passes False.
     Joining a cluster ignores `dashboard`: its head decides about its own.
 
     Idempotent: tests share one Ray instance per session by initializing it first.

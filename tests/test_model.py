@@ -360,3 +360,30 @@ def test_gather_across_ranks(tmp_path):
     torch.testing.assert_close(r0["grad"], 2 * full.grad[:3])
     torch.testing.assert_close(r1["grad"], 2 * full.grad[3:5])
     assert math.isfinite(ref.item())
+
+
+def test_importing_the_model_leaves_torch_dynamo_for_a_compiled_run():
+    """Every process that loads a model (each embedding actor, serve replica, command) imported
+    torch._dynamo (~1.5 s of CPU) for the loss's two compile-break decorators; they import it at
+    their first call now, which only a training step makes."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmtrain.model, mmtrain.inference.loaded; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_the_loss_collectives_stay_eager_under_torch_compile():
+    """A collective inside a compiled graph: the graph breaks at the decorated function instead."""
+    import torch._dynamo
+
+    from mmtrain.model.losses import global_from_shares
+
+    def step(x):
+        return global_from_shares(x * 2) + 1
+
+    explained = torch._dynamo.explain(step)(torch.ones(3))
+    assert explained.graph_break_count == 1
+    assert "global_from_shares" in str(explained.break_reasons[0].reason)

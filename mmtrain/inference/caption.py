@@ -124,7 +124,7 @@ def caption(model: str, data: list[str], output: str, max_len: int | None = None
         raise UserError(f"--output {output} is one of the input shards")
     preprocessed = check_preprocessed(shards, loaded.data_cfg, storage_options)
     expected = sum((shard_counts(shards, storage_options) or {}).values()) if preprocessed else None
-    init_ray()
+    init_ray(dashboard=False)  # Ray Data only: see init_ray
     start = time.monotonic()
     # every sample the reader yields, a bad one with its reason: a line in the output, not a gap
     ds = decoded_keeping_errors(shards, loaded.data_cfg, preprocessed=preprocessed, storage_options=storage_options)

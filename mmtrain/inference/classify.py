@@ -133,7 +133,7 @@ def classify(model: str, data: list[str], labels: list[str], template: str = DEF
     shards = expand_shards(list(data), storage_options)
     preprocessed = check_preprocessed(shards, loaded.data_cfg, storage_options)
     expected = sum((shard_counts(shards, storage_options) or {}).values()) if preprocessed else None
-    init_ray()
+    init_ray(dashboard=False)  # Ray Data only: see init_ray
     # every sample the reader yields, a bad one with its reason: a line in the output, not a gap
     ds = embedded_or_quarantined(model, shards, loaded.data_cfg, preprocessed=preprocessed, workers=workers,
                                  batch_size=batch_size, gpus_per_worker=gpus_per_worker,

@@ -187,7 +187,7 @@ def embed(cfg: EmbedConfig, *, say: Callable[[str], None] | None = None) -> dict
         pending = [s for s in shards if s not in done]
         tables.forget_quarantined(set(pending))
         if pending:
-            init_ray()
+            init_ray(dashboard=False)  # Ray Data only: see init_ray
             _embed_pending(pending, cfg, loaded.data_cfg, preprocessed, tables, store, info, lock)
         info.update(counts=tables.counts(), complete=True)
         info["index"] = ensure_index(cfg.output, storage_options=opts or None)

@@ -16,6 +16,12 @@ from torch import Tensor
 
 from .config import PAD_ID
 
+# Eager under torch.compile, whose graph breaks at the decorated function. torch's own lazy form
+# of `torch.compiler.disable`: that one imports torch._dynamo where it decorates (~1.5 s of CPU in
+# every process that imports the model: each embedding actor, serve replica and command), this
+# one at the first call, which only a training step makes.
+eager_under_compile = torch._disable_dynamo
+
 # Fill for logits that must not compete in a softmax. Finite, so a row with nothing valid gives a
 # finite (and zero-weighted) loss instead of NaN; far enough below the largest real logit (the
 # scale is clamped at 100) that exp() underflows to exactly 0 in float32.
@@ -88,7 +94,7 @@ def own_rows(total: int) -> slice:
     return slice(dist.get_rank() * per, (dist.get_rank() + 1) * per)
 
 
-@torch.compiler.disable  # a collective: eager under torch.compile, whose graph breaks here
+@eager_under_compile  # a collective
 def global_from_shares(shares: Tensor) -> Tensor:
     """Every rank's `local_contrastive_loss` shares [K] -> losses [K] whose value is the global loss
     (the shares summed over ranks) and whose gradient is world x the own share's.
@@ -122,7 +128,7 @@ def gather_rows(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     return _gathered(emb, present) if _distributed() else (emb, present)
 
 
-@torch.compiler.disable  # collectives and a host sync (the batch sizes): eager under torch.compile
+@eager_under_compile  # collectives and a host sync (the batch sizes)
 def _gathered(emb: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
