@@ -44,7 +44,8 @@ harness.single_threaded()
 sys.path.insert(0, harness.ROOT)
 
 VARIANTS = ("loop", "actors", "command")
-MEASURES = ("samples_per_s", "cpu_ms_per_sample", "seconds", "whole_seconds", "whole_cpu_s", "other_cores")
+MEASURES = ("samples_per_s", "cpu_ms_per_sample", "seconds", "whole_seconds", "whole_cpu_s", "other_cores",
+            "first_vector_s", "then_samples_per_s")
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,23 +118,26 @@ def model_data_config(model: str):
 
 
 def child_run(args) -> None:
-    """`loop` or `actors` on an embedded Ray; prints {"samples", "seconds", "cpu_s", "other_cores"}
-    measured from the model's load to the last vector."""
+    """`loop` or `actors` on an embedded Ray; prints {"samples", "seconds", "cpu_s", "other_cores",
+    "first_vector_s", "first_rows"} measured from the model's load to the last vector (and to the
+    first batch of vectors: the fixed cost of starting)."""
     from pipelines.runtime import init_ray
     from pipelines.shards import expand_shards
 
     init_ray(num_cpus=args.workers + 2, dashboard=False)  # the actors plus CPUs for read and decode
     shards = expand_shards([args.data])
     t0, cpu0, busy0 = time.perf_counter(), harness.tree_cpu_by_pid(os.getpid()), harness.busy_seconds()
-    samples = (loop(args.model, shards, args.batch_size) if args.child == "loop"
-               else actors(args.model, shards, args.batch_size, args.workers))
+    first: list[tuple[float, int]] = []  # (when, rows) of the first batch of vectors
+    samples = (loop(args.model, shards, args.batch_size, first) if args.child == "loop"
+               else actors(args.model, shards, args.batch_size, args.workers, first))
     wall = time.perf_counter() - t0
     cpu = harness.cpu_between(cpu0, harness.tree_cpu_by_pid(os.getpid()))
     print(json.dumps({"samples": samples, "seconds": wall, "cpu_s": cpu,
-                      "other_cores": max(0.0, harness.busy_seconds() - busy0 - cpu) / wall}))
+                      "other_cores": max(0.0, harness.busy_seconds() - busy0 - cpu) / wall,
+                      "first_vector_s": first[0][0] - t0, "first_rows": first[0][1]}))
 
 
-def loop(model: str, shards: list[str], batch_size: int) -> int:
+def loop(model: str, shards: list[str], batch_size: int, first: list) -> int:
     """What `evaluate` did before the actor pool: one model on the driver."""
     import torch
 
@@ -154,15 +158,22 @@ def loop(model: str, shards: list[str], batch_size: int) -> int:
             enc = loaded.model.encode(batch)
             _ = [enc[m][:k].float().numpy() for m in ("image", "text", "audio")]
             n += k
+            if not first:
+                first.append((time.perf_counter(), k))
     return n
 
 
-def actors(model: str, shards: list[str], batch_size: int, workers: int) -> int:
+def actors(model: str, shards: list[str], batch_size: int, workers: int, first: list) -> int:
     from mmtrain.inference.batch_embed import embedded_rows
 
     data_cfg = model_data_config_light(model)
     ds = embedded_rows(model, shards, data_cfg, preprocessed=True, workers=workers, batch_size=batch_size)
-    return sum(t.num_rows for t in ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    n = 0
+    for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        n += t.num_rows
+        if not first:
+            first.append((time.perf_counter(), t.num_rows))
+    return n
 
 
 def model_data_config_light(model: str):
@@ -222,7 +233,12 @@ def one_run(args, variant: str, model: str, data: str, log: str) -> dict:
         whole_s, whole_cpu = run.wall_s, run.cpu_s
         if inner["samples"] != args.samples:
             raise SystemExit(f"{variant} embedded {inner['samples']} of {args.samples} samples")
-    return {"samples_per_s": round(inner["samples"] / inner["seconds"], 2),
+    then = {}
+    if "first_vector_s" in inner:  # the rate after the first batch of vectors: past the start-up
+        then = {"first_vector_s": round(inner["first_vector_s"], 2),
+                "then_samples_per_s": round((inner["samples"] - inner["first_rows"])
+                                            / (inner["seconds"] - inner["first_vector_s"]), 2)}
+    return {"samples_per_s": round(inner["samples"] / inner["seconds"], 2), **then,
             "cpu_ms_per_sample": round(1000 * inner["cpu_s"] / inner["samples"], 2),
             "seconds": round(inner["seconds"], 2), "whole_seconds": round(whole_s, 2),
             "whole_cpu_s": round(whole_cpu, 2), "other_cores": round(inner["other_cores"], 2),
@@ -252,7 +268,8 @@ def main() -> None:
                 v["rounds"].append(r)
                 print(json.dumps({"variant": v["name"], **r}), flush=True)
             for v in variants:
-                v["median"] = {m: statistics.median(r[m] for r in v["rounds"]) for m in MEASURES}
+                v["median"] = {m: statistics.median(r[m] for r in v["rounds"]) for m in MEASURES
+                               if all(m in r for r in v["rounds"])}
             results = {"date": datetime.date.today().isoformat(), "commit": _commit(),
                        "config": {"samples": args.samples, "shards": args.shards, "rounds": rnd + 1,
                                   "workers": args.workers, "batch_size": args.batch_size, "cores": len(cores),
@@ -289,19 +306,30 @@ def render(results: dict, part: str = "") -> str:
                                  "other cores", "load average at end"], rows)
     if part:
         raise ValueError(f"embed has no table {part!r}")
-    loop_rate = next((v["median"]["samples_per_s"] for v in variants if v["name"] == "loop"), None)
-    rows = [[ABOUT[v["name"]], f"{v['median']['samples_per_s']:.1f}",
-             f"{v['median']['samples_per_s'] / loop_rate:.2f}x" if loop_rate else "-",
+    loop = next((v["median"] for v in variants if v["name"] == "loop"), {})
+
+    def vs_loop(med: dict, measure: str) -> str:
+        return f"{med[measure] / loop[measure]:.2f}x" if measure in med and measure in loop else "-"
+
+    def then(med: dict) -> list[str]:  # the fixed cost of starting, and the rate past it
+        if "first_vector_s" not in med:
+            return ["-", "-", "-"]
+        return [f"{med['first_vector_s']:.1f}", f"{med['then_samples_per_s']:.1f}", vs_loop(med, "then_samples_per_s")]
+
+    rows = [[ABOUT[v["name"]], f"{v['median']['samples_per_s']:.1f}", vs_loop(v["median"], "samples_per_s"),
              f"{v['median']['cpu_ms_per_sample']:.1f}", f"{v['median']['seconds']:.1f}",
-             f"{v['median']['whole_seconds']:.1f}"] for v in variants]
+             f"{v['median']['whole_seconds']:.1f}", *then(v["median"])] for v in variants]
     smoke = "**A `--quick` smoke run, not a measurement.** " if cfg.get("quick") else ""
     head = (f"{smoke}Run on {results['date']} (commit {results.get('commit', '?')}): {cfg['samples']} samples "
             f"in {cfg['shards']} shards, model {cfg['model']}, batch {cfg['batch_size']}, {cfg['workers']} "
             f"actors, pinned to {cfg['cores']} cores, medians of {cfg['rounds']} interleaved rounds; "
             f"{m['cpus']} CPUs, load average (1/5/15 min) {harness.loads(m['loadavg_at_start'])} at start, "
             f"{harness.loads(m['loadavg_at_end'])} at end. samples/s and CPU from the model's load to the "
-            f"last vector (Ray's start excluded; the command: whole); whole s: the process from start to exit.\n\n")
-    return head + harness.md_table(["variant", "samples/s", "vs loop", "CPU ms/sample", "s", "whole s"], rows)
+            f"last vector (Ray's start excluded; the command: whole); whole s: the process from start to exit; "
+            f"first vectors s: from the model's load to the first batch of vectors; then samples/s: the "
+            f"rate after it.\n\n")
+    return head + harness.md_table(["variant", "samples/s", "vs loop", "CPU ms/sample", "s", "whole s",
+                                    "first vectors s", "then samples/s", "then vs loop"], rows)
 
 
 if __name__ == "__main__":

@@ -299,17 +299,3 @@ def test_cpu_actors_decode_their_own_rows_and_gpu_actors_are_fed_by_decode_tasks
         ops = operators(build("unused.safetensors", shards, DataConfig(), preprocessed=False, gpus_per_worker=gpus))
         assert len(ops) == 3 - (not gpus) and ops[-1] == "MapBatches(EmbedActor)", ops
         assert any("decode_keeping_errors" in op for op in ops) == bool(gpus), ops
-
-
-def test_small_shards_are_read_several_to_a_task_and_every_reader_has_two_tasks():
-    """A read task costs ~60 ms of CPU in Ray beyond its reading: 20 MB shards go ~6 to a task."""
-    from mmtrain.inference.batch_embed import READ_TASK_BYTES, read_tasks
-
-    mb = 1 << 20
-    shards = {f"s{i}": 22 * mb for i in range(64)}
-    assert read_tasks(shards, readers=2) == -(-64 * 22 * mb // READ_TASK_BYTES) == 11
-    assert read_tasks({f"s{i}": mb for i in range(64)}, readers=2) == 4   # two per reader
-    assert read_tasks({f"s{i}": mb for i in range(3)}, readers=2) == 3    # never more than the shards
-    assert read_tasks({f"s{i}": 4 << 30 for i in range(8)}, readers=2) == 8  # one per big shard
-    assert read_tasks({"a": mb, "b": None, "c": mb}, readers=2) == 3      # a size unknown: one each
-    assert read_tasks({"a": mb}, readers=1) == 1

@@ -23,11 +23,6 @@ ERROR_COLUMNS = ("reason", "detail")
 # scheduling steps per sample. A block of compressed members stays small (~3 MB at 64 rows).
 ROWS_PER_BLOCK = 64
 
-# Input bytes a read task reads at least (Ray Data's own largest block size). Beyond its reading
-# a read task costs ~60 ms of CPU in Ray (measured in benchmarks/README.md), about what reading a
-# 20 MB shard costs, so small shards are read several to a task.
-READ_TASK_BYTES = 128 << 20
-
 
 class EmbedActor:
     """`map_batches` callable class: loads the model once per actor, then embeds rows into one
@@ -135,25 +130,12 @@ def read_rows(shards: list[str], data_cfg, *, preprocessed: bool, storage_option
     from pipelines.shards import shard_sizes
     from pipelines.tarheaders import ReadLimits
 
-    sizes = shard_sizes(shards, storage_options)
     source = WebDatasetDatasource(shards, modalities=PREPROCESSED_COLUMNS if preprocessed else RAW_COLUMNS,
                                   storage_options=storage_options, limits=ReadLimits.from_config(data_cfg),
-                                  include_errors=True, rows_per_block=ROWS_PER_BLOCK, shard_sizes=sizes,
-                                  mark_shard_ends=mark_shard_ends)
-    return ray.data.read_datasource(source, override_num_blocks=read_tasks(sizes, readers), num_cpus=0.25,
+                                  include_errors=True, rows_per_block=ROWS_PER_BLOCK,
+                                  shard_sizes=shard_sizes(shards, storage_options), mark_shard_ends=mark_shard_ends)
+    return ray.data.read_datasource(source, override_num_blocks=len(shards), num_cpus=0.25,
                                     compute=TaskPoolStrategy(size=readers) if readers else None)
-
-
-def read_tasks(sizes: dict[str, int | None], readers: int | None) -> int:
-    """Read tasks for shards of these byte sizes: one per READ_TASK_BYTES of input, but at least
-    two per reader in flight (all of a cluster's CPUs without a limit), at most one per shard;
-    one per shard where a size is unknown."""
-    from pipelines.runtime import cluster_cpus
-
-    if not sizes or any(v is None for v in sizes.values()):
-        return max(1, len(sizes))
-    least = 2 * readers if readers else cluster_cpus()
-    return min(len(sizes), max(least, -(-sum(sizes.values()) // READ_TASK_BYTES)))
 
 
 def decoded_keeping_errors(shards: list[str], data_cfg, *, preprocessed: bool, storage_options: dict | None = None,
