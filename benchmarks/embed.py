@@ -134,7 +134,7 @@ def child_run(args) -> None:
     cpu = harness.cpu_between(cpu0, harness.tree_cpu_by_pid(os.getpid()))
     print(json.dumps({"samples": samples, "seconds": wall, "cpu_s": cpu,
                       "other_cores": max(0.0, harness.busy_seconds() - busy0 - cpu) / wall,
-                      "first_vector_s": first[0][0] - t0, "first_rows": first[0][1]}))
+                      "first_vector_s": first[0][0] - t0 if first else None, "first_rows": first[0][1] if first else 0}))
 
 
 def loop(model: str, shards: list[str], batch_size: int, first: list) -> int:
@@ -234,7 +234,7 @@ def one_run(args, variant: str, model: str, data: str, log: str) -> dict:
         if inner["samples"] != args.samples:
             raise SystemExit(f"{variant} embedded {inner['samples']} of {args.samples} samples")
     then = {}
-    if "first_vector_s" in inner:  # the rate after the first batch of vectors: past the start-up
+    if inner.get("first_vector_s") is not None and inner["samples"] > inner["first_rows"]:  # the rate past the start-up
         then = {"first_vector_s": round(inner["first_vector_s"], 2),
                 "then_samples_per_s": round((inner["samples"] - inner["first_rows"])
                                             / (inner["seconds"] - inner["first_vector_s"]), 2)}
@@ -309,7 +309,7 @@ def render(results: dict, part: str = "") -> str:
     loop = next((v["median"] for v in variants if v["name"] == "loop"), {})
 
     def vs_loop(med: dict, measure: str) -> str:
-        return f"{med[measure] / loop[measure]:.2f}x" if measure in med and measure in loop else "-"
+        return f"{med[measure] / loop[measure]:.2f}x" if measure in med and loop.get(measure) else "-"
 
     def then(med: dict) -> list[str]:  # the fixed cost of starting, and the rate past it
         if "first_vector_s" not in med:

@@ -16,6 +16,7 @@ def local_mode_env() -> None:
 
 
 _embedded = False  # whether init_ray started Ray inside this process
+_dashboard = False  # whether that instance runs its dashboard
 
 
 def is_embedded() -> bool:
@@ -36,12 +37,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
 
     Idempotent: tests share one Ray instance per session by initializing it first.
     """
-    global _embedded
+    global _embedded, _dashboard
     import ray
 
     if ray.is_initialized():
         # an instance started earlier keeps its dashboard setting; Ray Data's context is per
         # process and still set where asked
+        if dashboard and _embedded and not _dashboard:
+            logging.getLogger(__name__).warning(
+                "this process's Ray was started without its dashboard by an earlier step; Ray Train's "
+                "state queries need one: start Ray with init_ray(dashboard=True) before that step")
         _set_data_context(ray_data)
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -60,7 +65,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         # machine; the dashboard stays on loopback
         where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
-        _embedded = True
+        _embedded, _dashboard = True, dashboard
     _set_data_context(ray_data)
     console.refresh()  # the handlers Ray and Ray Data set up
 

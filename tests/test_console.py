@@ -195,3 +195,16 @@ def test_a_ray_without_the_private_print_hook_prints_unfiltered(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "went on\n" and r.stderr == "", r.stderr
     assert "no ray._private.worker.print_to_stdstream" in (tmp_path / "logs" / "driver.log").read_text()
+
+
+def test_asking_for_the_dashboard_of_a_ray_started_without_it_warns(tmp_path):
+    """The model jobs start an embedded Ray without the dashboard; a later step in the same
+    process that asks for one (Ray Train's state queries need it) gets a warning, not silence."""
+    script = ("import logging, sys\nsys.path.insert(0, %r)\nfrom pipelines.runtime import init_ray\n"
+              "init_ray(num_cpus=1, dashboard=False, ray_data=False)\n"
+              "seen = []\nh = logging.Handler(); h.emit = lambda r: seen.append(r.getMessage())\n"
+              "logging.getLogger('pipelines.runtime').addHandler(h)\n"
+              "init_ray(dashboard=False, ray_data=False)\nprint(len(seen))\n"
+              "init_ray(ray_data=False)\nprint(len(seen), 'dashboard' in seen[-1])\n" % str(ROOT))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["0", "1 True"], r.stdout + r.stderr[-2000:]

@@ -362,28 +362,62 @@ def test_gather_across_ranks(tmp_path):
     assert math.isfinite(ref.item())
 
 
-def test_importing_the_model_leaves_torch_dynamo_for_a_compiled_run():
+def test_encoding_with_a_loaded_model_leaves_torch_dynamo_for_a_compiled_run(tmp_path):
     """Every process that loads a model (each embedding actor, serve replica, command) imported
     torch._dynamo (~1.5 s of CPU) for the loss's two compile-break decorators; they import it at
-    their first call now, which only a training step makes."""
+    their first call now, which only a training step makes. Here a process loads an exported
+    model and embeds a batch, and has not imported it."""
     import subprocess
     import sys
 
-    code = "import sys, mmtrain.model, mmtrain.inference.loaded; print('torch._dynamo' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = """
+import json, sys
+from safetensors.torch import save_file
+from mmtrain.config import load_run_config
+from mmtrain.export import data_plane_settings
+from mmtrain.model import build_model
+from mmtrain.tokenizer import ByteTokenizer
+cfg = load_run_config(None, data_paths=["-"], run_dir="-", tokenizer="byte")
+save_file({k: v.contiguous() for k, v in build_model(cfg.model).state_dict().items()}, sys.argv[1],
+          metadata={"model_config": json.dumps(cfg.model.to_dict()), "tokenizer": json.dumps(ByteTokenizer().to_dict()),
+                    "data_config": json.dumps(data_plane_settings(cfg.data.to_dict()))})
+from mmtrain.inference.inputs import embed_items
+from mmtrain.inference.loaded import load_model
+vectors = embed_items([{"text": "a red circle"}], load_model(sys.argv[1]))
+assert vectors["text"].shape[0] == 1
+print("torch._dynamo" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.safetensors")], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
 
 
-def test_the_loss_collectives_stay_eager_under_torch_compile():
-    """A collective inside a compiled graph: the graph breaks at the decorated function instead."""
+def test_the_loss_collectives_run_eagerly_inside_a_compiled_step(monkeypatch):
+    """A collective inside a compiled graph: the graph breaks at the decorated function, which
+    (with everything it calls) runs eagerly. Two fake ranks: the collective records whether it
+    ran while dynamo was tracing."""
     import torch._dynamo
 
-    from mmtrain.model.losses import global_from_shares
+    from mmtrain.model import losses
+
+    seen = []
+
+    def all_reduce(t):
+        seen.append(torch.compiler.is_compiling())
+        t.mul_(2)
+
+    monkeypatch.setattr(losses, "_distributed", lambda: True)
+    monkeypatch.setattr(losses.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(losses.dist, "all_reduce", all_reduce)
 
     def step(x):
-        return global_from_shares(x * 2) + 1
+        return losses.global_from_shares(x * 2) + 1
 
-    explained = torch._dynamo.explain(step)(torch.ones(3))
-    assert explained.graph_break_count == 1
-    assert "global_from_shares" in str(explained.break_reasons[0].reason)
+    torch._dynamo.reset()
+    x = torch.ones(3)
+    got = torch.compile(step, backend="eager", fullgraph=False)(x)
+    torch.testing.assert_close(got, torch.full((3,), 5.0))  # the value: every rank's shares summed
+    assert seen == [False]
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 1 and "global_from_shares" in str(explained.break_reasons[0].reason)
+    torch._dynamo.reset()

@@ -70,7 +70,8 @@ class EmbedActor:
 def _only(rows: dict[str, np.ndarray], keep: np.ndarray, drop=()) -> dict[str, np.ndarray]:
     """The rows where `keep`, without the `drop` columns; no copy when every row is kept (a
     batch's pixels and log-mels are ~20 MB)."""
-    return {k: v if keep.all() else v[keep] for k, v in rows.items() if k not in drop}
+    every = bool(keep.all())
+    return {k: v if every else v[keep] for k, v in rows.items() if k not in drop}
 
 
 def vectors_table(rows: dict[str, np.ndarray], emb: dict[str, np.ndarray], dim: int) -> pa.Table:
