@@ -206,5 +206,7 @@ def test_asking_for_the_dashboard_of_a_ray_started_without_it_warns(tmp_path):
               "logging.getLogger('pipelines.runtime').addHandler(h)\n"
               "init_ray(dashboard=False, ray_data=False)\nprint(len(seen))\n"
               "init_ray(ray_data=False)\nprint(len(seen), 'dashboard' in seen[-1])\n" % str(ROOT))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, not the session's
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env)
     assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["0", "1 True"], r.stdout + r.stderr[-2000:]
