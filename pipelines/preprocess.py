@@ -8,7 +8,8 @@ Shape of a run:
      (`shard_job.process_shard`: stream in, decode, transform, filter, write one shard);
      Ray schedules them and reruns the task of a dead worker up to `shard_retries` times
      (then the shard is quarantined whole as `shard_crashed`), the driver bounds how many
-     are in flight (`_run_pending`); tiny shards go several to a task (`batch_size`);
+     are in flight, tiny shards go several to a task, and while an embedded Ray starts a
+     child of the driver works on the first shards (`shard_tasks.py`, `startup_shards.py`);
   3. the commit: drop cross-shard duplicates (the first by (shard, position) wins), write
      `_manifest.parquet`, `_quarantine.parquet`, and last `_stats.json`, which marks the
      output complete.
@@ -35,10 +36,8 @@ import functools
 import hashlib
 import json
 import logging
-import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
@@ -49,9 +48,10 @@ from .config import DataConfig
 from .dataset import (FORMAT_VERSION, JOB_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, PARTS_DIR, QUARANTINE_FILE,
                       QUARANTINE_SCHEMA, STATS_FILE, part_names, settings_record, write_output)
 from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, check_ours
-from .retry import StoreError, store_error_kind, store_failure
-from .shard_job import process_shards, read_parts, rewrite_without, rows_to_table
+from .retry import StoreError
+from .shard_job import read_parts, rewrite_without
 from .shards import expand_shards
+from .shard_tasks import SHARD_RETRIES, ShardTask, run_pending
 from .stage_clock import add_seconds
 from .storage import OutputStore
 from .transform import DROPPED
@@ -59,17 +59,6 @@ from .transform import DROPPED
 __all__ = ["OutputBusy", "OutputConflict", "StoreError", "preprocess", "format_summary"]
 
 log = logging.getLogger(__name__)
-
-# a shard task whose worker process dies (OOM kill, a native crash) is run again this many
-# times, then its shard is quarantined whole as `shard_crashed` and the job goes on
-SHARD_RETRIES = 3
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    source: str
-    name: str
-
 
 def plan(shards: list[str]) -> list[ShardTask]:
     return [ShardTask(src, f"shard-{i:06d}.tar") for i, src in enumerate(shards)]
@@ -89,7 +78,8 @@ def preprocess(
     progress: bool = True,
     shard_retries: int = SHARD_RETRIES,
     say: Callable[[str], None] | None = None,
-    shards_per_task: int | None = None,  # shards per Ray task (default: `batch_size`'s choice)
+    shards_per_task: int | None = None,  # shards per Ray task (default: `shard_tasks.batch_size`'s choice)
+    startup_shards: bool = True,  # work on shards while an embedded Ray starts (startup_shards.py)
 ) -> dict:
     """Run (or finish) the job; returns the content of `_stats.json`.
 
@@ -97,8 +87,6 @@ def preprocess(
     holds someone else's files or another job's output, or that a running job holds. A store
     that refuses access or stays down stops the job with a one-line `StoreError`; `say` gets
     the one-line notices of the run (a dead job's lock taken over)."""
-    from .runtime import init_ray
-
     if shard_retries < 0:
         raise ValueError(f"shard retries must be 0 or more, not {shard_retries}")
     cfg = cfg or DataConfig()
@@ -123,10 +111,9 @@ def preprocess(
             return _nothing_to_do(store, len(tasks))
         done = {n for n in store.list(PARTS_DIR) if n.endswith(".done.json")}
         pending = [t for t in tasks if part_names(t.name)["done"] not in done]
-        if pending:
-            init_ray(dashboard=False, ray_data=False)  # plain tasks: a lighter start
-            _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock,
-                         shards_per_task)
+        job = (store.url, storage_options or {}, store.tag, cfg.to_dict())  # process_shards' arguments
+        early = run_pending(pending, store, job, workers, progress, shard_retries, lock, shards_per_task,
+                            startup_shards) if pending else 0  # shards done while Ray started
         lock.ensure_held()
         stats = commit(store, tasks, cfg, fp)
         store.remove_temporaries()  # those of this run's crashed tasks
@@ -135,6 +122,7 @@ def preprocess(
     stats["this_run"] = {
         "processed_shards": len(pending),
         "skipped_shards": len(tasks) - len(pending),
+        "startup_shards": early,  # done while Ray started
         "seconds": round(time.time() - started, 3),
     }
     if lock.took_over is not None:
@@ -148,7 +136,7 @@ def _finished(store: OutputStore, fp: str) -> bool:
 
 def _nothing_to_do(store: OutputStore, n_tasks: int) -> dict:
     stats = store.read_json(STATS_FILE)
-    stats["this_run"] = {"processed_shards": 0, "skipped_shards": n_tasks, "seconds": 0.0}
+    stats["this_run"] = {"processed_shards": 0, "skipped_shards": n_tasks, "startup_shards": 0, "seconds": 0.0}
     return stats
 
 
@@ -168,159 +156,6 @@ def _claim_output(store: OutputStore, fp: str, inputs: list[str], shards: list[s
         **settings_record(cfg, fp), "inputs": list(inputs),
         "shards": [{"source": t.source, "output": t.name} for t in plan(shards)],
     })
-
-
-# what `ray.get` raises for a task whose worker process died on every attempt
-def _crash_errors() -> tuple[type[BaseException], ...]:
-    import ray.exceptions as rx
-
-    return (rx.WorkerCrashedError, rx.OutOfMemoryError, rx.NodeDiedError, rx.RaySystemError)
-
-
-# Tiny shards are run several to a task: a Ray task costs ~2 ms of CPU and a driver round trip
-# (benchmarks/README.md, "Preprocessing overhead"), as much as a one-sample shard's own work.
-# A batch is as long as keeps TASKS_PER_SLOT tasks per slot in the queue, at most
-# MAX_SHARDS_PER_TASK, so a job of a few (large) shards keeps one shard per task, and the last
-# tasks of any job are single shards again, which keeps the tail balanced over the CPUs.
-MAX_SHARDS_PER_TASK = 8
-TASKS_PER_SLOT = 8
-
-
-def batch_size(left: int, slots: int, fixed: int | None = None) -> int:
-    """Shards for the next task, `left` shards still to submit, `slots` tasks in flight."""
-    if fixed is not None:
-        return max(1, min(fixed, left))
-    return max(1, min(MAX_SHARDS_PER_TASK, left // (TASKS_PER_SLOT * slots)))
-
-
-def _run_pending(pending, store, cfg, storage_options, workers, progress, shard_retries, lock,
-                 shards_per_task=None) -> None:
-    import ray
-
-    from .runtime import cluster_cpus
-
-    job = (store.url, storage_options or {}, store.tag, cfg.to_dict())  # process_shards' arguments
-
-    # A task whose worker died is run again (a shard task is idempotent: it writes its outputs
-    # atomically, its `done` part last), at most `shard_retries` times: a shard that kills
-    # every worker that reads it (an OOM kill, a decoder's segfault) would otherwise stall
-    # the job for ever. A task of several shards is not retried by Ray: the driver finds the
-    # shard it died on (`_results`). The tasks are spread over the nodes.
-    one = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
-                     scheduling_strategy="SPREAD")(process_shards)
-    several = one.options(max_retries=0, retry_exceptions=False)
-    todo = list(reversed(pending))  # pop() takes them in plan order
-    running: dict = {}  # ObjectRef -> (its ShardTasks, attempts their first shard already had)
-    bar = _progress_bar(len(pending), progress)
-    totals: Counter = Counter()
-    cpus = cluster_cpus()
-
-    def submit(batch: list[ShardTask], attempts: int = 0) -> None:
-        fn = one if len(batch) == 1 and not attempts else (
-            several if len(batch) > 1 else one.options(max_retries=shard_retries - attempts))
-        running[fn.remote([(t.source, t.name) for t in batch], *job)] = (batch, attempts)
-
-    try:
-        while todo or running:
-            # by default one task per CPU plus one queued per CPU, so that a CPU that frees up
-            # starts the next shard at once (no round trip through this loop) and an autoscaler
-            # sees demand. `workers` caps the shards in progress: queuing is kept where Ray's
-            # CPUs already enforce the cap, dropped where only this loop can
-            limit = 2 * cpus if not workers else (2 * workers if workers >= cpus else workers)
-            while todo and len(running) < limit:
-                submit([todo.pop() for _ in range(batch_size(len(todo), limit, shards_per_task))])
-            done, _ = ray.wait(list(running), num_returns=1)
-            batch, attempts = running.pop(done[0])
-            results, culprit, rest = _results(done[0], batch, attempts, store, shard_retries)
-            todo.extend(reversed(rest))
-            if culprit is not None:
-                submit([culprit], attempts + 1)
-            for stats in results:
-                totals.update(stats["counts"])
-            lock.ensure_held()
-            if bar is not None and results:
-                bar.update(len(results))
-                bar.set_postfix(samples=totals["read"], written=totals["written"],
-                                rejected=totals["read"] - totals["written"], refresh=False)
-    finally:
-        for ref in running:  # only after an error or an interrupt
-            ray.cancel(ref)
-        if bar is not None:
-            bar.close()
-
-
-def _results(ref, batch: list[ShardTask], attempts: int, store: OutputStore,
-             shard_retries: int) -> tuple[list[dict], ShardTask | None, list[ShardTask]]:
-    """A finished task's stats per finished shard; after a crash of a task of several shards,
-    also the shard it died on (to run again on its own, its first attempt spent) and those it
-    never reached. A shard that died `shard_retries + 1` times is recorded as crashed; a store
-    failure stops the job."""
-    import ray
-
-    try:
-        return ray.get(ref), None, []
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause
-        if store_error_kind(cause) is None:
-            raise  # a bug: keeps its traceback
-        # a refused credential, a store that stays down, reading the shard or writing its
-        # output: one line, nothing marked done for it, so a re-run processes it
-        # (no store call here to find the shard: the store is what is failing)
-        if isinstance(cause, StoreError) and any(t.source in str(cause) for t in batch):
-            raise StoreError(str(cause)) from None
-        t = next((t for t in batch if t.source in str(cause)), batch[0])
-        raise store_failure(cause, f"{t.source} -> {store.url}/{t.name}") from None
-    except _crash_errors() as e:
-        try:
-            left = _unfinished(store, batch)
-            finished = [store.read_json(part_names(t.name)["done"]) for t in batch[:len(batch) - len(left)]]
-        except Exception as store_error:  # the store failing while we look: the job's one-line error
-            if store_error_kind(store_error) is None:
-                raise
-            raise store_failure(store_error, f"{store.url}/{PARTS_DIR}") from None
-        if not left:  # it died after its last shard was done
-            return finished, None, []
-        if len(batch) == 1 or attempts + 1 > shard_retries:
-            # the shard it died on has had 1 + shard_retries attempts
-            return [*finished, record_crashed(store, left[0], e, shard_retries)], None, left[1:]
-        return finished, left[0], left[1:]
-
-
-def _unfinished(store: OutputStore, batch: list[ShardTask]) -> list[ShardTask]:
-    """The shards of a failed task from the one it failed on: it runs them in order, and a
-    shard's `done` part is written last, so the first shard without one is where it stopped."""
-    for i, t in enumerate(batch):
-        if not store.exists(part_names(t.name)["done"]):
-            return batch[i:]
-    return []
-
-
-def record_crashed(store: OutputStore, t: ShardTask, error: BaseException, shard_retries: int) -> dict:
-    """Quarantine a whole shard whose task died on every attempt, as its parts: an empty
-    output shard (so shard i of the output exists for every input shard i), one quarantine
-    row (key "", the shard as source) and the `done` part that says so."""
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    detail = f"{type(error).__name__}: {first}"[:300] + f" (the task died {shard_retries + 1} times)"
-    log.warning("%s: quarantined as %s: %s", t.source, reasons.SHARD_CRASHED, detail)
-    parts = part_names(t.name)
-    with store.open_atomic(t.name) as f:
-        tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT).close()
-    store.write_parquet(parts["manifest"], rows_to_table([], MANIFEST_SCHEMA))
-    store.write_parquet(parts["quarantine"], rows_to_table([{
-        "key": "", "source": t.source, "position": 0, "reason": reasons.SHARD_CRASHED,
-        "kind": reasons.ERROR, "detail": detail, "members": []}], QUARANTINE_SCHEMA))
-    stats = {"source": t.source, "shard": t.name, "counts": {"read": 1, f"{reasons.ERROR}:{reasons.SHARD_CRASHED}": 1},
-             "bytes_in": 0, "bytes_out": 0, "seconds": 0.0, "crashed": detail}
-    store.write_json(parts["done"], stats)
-    return stats
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="shard", desc="preprocess", dynamic_ncols=True)
 
 
 def commit(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str) -> dict:

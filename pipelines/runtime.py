@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def local_mode_env() -> None:
@@ -22,6 +23,12 @@ _dashboard = False  # whether that instance runs its dashboard
 def is_embedded() -> bool:
     """True if this process runs its own Ray (its resources are fixed: no autoscaler)."""
     return _embedded
+
+
+def is_initialized() -> bool:
+    """Whether this process is connected to Ray already, without importing Ray to ask."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True,

@@ -48,9 +48,9 @@ def missed(why: str) -> None:
 
 
 def kill_when_a_shard_has_started(output: str) -> None:
-    import pipelines.preprocess as preprocess
+    import pipelines.shard_tasks as shard_tasks
 
-    original = preprocess._run_pending
+    original = shard_tasks._run_tasks  # runs once Ray is up
 
     def watch() -> None:
         while True:
@@ -69,7 +69,7 @@ def kill_when_a_shard_has_started(output: str) -> None:
         threading.Thread(target=watch, daemon=True).start()
         return original(*args, **kwargs)
 
-    preprocess._run_pending = run_pending
+    shard_tasks._run_tasks = run_pending
 
 
 def kill_before_the_commit() -> None:

@@ -16,7 +16,8 @@ import other_tools
 from conftest import ROOT
 from pipelines import reasons
 from pipelines.corpus import make_corpus
-from pipelines.preprocess import MAX_SHARDS_PER_TASK, OutputConflict, batch_size, preprocess
+from pipelines.preprocess import OutputConflict, preprocess
+from pipelines.shard_tasks import MAX_SHARDS_PER_TASK, batch_size
 from pipelines.config import DataConfig, ImageConfig, TextConfig
 
 
