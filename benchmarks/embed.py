@@ -81,7 +81,9 @@ def child_prepare(args) -> None:
     from pipelines.corpus import make_corpus
     from pipelines.preprocess import preprocess
 
-    model = args.model or export_untrained(args.config, os.path.join(args.workdir, "untrained.safetensors"))
+    from mmtrain.export import export_untrained
+
+    model = args.model or export_untrained(os.path.join(args.workdir, "untrained.safetensors"), args.config)
     data_cfg = model_data_config(model)
     raw = os.path.join(args.workdir, f"raw-{args.samples}-{args.shards}")
     if not os.path.exists(os.path.join(raw, "_corpus.json")):
@@ -90,25 +92,6 @@ def child_prepare(args) -> None:
     clean = f"{raw}-clean-{tag}"
     preprocess([raw], clean, cfg=data_cfg, progress=False)
     print(json.dumps({"model": model, "data": clean}))
-
-
-def export_untrained(config: str | None, path: str) -> str:
-    """A model as `export` writes it, with freshly initialized weights: config, data settings,
-    tokenizer (the byte tokenizer, which needs no vocabulary) in the metadata."""
-    from safetensors.torch import save_file
-
-    from mmtrain.config import load_run_config
-    from mmtrain.export import data_plane_settings
-    from mmtrain.model import build_model
-    from mmtrain.tokenizer import ByteTokenizer
-
-    cfg = load_run_config(config, data_paths=["-"], run_dir="-", tokenizer="byte")
-    state = {k: v.contiguous() for k, v in build_model(cfg.model).state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(state, path, metadata={"model_config": json.dumps(cfg.model.to_dict()),
-                                     "data_config": json.dumps(data_plane_settings(cfg.data.to_dict())),
-                                     "tokenizer": json.dumps(ByteTokenizer().to_dict())})
-    return path
 
 
 def model_data_config(model: str):

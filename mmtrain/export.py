@@ -59,29 +59,50 @@ def data_plane_settings(data: dict) -> dict:
 
 def export(run_dir: str, output: str, checkpoint: str | None = None, storage_options: dict | None = None) -> dict:
     """`storage_options`: for the run's checkpoint storage (default: those it was trained with)."""
-    from safetensors.torch import save_file
-
     store = run_store(run_dir, storage_options)
     checkpoint, run, state = load_latest(store, checkpoint)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first")
     tok_file = os.path.join(run_dir, "tokenizer", "tokenizer.json")
     bpe_file = os.path.join(run_dir, "tokenizer", "bpe.json")
-    metadata = {
-        "model_config": json.dumps(run["model"]),
-        "data_config": json.dumps(data_plane_settings(run["data"])),
-        "tokenizer": open(tok_file).read() if os.path.exists(tok_file) else "{}",
-        "checkpoint": os.path.basename(checkpoint),
-    }
-    if os.path.exists(bpe_file):  # the vocabulary itself: the file is used without the run
-        metadata["tokenizer_bpe"] = open(bpe_file).read()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    save_file(state, output, metadata=metadata)
+    write_export(state, output, model=run["model"], data=run["data"],
+                 tokenizer=open(tok_file).read() if os.path.exists(tok_file) else "{}",
+                 # the vocabulary itself: the file is used without the run
+                 tokenizer_bpe=open(bpe_file).read() if os.path.exists(bpe_file) else None,
+                 checkpoint=os.path.basename(checkpoint))
     model, _, _ = load_exported(output)
     latest = store.latest_complete()
     diff = verify_probe(model, run_dir) if latest == checkpoint else None
     return {"output": output, "checkpoint": checkpoint, "tensors": len(state),
             "parameters": int(sum(v.numel() for v in state.values())), "probe_max_abs_diff": diff}
+
+
+def write_export(state: dict[str, torch.Tensor], output: str, *, model: dict, data: dict, tokenizer: str,
+                 tokenizer_bpe: str | None = None, checkpoint: str | None = None) -> str:
+    """The one writer of an exported model: the weights, and in the metadata what `load_exported`
+    and the inference commands read (model config, data settings, tokenizer)."""
+    from safetensors.torch import save_file
+
+    metadata = {"model_config": json.dumps(model), "data_config": json.dumps(data_plane_settings(data)),
+                "tokenizer": tokenizer}
+    if checkpoint is not None:
+        metadata["checkpoint"] = checkpoint
+    if tokenizer_bpe is not None:
+        metadata["tokenizer_bpe"] = tokenizer_bpe
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, output, metadata=metadata)
+    return output
+
+
+def export_untrained(output: str, config: str | None = None) -> str:
+    """A model as `export` writes it, with freshly initialized weights and the byte tokenizer
+    (no vocabulary): for benchmarks and tests that need a model file, not a trained one."""
+    from .config import load_run_config
+    from .tokenizer import ByteTokenizer
+
+    cfg = load_run_config(config, data_paths=["-"], run_dir="-", tokenizer="byte")
+    return write_export(build_model(cfg.model).state_dict(), output, model=cfg.model.to_dict(),
+                        data=cfg.data.to_dict(), tokenizer=json.dumps(ByteTokenizer().to_dict()))
 
 
 def load_latest(store: CheckpointStore, checkpoint: str | None = None, log=print

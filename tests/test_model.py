@@ -371,16 +371,9 @@ def test_encoding_with_a_loaded_model_leaves_torch_dynamo_for_a_compiled_run(tmp
     import sys
 
     code = """
-import json, sys
-from safetensors.torch import save_file
-from mmtrain.config import load_run_config
-from mmtrain.export import data_plane_settings
-from mmtrain.model import build_model
-from mmtrain.tokenizer import ByteTokenizer
-cfg = load_run_config(None, data_paths=["-"], run_dir="-", tokenizer="byte")
-save_file({k: v.contiguous() for k, v in build_model(cfg.model).state_dict().items()}, sys.argv[1],
-          metadata={"model_config": json.dumps(cfg.model.to_dict()), "tokenizer": json.dumps(ByteTokenizer().to_dict()),
-                    "data_config": json.dumps(data_plane_settings(cfg.data.to_dict()))})
+import sys
+from mmtrain.export import export_untrained
+export_untrained(sys.argv[1])
 from mmtrain.inference.inputs import embed_items
 from mmtrain.inference.loaded import load_model
 vectors = embed_items([{"text": "a red circle"}], load_model(sys.argv[1]))
