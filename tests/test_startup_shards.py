@@ -36,6 +36,10 @@ class TrapFileSystem(LocalFileSystem):
 
 fsspec.register_implementation("traptest", TrapFileSystem, clobber=True)
 
+# the test process has lance loaded by other test modules, and lance warns at every fork; the
+# child runs shard tasks only (no lance), as it does under a preprocess driver, which never loads it
+pytestmark = pytest.mark.filterwarnings("ignore:lance is not fork-safe")
+
 
 def corpus(tmp_path, names):
     raw = tmp_path / "raw"
