@@ -25,10 +25,11 @@ def is_embedded() -> bool:
     return _embedded
 
 
-def is_initialized() -> bool:
-    """Whether this process is connected to Ray already, without importing Ray to ask."""
+def starts_embedded_ray() -> bool:
+    """Whether `init_ray()` (no address) would start Ray inside this process: Ray is not up yet
+    and RAY_ADDRESS names no cluster. Asked without importing Ray."""
     ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+    return not (ray is not None and ray.is_initialized()) and not os.environ.get("RAY_ADDRESS")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True,

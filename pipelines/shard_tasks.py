@@ -10,7 +10,6 @@ on the first shards (`startup_shards.py`).
 from __future__ import annotations
 
 import logging
-import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -64,10 +63,10 @@ def run_pending(pending: list[ShardTask], store: OutputStore, job: tuple, worker
 
     An embedded Ray's start-up leaves CPU idle: a child of the driver works on the first shards
     meanwhile (startup_shards.py). Joining a running cluster is quick: no child."""
-    from .runtime import init_ray, is_initialized
+    from .runtime import init_ray, starts_embedded_ray
 
     early = None
-    if startup_shards and not is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if startup_shards and starts_embedded_ray():
         early = StartupShards([(t.source, t.name) for t in pending], job)
     try:
         init_ray(dashboard=False, ray_data=False)  # plain tasks: a lighter start
@@ -132,11 +131,13 @@ def _run_tasks(pending, store, job, workers, progress, shard_retries, lock, shar
             if early is not None and early.busy():
                 if not todo and early.in_flight():
                     early.take_back()  # the last work to hand out: a Ray task runs it at full speed
-                # the child's last shard: look at it and at Ray's tasks in turn
+                # the child's last shard: look at it and at Ray's tasks in turn. Either wait
+                # ends at its own event; the timeout only bounds how late a report of the child
+                # is seen while Ray's tasks run (its shard may take the whole job at nice 19)
                 if running:
-                    ready, _ = ray.wait(list(running), num_returns=1, timeout=0.05)
+                    ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 else:
-                    early.wait(0.05)
+                    early.wait(0.5)
                     ready = []
                 finished, returned = early.collect()
                 done(*finished)
