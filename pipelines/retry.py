@@ -287,13 +287,25 @@ def open_retrying(fs: fsspec.AbstractFileSystem, path: str, name: str | None = N
 
 
 def read_parquet_retrying(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None):
-    """A parquet file (a manifest) read through `open_retrying`. Single-threaded: pyarrow 26
-    reading a Python file object on its thread pool leaves a thread that aborts the process
-    at exit ("terminate called without an active exception"), after the work is done."""
+    """A parquet file (a manifest) read through `open_retrying`, by `read_parquet_file`."""
+    with open_retrying(fs, path) as f:
+        return read_parquet_file(f, columns)
+
+
+def read_parquet_file(f, columns: list[str] | None = None):
+    """A parquet table from a Python file object, read whole on this thread and parsed from
+    memory Arrow owns. pyarrow 26 reads a Python file from its own threads too (its I/O pool,
+    even with `use_threads=False, pre_buffer=False`), and such a thread waiting for the GIL
+    while the interpreter exits aborts a process that did its work ("terminate called without
+    an active exception", rc -6; apache/arrow#34314, #45017). A manifest is read whole anyway."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with open_retrying(fs, path) as f:
-        return pq.read_table(f, columns=columns, use_threads=False)
+    data = f.read()
+    owned = pa.allocate_buffer(len(data))  # no Python object for an Arrow thread to release
+    pa.FixedSizeBufferWriter(owned).write(data)
+    del data
+    return pq.read_table(pa.BufferReader(owned), columns=columns, use_threads=False)
 
 
 def with_retry_defaults(url: str, storage_options: dict | None) -> dict:

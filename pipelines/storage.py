@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .retry import open_retrying, with_retry_defaults
+from .retry import open_retrying, read_parquet_file, with_retry_defaults
 
 TMP_MARK = ".tmp-"
 _TAG = re.compile(r"^[0-9A-Za-z_]{1,32}$")
@@ -234,7 +234,7 @@ class OutputStore:
 
     def read_parquet(self, name: str) -> pa.Table:
         with self.open_read(name) as f:
-            return pq.read_table(f, use_threads=False)  # see retry.read_parquet_retrying
+            return read_parquet_file(f)
 
     def remove_temporaries(self, folders: tuple[str, ...] = ("", "_parts", "_lock")) -> int:
         """Delete the temporaries that killed writers with this store's tag left in `folders`

@@ -81,3 +81,47 @@ def test_output_store_list(where, tmp_path, request):
     assert store.list() == ["_parts/0.done.json", "shard-000000.tar"]
     if where == "local":
         assert not [n for n in os.listdir(store.root) if ".tmp-" in n]
+
+
+def test_a_parquet_file_is_read_on_the_calling_thread_only(tmp_path):
+    """Arrow threads that read a Python file can be left waiting for the GIL at exit, which
+    aborts a process that did its work (rc -6, seen on `ray_job.py audit`): the manifest
+    readers read the file on the caller's thread only, and give the same table."""
+    import io
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.retry import read_parquet_file
+
+    buf = io.BytesIO()
+    table = pa.table({"key": [f"k{i}" for i in range(50_000)], "n": list(range(50_000))})
+    pq.write_table(table, buf, row_group_size=5_000)
+
+    class Spy(io.BytesIO):
+        """Notes the thread of every call that reads or moves in the file."""
+        def __init__(self):
+            super().__init__(buf.getvalue())
+            self.threads = set()
+
+        def _seen(self, name, *a):
+            self.threads.add(threading.get_ident())
+            return getattr(io.BytesIO, name)(self, *a)
+
+        def read(self, *a):
+            return self._seen("read", *a)
+
+        def readinto(self, *a):
+            return self._seen("readinto", *a)
+
+        def seek(self, *a):
+            return self._seen("seek", *a)
+
+    f = Spy()
+    assert read_parquet_file(f, ["key"]).equals(table.select(["key"]))
+    assert f.threads == {threading.get_ident()}
+    # the property is worth a test: pyarrow's own reader reads from other threads
+    f = Spy()
+    pq.read_table(f, columns=["key"], use_threads=False, pre_buffer=False)
+    assert f.threads - {threading.get_ident()}
