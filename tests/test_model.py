@@ -142,6 +142,35 @@ def test_absent_data_and_padding_do_not_matter():
         torch.testing.assert_close(emb[k], ref_emb[k])
 
 
+@pytest.mark.parametrize("longest", [300, 1001])
+def test_inference_trims_only_padding_no_row_reaches(longest):
+    """mmtrain.inference.inputs.trimmed: text cut after the longest caption, log-mels one audio
+    token past the longest clip; every embedding and the caption loss as on the full batch.
+    Random biases: a padding window's stem output is then not zero, so a mel cut at the last
+    valid token would change that row's last token (the kernel-3 conv reads one further)."""
+    from mmtrain.inference.inputs import trimmed
+
+    model = tiny().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = make_batch(4, audio_present=[True, True, False, True])
+    batch["mel_frames"] = torch.tensor([longest, 17, 0, 160])
+    batch["mel"] *= (torch.arange(1001) < batch["mel_frames"][:, None])[:, None, :]  # as the ingest zeroes it
+    cut = trimmed({k: v.clone() for k, v in batch.items()}, model.cfg.audio_stride)
+    assert cut["text_ids"].shape[1] == int((batch["text_ids"] != 0).sum(dim=1).max()) < 64
+    assert cut["mel"].shape[-1] == min(1001, (-(-longest // 16) + 1) * 16)
+    with torch.no_grad():
+        full, short = model.encode(batch), model.encode(cut)
+        for k in full:
+            torch.testing.assert_close(short[k], full[k], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(model.caption_loss(cut), model.caption_loss(batch), atol=1e-5, rtol=1e-5)
+        # the cut that stops at the last valid token is not the same batch: the test can tell
+        if longest < 1001:
+            tight = dict(cut, mel=cut["mel"][..., :-16])
+            assert (model.encode(tight)["audio"][0] - full["audio"][0]).abs().max() > 1e-4
+
+
 def test_caption_needs_image_or_audio():
     model = tiny()
     batch = make_batch(4, image_present=[False, False, True, True], audio_present=[False, False, False, True])

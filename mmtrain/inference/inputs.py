@@ -15,6 +15,7 @@ from pipelines.reasons import SampleError
 from pipelines.transform import Processed, transform_modalities
 
 from ..batch import Collate
+from ..model.config import PAD_ID
 from .loaded import LoadedModel
 
 MODALITIES = ("image", "text", "audio")
@@ -78,9 +79,25 @@ def model_batch(rows: dict[str, np.ndarray], loaded: LoadedModel) -> dict[str, t
     cfg, n = loaded.data_cfg, len(rows["key"])
     collate = Collate(loaded.tokenizer, max(1, n), loaded.model_cfg.max_text_len, cfg.image.size, cfg.audio.n_mels,
                       cfg.audio.num_frames)
-    batch = collate(rows)
+    batch = trimmed(collate(rows), loaded.model_cfg.audio_stride)
     batch.pop("ids", None)
     return {k: v.to(loaded.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def trimmed(batch: dict, audio_stride: int) -> dict:
+    """The batch without the padding no row reaches: token ids cut after the longest caption
+    (text is right-padded and masked), log-mels one audio token past the longest clip (the
+    audio stem's kernel-3 conv reads that token, all padding, as it does in a full-length
+    batch; later tokens are masked). The embeddings and captions are the same, float rounding
+    aside, for less work: spoken captions are mostly far shorter than the 10 s a mel holds."""
+    ids = batch["text_ids"]
+    if ids.numel():
+        batch["text_ids"] = ids[:, :max(1, int((ids != PAD_ID).sum(dim=1).max()))]
+    mel, frames = batch["mel"], batch["mel_frames"]
+    if frames.numel():
+        tokens = -(-int(frames.max()) // audio_stride)
+        batch["mel"] = mel[..., :min(mel.shape[-1], (tokens + 1) * audio_stride)]
+    return batch
 
 
 @torch.no_grad()
