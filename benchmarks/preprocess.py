@@ -61,6 +61,10 @@ STAGES = ("read", "image_decode", "resize", "encode", "audio_decode", "resample"
 
 def ensure_corpus(args, root: str) -> str:
     path = os.path.join(root, f"{args.corpus}-{args.samples}x{args.shards}-seed{args.seed}")
+    if args.corpus == "real":
+        from real_corpus import drop_if_made_otherwise
+
+        drop_if_made_otherwise(path, args.allow_stand_ins)
     if os.path.exists(os.path.join(path, "_corpus.json")):
         print(f"[bench] reusing corpus {path}", flush=True)
         return path
@@ -362,6 +366,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compare-every", type=int, default=4, help="compare pixels and mels of every Nth key")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 800 samples, 1 round, 1 memory round")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--allow-stand-ins", action="store_true",
+                    help="run the real corpus without scikit-learn's photos or espeak-ng's speech (stand-ins: "
+                         "matplotlib's one photo, a synthetic signal); its numbers are not comparable")
     ap.add_argument("--out", default=None, help="results JSON (default: print only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep corpora here and reuse them on the next run "

@@ -70,6 +70,34 @@ def source_photos() -> dict[str, Image.Image]:
     return photos
 
 
+def sources_now() -> dict:
+    """What a corpus made now would be made from (as `_corpus.json` records it)."""
+    return {"photos": sorted(source_photos()), "speech": speech_label(espeak())}
+
+
+def drop_if_made_otherwise(path: str, allow_stand_ins: bool) -> None:
+    """Stop (SystemExit, one line) where the real corpus would be made of stand-ins, unless
+    allowed; delete a corpus at `path` made from other photos or speech than a new one would
+    be: it measures other work."""
+    now = sources_now()
+    if (now["photos"] != sorted(SUBJECTS) or not now["speech"].startswith("espeak-ng")) and not allow_stand_ins:
+        raise SystemExit(f"the real corpus would have photos {now['photos']} and speech {now['speech']!r}: install "
+                         "scikit-learn (pip install -e .[bench]) and Debian's espeak-ng, or pass --allow-stand-ins")
+    try:
+        with open(os.path.join(path, "_corpus.json")) as f:
+            kept = json.load(f)
+    except FileNotFoundError:
+        return
+    if {k: kept.get(k) for k in now} != now:
+        print(f"[bench] {path} was made from photos {kept.get('photos')} and speech {kept.get('speech')!r}; "
+              f"making it again from {now['photos']} and {now['speech']!r}", flush=True)
+        shutil.rmtree(path)
+
+
+def speech_label(exe: str | None) -> str:
+    return f"espeak-ng ({exe})" if exe else "synthetic (espeak-ng not found)"
+
+
 def espeak() -> str | None:
     return shutil.which("espeak-ng")
 
@@ -196,7 +224,7 @@ def make_real_corpus(out: str, samples: int, shards: int, *, seed: int = 0, prog
             if progress and (s + 1) % max(1, shards // 10) == 0:
                 print(f"[real corpus] {s + 1}/{shards} shards", flush=True)
     meta = {"kind": "real", "samples": samples, "shards": names, "seed": seed, "photos": sorted(photos),
-            "speech": f"espeak-ng ({exe})" if exe else "synthetic (espeak-ng not found)",
+            "speech": speech_label(exe),
             "shard_samples": {n: len(r) for n, r in zip(names, ranges)}, "good_total": samples}
     with open(os.path.join(out, "_corpus.json"), "w") as f:
         json.dump(meta, f, indent=1)
