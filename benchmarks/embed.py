@@ -5,6 +5,9 @@ driver iterating the training ingest's batches and calling `model.encode`), on t
 
   loop     the driver: `build_dataset(...).iter_batches` -> Collate -> `model.encode`, one process
            (Ray Data still reads and decodes in its tasks, as it did for `evaluate`).
+  loop_now the same loop with today's batch code: `inputs.embed_rows` (Collate, then the padding
+           no row reaches dropped, then `model.encode`), what the actors run per batch: it says
+           how much of actors / loop is the pool and how much the batch code.
   actors   `inference.batch_embed.embedded_rows(...)` (the path `embed` and `evaluate` use),
            consumed to its last row on the driver.
   command  `python ray_job.py embed --model M --data D --output OUT --workers N`, timed whole,
@@ -43,7 +46,7 @@ import harness
 harness.single_threaded()
 sys.path.insert(0, harness.ROOT)
 
-VARIANTS = ("loop", "actors", "command")
+VARIANTS = ("loop", "loop_now", "actors", "command")
 MEASURES = ("samples_per_s", "cpu_ms_per_sample", "seconds", "whole_seconds", "whole_cpu_s", "other_cores",
             "first_vector_s", "then_samples_per_s")
 
@@ -65,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workdir", help="keep the data and model here for the next run (default: a temporary folder)")
     ap.add_argument("--out", help="results JSON (default: print only)")
     ap.add_argument("--timeout", type=float, default=1800, help="kill a run still going after this many seconds")
-    ap.add_argument("--child", choices=("prepare", "loop", "actors"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("prepare", "loop", "loop_now", "actors"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -111,8 +114,8 @@ def child_run(args) -> None:
     shards = expand_shards([args.data])
     t0, cpu0, busy0 = time.perf_counter(), harness.tree_cpu_by_pid(os.getpid()), harness.busy_seconds()
     first: list[tuple[float, int]] = []  # (when, rows) of the first batch of vectors
-    samples = (loop(args.model, shards, args.batch_size, first) if args.child == "loop"
-               else actors(args.model, shards, args.batch_size, args.workers, first))
+    samples = (loop(args.model, shards, args.batch_size, first, today=args.child == "loop_now")
+               if args.child.startswith("loop") else actors(args.model, shards, args.batch_size, args.workers, first))
     wall = time.perf_counter() - t0
     cpu = harness.cpu_between(cpu0, harness.tree_cpu_by_pid(os.getpid()))
     print(json.dumps({"samples": samples, "seconds": wall, "cpu_s": cpu,
@@ -120,11 +123,13 @@ def child_run(args) -> None:
                       "first_vector_s": first[0][0] - t0 if first else None, "first_rows": first[0][1] if first else 0}))
 
 
-def loop(model: str, shards: list[str], batch_size: int, first: list) -> int:
-    """What `evaluate` did before the actor pool: one model on the driver."""
+def loop(model: str, shards: list[str], batch_size: int, first: list, today: bool = False) -> int:
+    """What `evaluate` did before the actor pool: one model on the driver (`today`: each batch
+    through `embed_rows`, the actors' per-batch code)."""
     import torch
 
     from mmtrain.batch import Collate
+    from mmtrain.inference.inputs import embed_rows
     from mmtrain.inference.loaded import load_model
     from pipelines.ingest import build_dataset
 
@@ -136,10 +141,13 @@ def loop(model: str, shards: list[str], batch_size: int, first: list) -> int:
     with torch.no_grad():
         for rows in build_dataset(shards, cfg, seed=0, preprocessed=True).iter_batches(
                 batch_size=batch_size, batch_format="numpy"):
-            batch = collate(rows)
-            k = len(batch.pop("ids"))
-            enc = loaded.model.encode(batch)
-            _ = [enc[m][:k].float().numpy() for m in ("image", "text", "audio")]
+            if today:
+                k = len(embed_rows(rows, loaded)["image"])
+            else:
+                batch = collate(rows)
+                k = len(batch.pop("ids"))
+                enc = loaded.model.encode(batch)
+                _ = [enc[m][:k].float().numpy() for m in ("image", "text", "audio")]
             n += k
             if not first:
                 first.append((time.perf_counter(), k))
@@ -272,7 +280,8 @@ def _commit() -> str:
 
 # ------------------------------------------------------------------------------ the README's tables
 
-ABOUT = {"loop": "single-process loop (`evaluate` before)", "actors": "actor pool (`embedded_rows`)",
+ABOUT = {"loop": "single-process loop (`evaluate` before)",
+         "loop_now": "single-process loop, the actors' batch code (`embed_rows`)", "actors": "actor pool (`embedded_rows`)",
          "command": "`ray_job.py embed`, whole"}
 
 
