@@ -14,8 +14,8 @@ quarantined as `shard_crashed` after the last, exactly as without the child). A 
 raised on goes to a Ray task as if untried: the task raises again where the job reports it
 (a store failure in one line, a bug with its traceback).
 Why it runs at the lowest priority (nice 19, in a scheduling group of its own: `_idle_priority`):
-it is to use idle CPU only, never to slow Ray's
-start-up or Ray's tasks (at normal priority it doubled `ray.init`'s time on 2 cores). A shard it
+it is to use idle CPU only, never to slow Ray's start-up or Ray's tasks (at normal priority it
+doubled `ray.init`'s time on 2 cores). A shard it
 is still on when the job has nothing else left to hand out is taken back (`take_back`), run by a
 Ray task: at nice 19 beside busy workers it would be the job's straggler.
 Why fork: the child needs no imports of its own (the driver has the shard code loaded), so its
