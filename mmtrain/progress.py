@@ -44,7 +44,11 @@ class ProgressBoard:
 
 
 def progress_board(name: str):
-    return ProgressBoard.options(name=name).remote()
+    """On the driver's node: on another, that node's loss would take the records of the worker
+    groups after it."""
+    from pipelines.runtime import on_the_drivers_node
+
+    return ProgressBoard.options(name=name, scheduling_strategy=on_the_drivers_node()).remote()
 
 
 # --- the worker side (rank 0) ------------------------------------------------------------------

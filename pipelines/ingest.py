@@ -82,11 +82,11 @@ def epoch_clock(name: str):
     so does the run) and is restarted if its process dies: the training loop sets it again
     at the start of every attempt, so a restarted clock loses nothing."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0)(EpochClock).options(
-        name=name, get_if_exists=True, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote()
+    from .runtime import on_the_drivers_node
+
+    return ray.remote(num_cpus=0)(EpochClock).options(name=name, get_if_exists=True, scheduling_strategy=on_the_drivers_node(),
+                                                      max_restarts=-1, max_task_retries=-1).remote()
 
 
 class EpochShuffledDatasource(WebDatasetDatasource):

@@ -94,3 +94,15 @@ def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def on_the_drivers_node():
+    """A scheduling strategy that keeps an actor of the driver's (the epoch clock, the progress
+    board) on the driver's node: it then lives exactly as long as the run can. Hard, not soft:
+    a soft affinity, like Ray's default policy, sends a zero-CPU actor to another node once the
+    driver's node has no CPU free (tests/test_console.py), and that node's loss takes the actor's
+    state with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

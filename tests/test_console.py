@@ -157,6 +157,53 @@ def test_a_quiet_worker_drops_the_known_harmless_warnings_only():
     assert "something the user must see" in r.stderr
 
 
+PLACEMENT_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from mmtrain.progress import progress_board
+from pipelines.ingest import epoch_clock
+from pipelines.runtime import on_the_drivers_node
+
+cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, dashboard_port={dashboard}))
+cluster.add_node(num_cpus=2)
+ray.init(address=cluster.address)
+cluster.wait_for_nodes()
+here = ray.get_runtime_context().get_node_id()
+
+@ray.remote(num_cpus=1)
+class Busy:  # holds the driver's node's one CPU, as the data tasks hold a small head's
+    def ready(self):
+        return True
+
+busy = Busy.options(scheduling_strategy=on_the_drivers_node()).remote()
+ray.get(busy.ready.remote())
+names = [f"board-{{i}}" for i in range(6)] + [f"clock-{{i}}" for i in range(6)]
+actors = [progress_board(n) if n.startswith("board") else epoch_clock(n) for n in names]
+ray.get([a.__ray_ready__.remote() for a in actors])
+nodes = {{a.name: a.node_id for a in list_actors(address="http://127.0.0.1:{dashboard}", filters=[("state", "=", "ALIVE")])}}
+print("placed", json.dumps({{n: nodes.get(n) == here for n in names}}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_the_board_and_the_clock_live_on_the_drivers_node_even_when_it_is_busy():
+    """On a 2-node cluster whose driver's node has no CPU free, Ray's default policy (and a soft
+    affinity) put about half of these zero-CPU actors on the other node, whose loss would then
+    take the records of the worker groups after it (a 1-to-2 elastic run lost its restart line so)."""
+    from conftest import free_port
+
+    script = PLACEMENT_SCRIPT.format(root=str(ROOT), dashboard=free_port())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    placed = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("placed "))[7:])
+    assert len(placed) == 12 and all(placed.values()), placed
+
+
 def test_the_run_config_of_a_worker_plan_carries_the_board(tmp_path):
     """The board's name reaches the workers through train_loop_config (plain JSON)."""
     from mmtrain.config import load_run_config
