@@ -8,8 +8,8 @@ Shape of a run:
      (`shard_job.process_shard`: stream in, decode, transform, filter, write one shard);
      Ray schedules them and reruns the task of a dead worker up to `shard_retries` times
      (then the shard is quarantined whole as `shard_crashed`), the driver bounds how many
-     are in flight, tiny shards go several to a task, and beside an embedded Ray a child of
-     the driver runs shards on the CPU left idle (`shard_tasks.py`, `idle_shard_worker.py`);
+     are in flight, tiny shards go several to a task, and while an embedded Ray starts a
+     child of the driver works on the first shards (`shard_tasks.py`, `startup_shards.py`);
   3. the commit: drop cross-shard duplicates (the first by (shard, position) wins), write
      `_manifest.parquet`, `_quarantine.parquet`, and last `_stats.json`, which marks the
      output complete.
@@ -79,7 +79,7 @@ def preprocess(
     shard_retries: int = SHARD_RETRIES,
     say: Callable[[str], None] | None = None,
     shards_per_task: int | None = None,  # shards per Ray task (default: `shard_tasks.batch_size`'s choice)
-    idle_worker: bool = True,  # a child runs shards on CPU an embedded Ray leaves idle (idle_shard_worker.py)
+    startup_shards: bool = True,  # work on shards while an embedded Ray starts (startup_shards.py)
 ) -> dict:
     """Run (or finish) the job; returns the content of `_stats.json`.
 
@@ -112,8 +112,8 @@ def preprocess(
         done = {n for n in store.list(PARTS_DIR) if n.endswith(".done.json")}
         pending = [t for t in tasks if part_names(t.name)["done"] not in done]
         job = (store.url, storage_options or {}, store.tag, cfg.to_dict())  # process_shards' arguments
-        by_child = run_pending(pending, store, job, workers, progress, shard_retries, lock, shards_per_task,
-                               idle_worker) if pending else 0  # shards the idle shard worker ran
+        early = run_pending(pending, store, job, workers, progress, shard_retries, lock, shards_per_task,
+                            startup_shards) if pending else 0  # shards done while Ray started
         lock.ensure_held()
         stats = commit(store, tasks, cfg, fp)
         store.remove_temporaries()  # those of this run's crashed tasks
@@ -122,7 +122,7 @@ def preprocess(
     stats["this_run"] = {
         "processed_shards": len(pending),
         "skipped_shards": len(tasks) - len(pending),
-        "idle_worker_shards": by_child,  # run by the idle shard worker
+        "startup_shards": early,  # done while Ray started
         "seconds": round(time.time() - started, 3),
     }
     if lock.took_over is not None:
@@ -136,7 +136,7 @@ def _finished(store: OutputStore, fp: str) -> bool:
 
 def _nothing_to_do(store: OutputStore, n_tasks: int) -> dict:
     stats = store.read_json(STATS_FILE)
-    stats["this_run"] = {"processed_shards": 0, "skipped_shards": n_tasks, "idle_worker_shards": 0, "seconds": 0.0}
+    stats["this_run"] = {"processed_shards": 0, "skipped_shards": n_tasks, "startup_shards": 0, "seconds": 0.0}
     return stats
 
 

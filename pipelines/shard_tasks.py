@@ -4,8 +4,8 @@ The driver keeps at most two tasks per CPU in flight (a queued one starts the mo
 up), runs tiny shards several to a task (`batch_size`), lets Ray rerun a task whose worker died
 up to `shard_retries` times and then quarantines its shard whole as `shard_crashed`
 (`record_crashed`); after a crash in a task of several shards it finds the shard the task died
-on from the `done` parts (`_results`). Beside an embedded Ray, a child of the driver runs shards
-on the CPU that nothing else uses (`idle_shard_worker.py`), from before Ray has started.
+on from the `done` parts (`_results`). While an embedded Ray starts, a child of the driver works
+on the first shards (`startup_shards.py`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from . import reasons
 from .dataset import MANIFEST_SCHEMA, PARTS_DIR, QUARANTINE_SCHEMA, part_names
 from .retry import StoreError, store_error_kind, store_failure
 from .shard_job import process_shards, rows_to_table
-from .idle_shard_worker import IdleShardWorker, ShardQueue
+from .startup_shards import StartupShards
 from .storage import OutputStore
 
 log = logging.getLogger(__name__)
@@ -58,33 +58,28 @@ def batch_size(left: int, slots: int, fixed: int | None = None) -> int:
 
 
 def run_pending(pending: list[ShardTask], store: OutputStore, job: tuple, workers: int | None, progress: bool,
-                shard_retries: int, lock, shards_per_task: int | None = None, idle_worker: bool = True) -> int:
-    """Run the shards not yet done; returns how many of them the idle shard worker ran.
+                shard_retries: int, lock, shards_per_task: int | None = None, startup_shards: bool = True) -> int:
+    """Run the shards not yet done; returns how many of them ran while Ray started.
 
-    An embedded Ray's start-up, and then its tasks, leave CPU idle: a child of the driver runs
-    shards on it (idle_shard_worker.py). Joining a running cluster: no child (its CPUs are the
-    cluster's). With `workers` set (a cap on the shards in progress), the child works only
-    while Ray starts, and its shard counts against the cap."""
+    An embedded Ray's start-up leaves CPU idle: a child of the driver works on the first shards
+    meanwhile (startup_shards.py). Joining a running cluster is quick: no child."""
     from .runtime import init_ray, starts_embedded_ray
 
-    queue = ShardQueue(len(pending))
-    child = None
-    if idle_worker and starts_embedded_ray():
-        child = IdleShardWorker([(t.source, t.name) for t in pending], job, queue)
+    early = None
+    if startup_shards and starts_embedded_ray():
+        early = StartupShards([(t.source, t.name) for t in pending], job)
     try:
         init_ray(dashboard=False, ray_data=False)  # plain tasks: a lighter start
-        if child is not None and workers:
-            queue.stop_child()
-        _run_tasks(pending, queue, store, job, workers, progress, shard_retries, lock, shards_per_task, child)
+        _run_tasks(pending, store, job, workers, progress, shard_retries, lock, shards_per_task, early)
     finally:
-        if child is not None:
-            child.close()
-    return child.finished if child is not None else 0
+        if early is not None:
+            early.close()
+    return early.finished if early is not None else 0
 
 
-def _run_tasks(pending, queue: ShardQueue, store, job, workers, progress, shard_retries, lock, shards_per_task,
-               child: IdleShardWorker | None) -> None:
-    # long because: one loop keeps the in-flight bound, the idle worker's shards, crash
+def _run_tasks(pending, store, job, workers, progress, shard_retries, lock, shards_per_task,
+               early: StartupShards | None) -> None:
+    # long because: one loop keeps the in-flight bound, the start-up child's last shard, crash
     # accounting and progress in one place, in the order they happen
     import ray
 
@@ -98,22 +93,16 @@ def _run_tasks(pending, queue: ShardQueue, store, job, workers, progress, shard_
     one = ray.remote(num_cpus=1, max_retries=shard_retries, retry_exceptions=[ray.exceptions.RaySystemError],
                      scheduling_strategy="SPREAD")(process_shards)
     several = one.options(max_retries=0, retry_exceptions=False)
-    again: list[ShardTask] = []  # a crashed task's shards it never reached: first in line (pop())
+    # the shards the start-up child took are its own; Ray's tasks take the rest
+    todo = list(reversed(pending[early.stop() if early else 0:]))  # pop() takes them in plan order
     running: dict = {}  # ObjectRef -> (its ShardTasks, attempts their first shard already had)
     bar = _progress_bar(len(pending), progress)
     totals: Counter = Counter()
     cpus = cluster_cpus()
 
-    def left() -> int:
-        return len(again) + queue.left()
-
-    def take(k: int) -> list[ShardTask]:
-        batch = [again.pop() for _ in range(min(k, len(again)))]
-        return batch + [pending[i] for i in queue.claim(k - len(batch))]
-
     def submit(batch: list[ShardTask], attempts: int = 0) -> None:
-        if attempts > shard_retries:  # the idle worker died on its only attempt (no retries)
-            done(record_crashed(store, batch[0], RuntimeError("the idle shard worker died on it"),
+        if attempts > shard_retries:  # the start-up child died on its only attempt (no retries)
+            done(record_crashed(store, batch[0], RuntimeError("the start-up shard worker died on it"),
                                 shard_retries))
             return
         fn = one if len(batch) == 1 and not attempts else (
@@ -129,34 +118,28 @@ def _run_tasks(pending, queue: ShardQueue, store, job, workers, progress, shard_
                             rejected=totals["read"] - totals["written"], refresh=False)
 
     try:
-        while left() or running or (child is not None and child.busy()):
+        while todo or running or (early is not None and early.busy()):
             # by default one task per CPU plus one queued per CPU, so that a CPU that frees up
             # starts the next shard at once (no round trip through this loop) and an autoscaler
             # sees demand. `workers` caps the shards in progress: queuing is kept where Ray's
-            # CPUs already enforce the cap, dropped where only this loop can. Uncapped, the
-            # idle worker's shard is not counted: it runs on CPU Ray's tasks leave idle
+            # CPUs already enforce the cap, dropped where only this loop can
             limit = 2 * cpus if not workers else (2 * workers if workers >= cpus else workers)
-            in_progress = len(running) + (child.in_flight() if child is not None and workers else 0)
-            while left() and in_progress < limit:
-                batch = take(batch_size(left(), limit, shards_per_task))
-                if not batch:  # the idle worker took the last one meanwhile
-                    break
-                submit(batch)
+            in_progress = len(running) + (early.in_flight() if early else 0)
+            while todo and in_progress < limit:
+                submit([todo.pop() for _ in range(batch_size(len(todo), limit, shards_per_task))])
                 in_progress += 1
-            if child is not None and child.busy():
-                if workers and not left() and child.in_flight():
-                    # capped, the child's shard is one of the cap's and runs at nice 19 beside
-                    # busy workers: the last work to hand out goes to a Ray task at full speed
-                    child.take_back()
-                # look at the child's reports and at Ray's tasks in turn. Either wait ends at
-                # its own event; the timeout only bounds how late a report of the child is
-                # seen while Ray's tasks run (its shard may take long at nice 19)
+            if early is not None and early.busy():
+                if not todo and early.in_flight():
+                    early.take_back()  # the last work to hand out: a Ray task runs it at full speed
+                # the child's last shard: look at it and at Ray's tasks in turn. Either wait
+                # ends at its own event; the timeout only bounds how late a report of the child
+                # is seen while Ray's tasks run (its shard may take the whole job at nice 19)
                 if running:
                     ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 else:
-                    child.wait(0.5)
+                    early.wait(0.5)
                     ready = []
-                finished, returned = child.collect()
+                finished, returned = early.collect()
                 done(*finished)
                 for i, attempts in returned:
                     submit([pending[i]], attempts)
@@ -165,7 +148,7 @@ def _run_tasks(pending, queue: ShardQueue, store, job, workers, progress, shard_
             for ref in ready:
                 batch, attempts = running.pop(ref)
                 results, culprit, rest = _results(ref, batch, attempts, store, shard_retries)
-                again.extend(reversed(rest))
+                todo.extend(reversed(rest))
                 if culprit is not None:
                     submit([culprit], attempts + 1)
                 done(*results)

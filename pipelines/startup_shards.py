@@ -1,30 +1,29 @@
-"""A child of the driver that runs a preprocess job's shards on CPU nothing else uses.
+"""Shards a preprocess job works on while its embedded Ray starts.
 
 Starting an embedded Ray takes ~4 s on a small machine (GCS, raylet, the first worker
-processes) and keeps about one core busy, and while Ray's tasks run they still leave some CPU
-idle (on 2 cores, ~0.25 of one: each shard's writes, the driver's round trips, the bursts of
-Ray's own processes; benchmarks/README.md, "Preprocessing overhead"). A child process forked
-from the driver runs shards through the same `process_shards` a Ray task runs (the same
-outputs, committed the same way: the shard, its parts, its `done` part last) from the moment
-the job starts to the moment no shard is left; Ray's tasks take the others.
+processes) and keeps about one core busy; on a 2-core machine the other one idles
+(benchmarks/README.md, "Preprocessing overhead"). A child process forked from the driver runs
+the job's first shards through the same `process_shards` a Ray task runs (the same outputs,
+committed the same way: the shard, its parts, its `done` part last) until Ray is up, then
+finishes the shard it is on and exits; Ray's tasks take the rest.
 
 Why a child process and not the driver itself: a shard that kills the process reading it (an
 OOM kill, a decoder's segfault) must cost one attempt of that shard, never the job. The child's
 death is one attempt; its shard goes to a Ray task with the attempts it has left (and is
-quarantined as `shard_crashed` after the last, exactly as without the child), and no new child
-is started. A shard the child raised on goes to a Ray task as if untried: the task raises again
-where the job reports it (a store failure in one line, a bug with its traceback).
-Why the lowest priority (nice 19, in a scheduling group of its own: `_idle_priority`): it is to
-use idle CPU only, never to slow Ray's start-up or Ray's tasks (at normal priority it doubled
-`ray.init`'s time on 2 cores). Once Ray's tasks are done it has a core to itself, so its last
-shard ends as fast as a Ray task would run it.
+quarantined as `shard_crashed` after the last, exactly as without the child). A shard the child
+raised on goes to a Ray task as if untried: the task raises again where the job reports it
+(a store failure in one line, a bug with its traceback).
+Why it runs at the lowest priority (nice 19, in a scheduling group of its own: `_idle_priority`):
+it is to use idle CPU only, never to slow Ray's start-up or Ray's tasks (at normal priority it
+doubled `ray.init`'s time on 2 cores). A shard it
+is still on when the job has nothing else left to hand out is taken back (`take_back`), run by a
+Ray task: at nice 19 beside busy workers it would be the job's straggler.
 Why fork: the child needs no imports of its own (the driver has the shard code loaded), so its
 first shard starts at once; and nothing of Ray exists in the driver yet. The child dies with the
 driver (PDEATHSIG), and the OOM killer picks it before the driver.
 
-Claims go through one queue shared by both (`ShardQueue`): the child takes one shard at a time,
-the driver a task's worth, each under the queue's lock, which also records the child's claims,
-so which shards are the child's is exact at any moment.
+Claims go through one shared counter: the child takes the next shard under its lock, and
+`stop()` closes it under the same lock, so which shards are the child's is exact.
 """
 from __future__ import annotations
 
@@ -37,78 +36,49 @@ import traceback
 
 log = logging.getLogger(__name__)
 
-
-class ShardQueue:
-    """Indices 0..n-1 handed out from the front, each once, to the driver or to the child."""
-
-    def __init__(self, n: int, ctx=None):
-        ctx = ctx or multiprocessing.get_context("fork")
-        self.n = n
-        self._next = ctx.Value("i", 0)  # its lock is the queue's
-        self._child_may_claim = ctx.Value("b", 1, lock=False)
-        # the shard the child holds (-1: none). The child works one shard at a time and reports
-        # it before it claims the next, so this is the only claim of the child's that may
-        # lack a report
-        self._holds = ctx.Value("i", -1, lock=False)
-
-    def claim(self, k: int, *, child: bool = False) -> range:
-        with self._next.get_lock():
-            first = self._next.value
-            if child and not self._child_may_claim.value:
-                return range(first, first)
-            end = min(self.n, first + k)
-            self._next.value = end
-            if child and end > first:
-                self._holds.value = first
-        return range(first, end)
-
-    def left(self) -> int:
-        return self.n - self._next.value
-
-    def stop_child(self) -> None:
-        """No further claims by the child (a claim it made before this returned stands)."""
-        with self._next.get_lock():
-            self._child_may_claim.value = 0
-
-    def held_by_child(self) -> int | None:
-        i = self._holds.value
-        return None if i < 0 else i
-
-    def child_done(self) -> None:
-        self._holds.value = -1
+_CLOSED = -1  # the counter's value once the driver has taken the rest
 
 
-class IdleShardWorker:
-    """The child working through `shards` ((source, output name) each) from `queue`'s front."""
+class StartupShards:
+    """The child working through `shards` ((source, output name) each) from the front."""
 
-    def __init__(self, shards: list[tuple[str, str]], job: tuple, queue: ShardQueue):
+    def __init__(self, shards: list[tuple[str, str]], job: tuple):
         ctx = multiprocessing.get_context("fork")
-        self._shards, self.queue = shards, queue
+        self._shards = shards
+        self._next = ctx.Value("i", 0)
         self._conn, child_end = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child, args=(shards, job, queue, child_end, os.getpid()),
-                                 name="preprocess-idle-shard-worker", daemon=True)
+        self._proc = ctx.Process(target=_child, args=(shards, job, self._next, child_end, os.getpid()),
+                                 name="preprocess-startup-shards", daemon=True)
         self._proc.start()
         child_end.close()
+        self._claimed: int | None = None  # set by stop()
         self._reported: set[int] = set()
         self._open = True
         self._killed = False
         self.finished = 0  # shards it finished (the job's stats say so)
+
+    def stop(self) -> int:
+        """No further claims; returns how many shards (from the front) are the child's."""
+        if self._claimed is None:
+            with self._next.get_lock():
+                self._claimed, self._next.value = self._next.value, _CLOSED
+        return self._claimed
 
     def busy(self) -> bool:
         """The child may still report a shard."""
         return self._open
 
     def in_flight(self) -> int:
-        """1 while it holds a shard it has not reported (as far as the reports read so far say)."""
-        i = self.queue.held_by_child()
-        return 1 if self._open and i is not None and i not in self._reported else 0
+        return 1 if self._open and (self._claimed is None or len(self._reported) < self._claimed) else 0
 
     def wait(self, timeout: float) -> bool:
         return self._open and self._conn.poll(timeout)
 
     def collect(self) -> tuple[list[dict], list[tuple[int, int]]]:
         """What the child reported since the last call, without waiting: the stats of its
-        finished shards, and (index, attempts spent) of each shard to hand to Ray."""
+        finished shards, and (index, attempts spent) of each shard to hand to Ray. Only
+        after `stop()`: until then the child may still claim shards."""
+        assert self._claimed is not None, "stop() first"
         finished, returned = [], []
         while self._open and self._conn.poll():
             try:
@@ -121,7 +91,7 @@ class IdleShardWorker:
                 finished.append(payload)
                 self.finished += 1
             else:  # it raised: a Ray task runs it again and raises where the job reports it
-                log.info("%s: the idle shard worker failed on it; a Ray task runs it again: %s",
+                log.info("%s: the start-up shard worker failed on it; a Ray task runs it again: %s",
                          self._shards[i][0], payload)
                 returned.append((i, 0))
         if not self._open:
@@ -130,13 +100,13 @@ class IdleShardWorker:
             # (by its exit signal: it may have died on its own just before the driver's signal)
             died = self._proc.exitcode not in (0, None) and not (
                 self._killed and self._proc.exitcode == -signal.SIGTERM)
-            i = self.queue.held_by_child()
-            if i is not None and i not in self._reported:
-                self._reported.add(i)
-                if died:
-                    log.warning("%s: the idle shard worker died on it (exit %s); a Ray task runs it again",
-                                self._shards[i][0], self._proc.exitcode)
-                returned.append((i, 1 if died else 0))
+            for i in range(self._claimed):
+                if i not in self._reported:
+                    self._reported.add(i)
+                    if died:
+                        log.warning("%s: the start-up shard worker died on it (exit %s); a Ray task runs it again",
+                                    self._shards[i][0], self._proc.exitcode)
+                    returned.append((i, 1 if died else 0))
         return finished, returned
 
     def _close(self) -> None:
@@ -146,14 +116,14 @@ class IdleShardWorker:
 
     def take_back(self) -> None:
         """End the child now; `collect` then returns its unfinished shard as untried."""
-        self.queue.stop_child()
+        self.stop()
         self._killed = True
         if self._proc.is_alive():
             self._proc.terminate()  # SIGTERM: the child has no handler for it (unlike a crash's signals)
 
     def close(self) -> None:
         """Stop and reap the child at once (after an error or an interrupt of the job)."""
-        self.queue.stop_child()
+        self.stop()
         if self._proc.is_alive():
             self._proc.kill()
         self._proc.join()
@@ -161,22 +131,22 @@ class IdleShardWorker:
         self._open = False
 
 
-def _child(shards, job, queue: ShardQueue, conn, parent: int) -> None:
+def _child(shards, job, counter, conn, parent: int) -> None:
     _die_with(parent)
     from .shard_job import process_shards
 
     while True:
-        claimed = queue.claim(1, child=True)
-        if not claimed:
-            break
-        i = claimed[0]
+        with counter.get_lock():
+            i = counter.value
+            if i == _CLOSED or i >= len(shards):
+                break
+            counter.value = i + 1
         try:
             conn.send(("done", i, process_shards([shards[i]], *job)[0]))
         except Exception as e:
             first = next((line for line in str(e).splitlines() if line.strip()), "")
             conn.send(("error", i, f"{type(e).__name__}: {first}"[:300]))
-            log.debug("idle shard worker: %s", traceback.format_exc())
-        queue.child_done()
+            log.debug("start-up shard worker: %s", traceback.format_exc())
     conn.close()
 
 

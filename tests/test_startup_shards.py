@@ -1,5 +1,4 @@
-"""The child that runs a preprocess job's shards on CPU an embedded Ray leaves idle
-(`idle_shard_worker.py`).
+"""The shards a preprocess job works on while its embedded Ray starts (`startup_shards.py`).
 
 The child is real (forked from this process); its shards are real tars through the real
 `process_shards`. The filesystem below is a test-only local one whose opens kill the opener,
@@ -18,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from conftest import ROOT
 from pipelines.config import DataConfig
 from pipelines.corpus import make_corpus
-from pipelines.idle_shard_worker import IdleShardWorker, ShardQueue
+from pipelines.startup_shards import StartupShards
 
 
 class TrapFileSystem(LocalFileSystem):
@@ -32,8 +31,6 @@ class TrapFileSystem(LocalFileSystem):
             raise PermissionError(13, "Access Denied", path)  # what a store's refusal looks like
         if "r" in mode and "-sleep" in path:
             time.sleep(120)
-        if "r" in mode and "-nap" in path:
-            time.sleep(2)
         return super()._open(path, mode, **kwargs)
 
 
@@ -58,72 +55,41 @@ def job(tmp_path):
     return out, (str(out), {}, "t3st", DataConfig().to_dict())
 
 
-def start(shards, args):
-    queue = ShardQueue(len(shards))
-    return queue, IdleShardWorker(shards, args, queue)
-
-
-def reap(child, timeout=60):
+def reap(early, shards, timeout=60):
     """Wait for the child to exit, then everything it reported."""
     deadline = time.time() + timeout
     finished, returned = [], []
-    while child.busy() and time.time() < deadline:
-        child.wait(0.1)
-        f, r = child.collect()
-        finished += f
-        returned += r
-    assert not child.busy(), "the child never exited"
+    while early.busy() and time.time() < deadline:
+        early.wait(0.1)
+        if early._claimed is not None:
+            f, r = early.collect()
+            finished += f
+            returned += r
+        elif not early._proc.is_alive():
+            early.stop()
+    assert not early.busy(), "the child never exited"
     return finished, returned
 
 
 def test_left_alone_the_child_does_every_shard_and_exits(tmp_path):
     shards = corpus(tmp_path, ["a.tar", "b.tar", "c.tar"])
     out, args = job(tmp_path)
-    queue, child = start(shards, args)
-    finished, returned = reap(child)
-    assert queue.left() == 0 and returned == [] and child.finished == 3
+    early = StartupShards(shards, args)
+    finished, returned = reap(early, shards)
+    assert early.stop() == 3 and returned == [] and early.finished == 3
     assert sorted(s["shard"] for s in finished) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     for _, name in shards:
         assert (out / "_parts" / name.replace(".tar", ".done.json")).exists()
 
 
-def test_the_driver_and_the_child_claim_each_shard_once(tmp_path):
-    shards = corpus(tmp_path, ["a-sleep.tar", "b.tar", "c.tar", "d.tar"])
-    out, args = job(tmp_path)
-    queue, child = start(shards, args)
-    deadline = time.time() + 30
-    while queue.held_by_child() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert queue.held_by_child() == 0 and child.in_flight() == 1  # asleep in a's open
-    assert list(queue.claim(2)) == [1, 2] and list(queue.claim(5)) == [3] and list(queue.claim(1)) == []
-    assert queue.left() == 0
-    child.take_back()
-    finished, returned = reap(child)
-    assert finished == [] and returned == [(0, 0)]  # only a was the child's; untried: the job's own decision
-    assert not (out / "_parts").exists() or not list((out / "_parts").glob("*.done.json"))
-
-
-def test_a_stopped_child_ends_the_shard_it_holds_and_claims_no_other(tmp_path):
-    shards = corpus(tmp_path, ["a-nap.tar", "b.tar", "c.tar"])
-    out, args = job(tmp_path)
-    queue, child = start(shards, args)
-    deadline = time.time() + 30
-    while queue.held_by_child() is None and time.time() < deadline:
-        time.sleep(0.05)
-    queue.stop_child()  # while it naps in a's open
-    finished, returned = reap(child)
-    assert [s["shard"] for s in finished] == ["shard-000000.tar"] and returned == []
-    assert queue.left() == 2 and list(queue.claim(2)) == [1, 2]
-
-
 def test_a_shard_that_kills_the_child_costs_one_attempt_and_the_rest_stay_unclaimed(tmp_path):
     shards = corpus(tmp_path, ["a.tar", "b-kill.tar", "c.tar", "d.tar"])
     out, args = job(tmp_path)
-    queue, child = start(shards, args)
-    child._proc.join(60)
-    assert child._proc.exitcode == -9
-    assert queue.left() == 2  # a, and b that it died on, were the child's; c and d are Ray's
-    finished, returned = reap(child)
+    early = StartupShards(shards, args)
+    early._proc.join(60)
+    assert early._proc.exitcode == -9
+    assert early.stop() == 2  # a, and b that it died on; c and d are Ray's
+    finished, returned = reap(early, shards)
     assert [s["shard"] for s in finished] == ["shard-000000.tar"]
     assert returned == [(1, 1)]  # b: one attempt spent
     assert not (out / "_parts" / "shard-000001.done.json").exists()
@@ -132,36 +98,35 @@ def test_a_shard_that_kills_the_child_costs_one_attempt_and_the_rest_stay_unclai
 def test_a_shard_the_child_raised_on_goes_back_untried_and_the_child_goes_on(tmp_path):
     shards = corpus(tmp_path, ["a.tar", "b-refused.tar", "c.tar"])
     out, args = job(tmp_path)
-    queue, child = start(shards, args)
-    child._proc.join(60)
-    assert child._proc.exitcode == 0 and queue.left() == 0
-    finished, returned = reap(child)
+    early = StartupShards(shards, args)
+    early._proc.join(60)
+    assert early._proc.exitcode == 0
+    assert early.stop() == 3
+    finished, returned = reap(early, shards)
     assert returned == [(1, 0)] and len(finished) == 2
 
 
 def test_a_shard_taken_back_is_returned_untried_at_once(tmp_path):
     shards = corpus(tmp_path, ["a-sleep.tar", "b.tar"])
     out, args = job(tmp_path)
-    queue, child = start(shards, args)
+    early = StartupShards(shards, args)
     time.sleep(1.0)  # it is asleep in a's open
-    assert child.in_flight() == 1
+    assert early.stop() == 1 and early.in_flight() == 1
     t0 = time.time()
-    child.take_back()
-    finished, returned = reap(child)
+    early.take_back()
+    finished, returned = reap(early, shards)
     assert time.time() - t0 < 30
     assert finished == [] and returned == [(0, 0)]  # not a crash: the job's own decision
-    assert queue.left() == 1  # b: nobody's yet
 
 
 DIES = '''
 import sys, os
 sys.path.insert(0, sys.argv[2])
-import test_idle_shard_worker as t
-from pipelines.idle_shard_worker import IdleShardWorker, ShardQueue
+import test_startup_shards as t
+from pipelines.startup_shards import StartupShards
 from pipelines.config import DataConfig
-child = IdleShardWorker([("traptest://" + sys.argv[1], "shard-000000.tar")], (sys.argv[3], {}, "t", DataConfig().to_dict()),
-                        ShardQueue(1))
-print(child._proc.pid, flush=True)
+early = StartupShards([("traptest://" + sys.argv[1], "shard-000000.tar")], (sys.argv[3], {}, "t", DataConfig().to_dict()))
+print(early._proc.pid, flush=True)
 os._exit(3)
 '''
 
@@ -193,36 +158,30 @@ import json, sys
 from pipelines.runtime import local_mode_env
 local_mode_env()
 from pipelines.preprocess import preprocess
-mode = sys.argv[3]
-stats = preprocess([sys.argv[1]], sys.argv[2], progress=False, idle_worker=mode != "none",
-                   workers=1 if mode == "capped" else None)
+stats = preprocess([sys.argv[1]], sys.argv[2], progress=False, startup_shards=sys.argv[3] == "1")
 print(json.dumps(stats["this_run"]))
 '''
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_job_with_the_idle_worker_writes_the_same_output_as_without(tmp_path):
-    """Byte for byte the output of the same job without the child (timings aside), uncapped
-    and capped (`workers=1`: the child only while Ray starts), and the child did some of the
-    shards: an embedded Ray takes seconds to start, a shard milliseconds."""
+def test_a_job_whose_first_shards_ran_while_ray_started_writes_the_same_output(tmp_path):
+    """Byte for byte the output of the same job without the child (timings aside), and the
+    child did some of the shards: an embedded Ray takes seconds to start, a shard milliseconds."""
     raw = tmp_path / "raw"
     make_corpus(str(raw), 60, 12, seed=8)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
     runs = {}
-    for mode in ("idle", "capped", "none"):
-        run = subprocess.run([sys.executable, "-c", RUN, str(raw), str(tmp_path / f"out-{mode}"), mode],
+    for mode in ("1", "0"):
+        run = subprocess.run([sys.executable, "-c", RUN, str(raw), str(tmp_path / f"out{mode}"), mode],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert run.returncode == 0, run.stderr[-4000:]
         runs[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-    assert runs["none"]["idle_worker_shards"] == 0
-    for mode in ("idle", "capped"):
-        assert 1 <= runs[mode]["idle_worker_shards"] <= 12 and runs[mode]["processed_shards"] == 12, runs
+    assert runs["0"]["startup_shards"] == 0
+    assert 1 <= runs["1"]["startup_shards"] <= 12 and runs["1"]["processed_shards"] == 12
     from test_preprocess import comparable, files_of
 
-    without = files_of(tmp_path / "out-none")
+    with_child, without = files_of(tmp_path / "out1"), files_of(tmp_path / "out0")
     names = sorted(n for n in without if not n.startswith("_lock"))
-    for mode in ("idle", "capped"):
-        with_child = files_of(tmp_path / f"out-{mode}")
-        assert sorted(n for n in with_child if not n.startswith("_lock")) == names
-        for n in names:
-            assert comparable(with_child[n]) == comparable(without[n]), (mode, n)
+    assert sorted(n for n in with_child if not n.startswith("_lock")) == names
+    for n in names:
+        assert comparable(with_child[n]) == comparable(without[n]), n
