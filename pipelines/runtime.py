@@ -1,6 +1,7 @@
 """Connecting to Ray: an embedded local instance by default, a cluster when asked."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -74,8 +75,45 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded, _dashboard = True, dashboard
+        _end_monitor_first_at_exit()
     _set_data_context(ray_data)
     console.refresh()  # the handlers Ray and Ray Data set up
+
+
+_monitor_hook = False  # whether _end_monitor_first_at_exit registered its hook
+
+
+def _end_monitor_first_at_exit() -> None:
+    """At the exit of a process that started an embedded Ray, end Ray's autoscaler monitor before
+    Ray's own exit hook runs (atexit runs hooks last-registered first; Ray registers its hook when
+    imported). Ray's shutdown stops the GCS first, then sends the monitor SIGTERM, whose handler
+    reports its end to that GCS, which is gone; Ray waits 1 s for it and then kills it
+    (ray/_private/node.py, `_kill_process_impl`): one second added to every command's end. An
+    embedded Ray's resources are fixed, so its monitor has nothing to finish: SIGKILL loses
+    nothing, and Ray's shutdown then finds it gone and waits for nothing. The handle is private:
+    in a Ray without it Ray's shutdown runs as before (the log file says so)."""
+    global _monitor_hook
+    if not _monitor_hook:
+        atexit.register(_kill_embedded_monitor)
+        _monitor_hook = True
+
+
+def _kill_embedded_monitor() -> None:
+    if not _embedded:
+        return
+    try:
+        import ray._private.worker as ray_worker
+        from ray._private import ray_constants
+
+        node = ray_worker._global_node
+        monitors = [] if node is None else node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+    except (ImportError, AttributeError) as e:
+        logging.getLogger(__name__).info("no handle on Ray's autoscaler monitor (%s): Ray's shutdown ends it", e)
+        return
+    for info in monitors:
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait()  # SIGKILL: it is gone at once; reaped here, not left to Ray's wait
 
 
 def _set_data_context(ray_data: bool) -> None:

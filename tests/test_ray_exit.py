@@ -1,0 +1,77 @@
+"""How a process that started an embedded Ray ends it (`pipelines/runtime.py`).
+
+Each test is a fresh Python process with its own embedded Ray, ended by the interpreter's exit
+as every command ends, with Ray's own shutdown watched through the function it calls per process.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+EXIT_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+from pipelines import runtime
+runtime.init_ray(dashboard=False, ray_data=False)
+import ray
+from ray._private import node as ray_node
+from ray._private import ray_constants
+
+seen = {{}}
+kill = ray_node.Node._kill_process_impl
+def watched(self, process_type, **kwargs):
+    for info in self.all_processes.get(process_type, []):
+        seen[process_type] = {{"pid": info.process.pid, "alive": info.process.poll() is None,
+                               "returncode": info.process.poll()}}
+    kill(self, process_type, **kwargs)
+    if process_type == ray_constants.PROCESS_TYPE_MONITOR:
+        print("SEEN " + json.dumps(seen), flush=True)
+ray_node.Node._kill_process_impl = watched
+
+@ray.remote
+def one():
+    return 1
+assert ray.get(one.remote()) == 1
+{tail}
+"""
+
+
+def _run(tmp_path, tail: str = "") -> tuple[subprocess.CompletedProcess, dict]:
+    script = EXIT_SCRIPT.format(root=str(ROOT), tail=tail)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("SEEN ")]
+    assert lines, r.stdout[-2000:] + r.stderr[-2000:]
+    return r, json.loads(lines[-1][len("SEEN "):])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone too: only its parent's wait is left
+        return f.read().split(")")[-1].split()[0] == "Z"
+
+
+def test_the_monitor_is_ended_before_rays_shutdown_reaches_it(tmp_path):
+    # Ray's shutdown stops the GCS, then asks the monitor to stop and waits 1 s for a handler that
+    # talks to the GCS; by then our exit hook has killed it, so Ray finds it ended and waits for nothing
+    r, seen = _run(tmp_path)
+    monitor = seen["monitor"]
+    assert "autoscaler" not in r.stderr.lower(), r.stderr[-2000:]  # killed, it reports nothing to the driver
+    assert not monitor["alive"] and monitor["returncode"] == -9, seen
+    assert seen["raylet"]["alive"], seen  # the rest is Ray's to end, as before
+    assert _gone(monitor["pid"]) and _gone(seen["raylet"]["pid"])
+
+
+def test_a_process_that_shut_ray_down_itself_still_exits_cleanly(tmp_path):
+    # ray.shutdown() before the exit: Ray ends the monitor its own way, and the hook finds no node
+    r, seen = _run(tmp_path, tail="ray.shutdown()\nprint('SHUT', flush=True)")
+    assert seen["monitor"]["alive"], seen  # Ray's own shutdown reached a live monitor
+    assert "SHUT" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _gone(seen["monitor"]["pid"])
