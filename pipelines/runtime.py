@@ -75,15 +75,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded, _dashboard = True, dashboard
-        _end_monitor_first_at_exit()
+        atexit.unregister(_kill_embedded_monitor)  # once, however often Ray is started here
+        atexit.register(_kill_embedded_monitor)
     _set_data_context(ray_data)
     console.refresh()  # the handlers Ray and Ray Data set up
 
 
-_monitor_hook = False  # whether _end_monitor_first_at_exit registered its hook
-
-
-def _end_monitor_first_at_exit() -> None:
+def _kill_embedded_monitor() -> None:
     """At the exit of a process that started an embedded Ray, end Ray's autoscaler monitor before
     Ray's own exit hook runs (atexit runs hooks last-registered first; Ray registers its hook when
     imported). Ray's shutdown stops the GCS first, then sends the monitor SIGTERM, whose handler
@@ -92,13 +90,6 @@ def _end_monitor_first_at_exit() -> None:
     embedded Ray's resources are fixed, so its monitor has nothing to finish: SIGKILL loses
     nothing, and Ray's shutdown then finds it gone and waits for nothing. The handle is private:
     in a Ray without it Ray's shutdown runs as before (the log file says so)."""
-    global _monitor_hook
-    if not _monitor_hook:
-        atexit.register(_kill_embedded_monitor)
-        _monitor_hook = True
-
-
-def _kill_embedded_monitor() -> None:
     if not _embedded:
         return
     try:
