@@ -49,6 +49,7 @@ from .dataset import (FORMAT_VERSION, JOB_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, 
                       QUARANTINE_SCHEMA, STATS_FILE, part_names, settings_record, write_output)
 from .ownership import OutputBusy, OutputConflict, acquire, check_no_overlap, check_ours
 from .retry import StoreError
+from .runtime import end_embedded_ray_in_background, starts_embedded_ray
 from .shard_job import read_parts, rewrite_without
 from .shards import expand_shards
 from .shard_tasks import SHARD_RETRIES, ShardTask, run_pending
@@ -86,7 +87,8 @@ def preprocess(
     Refused in one line (`OutputConflict`, `OutputBusy`): an output that overlaps an input,
     holds someone else's files or another job's output, or that a running job holds. A store
     that refuses access or stays down stops the job with a one-line `StoreError`; `say` gets
-    the one-line notices of the run (a dead job's lock taken over)."""
+    the one-line notices of the run (a dead job's lock taken over). It uses this process's Ray
+    (`runtime.init_ray`), else an embedded one that ends with its tasks: start Ray first to share it."""
     if shard_retries < 0:
         raise ValueError(f"shard retries must be 0 or more, not {shard_retries}")
     cfg = cfg or DataConfig()
@@ -112,11 +114,10 @@ def preprocess(
         done = {n for n in store.list(PARTS_DIR) if n.endswith(".done.json")}
         pending = [t for t in tasks if part_names(t.name)["done"] not in done]
         job = (store.url, storage_options or {}, store.tag, cfg.to_dict())  # process_shards' arguments
+        own_ray = bool(pending) and starts_embedded_ray()  # run_pending starts it
         early = run_pending(pending, store, job, workers, progress, shard_retries, lock, shards_per_task,
                             startup_shards) if pending else 0  # shards done while Ray started
-        lock.ensure_held()
-        stats = commit(store, tasks, cfg, fp)
-        store.remove_temporaries()  # those of this run's crashed tasks
+        stats = _commit_while_ray_ends(store, tasks, cfg, fp, lock, own_ray)
     finally:
         lock.release()
     stats["this_run"] = {
@@ -127,6 +128,21 @@ def preprocess(
     }
     if lock.took_over is not None:
         stats["this_run"]["took_over_from"] = {k: lock.took_over.get(k) for k in ("host", "pid", "started")}
+    return stats
+
+
+def _commit_while_ray_ends(store: OutputStore, tasks: list[ShardTask], cfg: DataConfig, fp: str, lock,
+                           own_ray: bool) -> dict:
+    """The commit, which needs no Ray: an embedded Ray this job started ends meanwhile (its
+    shutdown is mostly waiting), not after it at the process's exit."""
+    ending = end_embedded_ray_in_background() if own_ray else None
+    try:
+        lock.ensure_held()
+        stats = commit(store, tasks, cfg, fp)
+        store.remove_temporaries()  # those of this run's crashed tasks
+    finally:
+        if ending is not None:
+            ending.join()
     return stats
 
 

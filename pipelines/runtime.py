@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 
 
 def local_mode_env() -> None:
@@ -73,12 +76,77 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         # address="local": start our own instance, never attach to another one found on the
         # machine; the dashboard stays on loopback
         where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
+        with _setup_hook_in_environment(kwargs):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded, _dashboard = True, dashboard
         atexit.unregister(_kill_embedded_monitor)  # once, however often Ray is started here
         atexit.register(_kill_embedded_monitor)
     _set_data_context(ray_data)
     console.refresh()  # the handlers Ray and Ray Data set up
+
+
+@contextlib.contextmanager
+def _setup_hook_in_environment(kwargs: dict):
+    """Starting an embedded Ray: a worker setup hook given as the job's runtime_env (the console's
+    `quiet_worker`) is given through the environment the raylet inherits instead, which is how
+    Ray itself hands it to a worker (the variable `default_worker.py` reads).
+
+    Why: Ray starts a worker per CPU ahead of the job, with no runtime_env, and a job whose
+    runtime_env is not empty can't use them (ray-project/ray#33621): its first tasks wait for two
+    more workers to start, while the two ready ones are killed as surplus, on a small machine
+    ~0.5 s of its first tasks' time and ~1 CPU-s (benchmarks/README.md, "Preprocessing overhead").
+    Through the environment every worker of this node, those started ahead included, runs the
+    hook at its start, exactly as under the runtime_env. The variable is Ray's private name:
+    in a Ray without it the runtime_env is kept (the log file says so) and nothing else changes.
+    It is set only while ray.init starts the node: the raylet keeps its own copy."""
+    env = kwargs.get("runtime_env") or {}
+    hook = env.get("worker_process_setup_hook")
+    try:
+        from ray._private import ray_constants
+
+        var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    except (ImportError, AttributeError) as e:
+        var = None
+        if hook:
+            logging.getLogger(__name__).info("no private name for Ray's worker setup hook (%s): it goes "
+                                             "through the runtime_env", e)
+    if not isinstance(hook, str) or set(env) != {"worker_process_setup_hook"} or var is None or var in os.environ:
+        yield
+        return
+    del kwargs["runtime_env"]
+    os.environ[var] = hook
+    try:
+        yield
+    finally:
+        os.environ.pop(var, None)
+
+
+# how long Ray's own exit hook waits for the workers' last forwarded output before it disconnects
+# (ray/_private/worker.py, `shutdown(_exiting_interpreter=True)`); ending Ray earlier waits as long
+_FORWARDED_OUTPUT_GRACE_S = 0.5
+
+
+def end_embedded_ray_in_background() -> threading.Thread | None:
+    """End the embedded Ray this process started, on a thread of its own; returns the thread
+    (None where there is no embedded Ray to end). For a step whose last work needs no Ray (a
+    preprocess job's commit): Ray's shutdown is mostly waiting (its output grace, its processes'
+    ends), which then overlaps that work instead of following it at the exit. Join the thread
+    before returning, and start nothing of Ray meanwhile."""
+    global _embedded
+    import ray
+
+    if not _embedded or not ray.is_initialized():
+        return None
+
+    def end() -> None:
+        time.sleep(_FORWARDED_OUTPUT_GRACE_S)
+        _kill_monitor()
+        ray.shutdown()
+
+    _embedded = False  # from here on this process has no Ray; a later init_ray starts a new one
+    thread = threading.Thread(target=end, name="end-embedded-ray")
+    thread.start()
+    return thread
 
 
 def _kill_embedded_monitor() -> None:
@@ -90,8 +158,11 @@ def _kill_embedded_monitor() -> None:
     embedded Ray's resources are fixed, so its monitor has nothing to finish: SIGKILL loses
     nothing, and Ray's shutdown then finds it gone and waits for nothing. The handle is private:
     in a Ray without it Ray's shutdown runs as before (the log file says so)."""
-    if not _embedded:
-        return
+    if _embedded:
+        _kill_monitor()
+
+
+def _kill_monitor() -> None:
     try:
         import ray._private.worker as ray_worker
         from ray._private import ray_constants

@@ -75,3 +75,34 @@ def test_a_process_that_shut_ray_down_itself_still_exits_cleanly(tmp_path):
     assert seen["monitor"]["alive"], seen  # Ray's own shutdown reached a live monitor
     assert "SHUT" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert _gone(seen["monitor"]["pid"])
+
+
+PREPROCESS_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+from pipelines import runtime
+from pipelines.corpus import make_corpus
+from pipelines.preprocess import preprocess
+make_corpus("raw", 12, 2, seed=3)
+first = preprocess(["raw"], "out-1", progress=False)
+import ray
+after_first = ray.is_initialized() or runtime.is_embedded()
+runtime.init_ray(dashboard=False, ray_data=False)  # a Ray started first is the job's to use, not to end
+second = preprocess(["raw"], "out-2", progress=False)
+print("RESULT " + json.dumps({{"written": [first["written"], second["written"]], "after_first": after_first,
+                               "after_second": ray.is_initialized() and runtime.is_embedded()}}), flush=True)
+"""
+
+
+def test_a_preprocess_job_ends_the_embedded_ray_it_started_and_keeps_one_started_before(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", PREPROCESS_SCRIPT.format(root=str(ROOT))], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["written"] == [12, 12], res
+    assert res["after_first"] is False, res  # ended during the commit, before preprocess returned
+    assert res["after_second"] is True, res
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
