@@ -175,16 +175,21 @@ def ray_init_options(embedded: bool) -> dict:
     """ray.init's options for the workers' output. On an embedded Ray of a command that keeps a
     log folder (`setup` with one: train, demo) it stays in Ray's per-worker log files, whole,
     unless --verbose. Where Ray forwards it to this console (a cluster, or a command without a
-    log folder), the known-harmless warnings are filtered in every worker process of the job
-    (`quiet_worker`, by its import path: the workers import this module), unless --verbose."""
+    log folder), the known-harmless warnings are filtered in every worker process of the job:
+    `worker_setup_hook` names the function for that."""
     forwarded = verbose() or not embedded or _state["file"] is None
     _state["forwarded"] = forwarded
-    options: dict = {"log_to_driver": forwarded}
-    if forwarded and not verbose():
-        options["runtime_env"] = {"worker_process_setup_hook": "pipelines.console.quiet_worker"}
     if not verbose():
         _log_raylet_messages()
-    return options
+    return {"log_to_driver": forwarded}
+
+
+def worker_setup_hook() -> str | None:
+    """The import path of the function every Ray worker of the job runs at its start
+    (`quiet_worker`; the workers import this module), or None: where Ray forwards the workers'
+    output (as `ray_init_options` decided) and not --verbose. How it reaches the workers is
+    `runtime.init_ray`'s choice."""
+    return "pipelines.console.quiet_worker" if _state["forwarded"] and not verbose() else None
 
 
 def _log_raylet_messages() -> None:

@@ -70,13 +70,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         "configure_logging": True,
         **console.ray_init_options(embedded=not address),
     }
+    hook = console.worker_setup_hook()
     if address:
+        if hook:
+            kwargs["runtime_env"] = {"worker_process_setup_hook": hook}
         ray.init(address=address, **kwargs)
     else:
         # address="local": start our own instance, never attach to another one found on the
         # machine; the dashboard stays on loopback
         where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
-        with _setup_hook_in_environment(kwargs):
+        with _setup_hook_in_environment(hook, kwargs):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **where, **kwargs)
         _embedded, _dashboard = True, dashboard
         atexit.unregister(_kill_embedded_monitor)  # once, however often Ray is started here
@@ -86,34 +89,34 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
 
 
 @contextlib.contextmanager
-def _setup_hook_in_environment(kwargs: dict):
-    """Starting an embedded Ray: a worker setup hook given as the job's runtime_env (the console's
-    `quiet_worker`) is given through the environment the raylet inherits instead, which is how
-    Ray itself hands it to a worker (the variable `default_worker.py` reads).
+def _setup_hook_in_environment(hook: str | None, kwargs: dict):
+    """Starting an embedded Ray: the worker setup hook (`console.worker_setup_hook`) goes through
+    the environment the raylet inherits, which is how Ray itself hands a hook to a worker (the
+    variable `default_worker.py` reads), not through the job's runtime_env.
 
     Why: Ray starts a worker per CPU ahead of the job, with no runtime_env, and a job whose
     runtime_env is not empty can't use them (ray-project/ray#33621): its first tasks wait for two
     more workers to start, while the two ready ones are killed as surplus, on a small machine
-    ~0.5 s of its first tasks' time and ~1 CPU-s (benchmarks/README.md, "Preprocessing overhead").
-    Through the environment every worker of this node, those started ahead included, runs the
-    hook at its start, exactly as under the runtime_env. The variable is Ray's private name:
-    in a Ray without it the runtime_env is kept (the log file says so) and nothing else changes.
-    It is set only while ray.init starts the node: the raylet keeps its own copy."""
-    env = kwargs.get("runtime_env") or {}
-    hook = env.get("worker_process_setup_hook")
+    ~0.5 s of its first tasks' time and ~1 CPU-s (benchmarks/README.md, "Ray's workers started
+    ahead"). Through the environment every worker of this node, those started ahead included,
+    runs the hook at its start, exactly as under a runtime_env. The variable is Ray's private
+    name: in a Ray without it (or with it already set) the hook goes into the runtime_env (the
+    log file says so). It is set only while ray.init starts the node: the raylet keeps a copy."""
+    if hook is None:
+        yield
+        return
     try:
         from ray._private import ray_constants
 
         var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     except (ImportError, AttributeError) as e:
+        logging.getLogger(__name__).info("no private name for Ray's worker setup hook (%s): it goes "
+                                         "through the runtime_env", e)
         var = None
-        if hook:
-            logging.getLogger(__name__).info("no private name for Ray's worker setup hook (%s): it goes "
-                                             "through the runtime_env", e)
-    if not isinstance(hook, str) or set(env) != {"worker_process_setup_hook"} or var is None or var in os.environ:
+    if var is None or var in os.environ:
+        kwargs["runtime_env"] = {"worker_process_setup_hook": hook}
         yield
         return
-    del kwargs["runtime_env"]
     os.environ[var] = hook
     try:
         yield

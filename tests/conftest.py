@@ -180,6 +180,18 @@ def cli(*args, timeout=900, cwd=ROOT):
     return r
 
 
+def fresh_embedded_python(script: str, cwd, tag: str, timeout: int = 240) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -c SCRIPT` in a fresh process that starts its own embedded Ray (never the session's:
+    no RAY_ADDRESS); must succeed. Returns it and the JSON of its last stdout line `TAG {...}`."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(tag + " ")]
+    assert lines, r.stdout[-2000:] + r.stderr[-2000:]
+    return r, json.loads(lines[-1][len(tag) + 1:])
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; yields storage options for fsspec/s3fs."""

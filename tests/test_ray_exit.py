@@ -3,12 +3,10 @@
 Each test is a fresh Python process with its own embedded Ray, ended by the interpreter's exit
 as every command ends, with Ray's own shutdown watched through the function it calls per process.
 """
-import json
 import os
 import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, fresh_embedded_python
 
 EXIT_SCRIPT = r"""
 import json, sys
@@ -39,14 +37,7 @@ assert ray.get(one.remote()) == 1
 
 
 def _run(tmp_path, tail: str = "") -> tuple[subprocess.CompletedProcess, dict]:
-    script = EXIT_SCRIPT.format(root=str(ROOT), tail=tail)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("SEEN ")]
-    assert lines, r.stdout[-2000:] + r.stderr[-2000:]
-    return r, json.loads(lines[-1][len("SEEN "):])
+    return fresh_embedded_python(EXIT_SCRIPT.format(root=str(ROOT), tail=tail), tmp_path, "SEEN")
 
 
 def _gone(pid: int) -> bool:
@@ -95,13 +86,7 @@ print("RESULT " + json.dumps({{"written": [first["written"], second["written"]],
 
 
 def test_a_preprocess_job_ends_the_embedded_ray_it_started_and_keeps_one_started_before(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", PREPROCESS_SCRIPT.format(root=str(ROOT))], capture_output=True,
-                       text=True, timeout=300, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    r, res = fresh_embedded_python(PREPROCESS_SCRIPT.format(root=str(ROOT)), tmp_path, "RESULT", timeout=300)
     assert res["written"] == [12, 12], res
     assert res["after_first"] is False, res  # ended during the commit, before preprocess returned
     assert res["after_second"] is True, res

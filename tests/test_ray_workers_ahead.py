@@ -5,12 +5,8 @@ empty can't use them (ray-project/ray#33621), so the console's worker setup hook
 embedded Ray through the environment instead. Each test is a fresh Python process with its own
 embedded Ray, started as every command starts it.
 """
-import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, fresh_embedded_python
 
 SCRIPT = r"""
 import json, os, sys, time, warnings
@@ -53,13 +49,7 @@ print("RESULT " + json.dumps({{"ahead": ahead, "ran": ran,
 
 
 def test_the_first_tasks_run_on_the_workers_started_ahead_and_those_run_the_setup_hook(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT))], capture_output=True, text=True,
-                       timeout=240, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    _, res = fresh_embedded_python(SCRIPT.format(root=str(ROOT)), tmp_path, "RESULT")
     assert len(res["ahead"]) == 2, res
     pids = {pid for pid, _ in res["ran"]}
     # under a runtime_env Ray starts two more workers for the tasks and kills the two ready ones
